@@ -1,0 +1,427 @@
+"""Reading ``routing.yaml``: the kernel's own sections, interpolation and clear errors.
+
+The kernel validates the sections it owns (``plugins``, ``task_classes``,
+``providers``, ``prices``, ``gateway``). Every other top-level section belongs to the
+plugin of the same name, which validates it with its own model when it is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import ConfigError, ConfigErrors
+
+CONFIG_ENV = "LLM_GATEWAY_CONFIG"
+DEFAULT_CONFIG = "routing.yaml"
+KERNEL_SECTIONS = frozenset({"version", "plugins", "task_classes", "providers", "prices", "gateway"})
+
+_NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+
+
+class Model(BaseModel):
+    """Base of every config model: frozen, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TargetSpec(Model):
+    """A provider and model, with an optional output bound."""
+
+    provider: str = Field(pattern=_NAME)
+    model: str = Field(min_length=1)
+    max_tokens: PositiveInt | None = None
+
+
+class TaskClassSpec(Model):
+    """One task class: a single target, or a panel of ``members``."""
+
+    description: str = ""
+    provider: str | None = Field(default=None, pattern=_NAME)
+    model: str | None = Field(default=None, min_length=1)
+    max_tokens: PositiveInt = 1024
+    system: str | None = None
+    members: list[TargetSpec] | None = None
+    quorum: PositiveInt | None = None
+    min_distinct_providers: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _shape(self) -> TaskClassSpec:
+        if self.members is None:
+            if not self.provider or not self.model:
+                raise ValueError(
+                    "a task class needs `provider` and `model`, or a list of `members` "
+                    "for a panel"
+                )
+            if self.quorum is not None:
+                raise ValueError("`quorum` only applies to a panel (a class with `members`)")
+            return self
+        if self.provider or self.model:
+            raise ValueError("a panel lists `members`; remove `provider`/`model` from it")
+        if len(self.members) < 2:
+            raise ValueError("a panel needs at least 2 members")
+        if self.quorum is not None and self.quorum > len(self.members):
+            raise ValueError(
+                f"quorum {self.quorum} is larger than the panel ({len(self.members)} members)"
+            )
+        keys = [f"{m.provider}/{m.model}" for m in self.members]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"a panel lists the same model twice: {', '.join(dupes)}")
+        distinct = len({m.provider for m in self.members})
+        if distinct < self.min_distinct_providers:
+            raise ValueError(
+                f"min_distinct_providers is {self.min_distinct_providers} but the members "
+                f"use {distinct} provider(s); add members from other providers"
+            )
+        return self
+
+    @property
+    def is_panel(self) -> bool:
+        return self.members is not None
+
+    def effective_quorum(self) -> int:
+        n = len(self.members or ())
+        if self.quorum is not None:
+            return self.quorum
+        return min(n, max(2, n // 2 + 1))
+
+
+class ProviderSpec(Model):
+    """Connection settings of one provider (keys come from the environment only)."""
+
+    base_url: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    models: list[str] = Field(default_factory=list)
+
+
+class PriceSpec(Model):
+    """A price override in USD per million tokens."""
+
+    input_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0)
+    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
+
+
+class GatewaySpec(Model):
+    """Kernel-wide limits."""
+
+    deadline_s: float = Field(default=120.0, gt=0, le=3600)
+    max_attempts_per_target: PositiveInt = Field(default=5, le=20)
+    max_prompt_bytes: PositiveInt = Field(default=1_048_576)
+    max_output_tokens: PositiveInt = Field(default=65_536)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(Model):
+    """The validated kernel part of ``routing.yaml``."""
+
+    version: int | str = 1
+    plugins: list[str] = Field(min_length=1)
+    task_classes: dict[str, TaskClassSpec] = Field(min_length=1)
+    providers: dict[str, ProviderSpec] = Field(default_factory=dict)
+    prices: dict[str, PriceSpec] = Field(default_factory=dict)
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+
+    _source: Path | None = PrivateAttr(default=None)
+    _sections: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _env: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names(self) -> Settings:
+        for name in self.task_classes:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", name):
+                raise ValueError(f"task class name {name!r} must be letters, digits, _ or -")
+        for key in self.prices:
+            if key.count("/") != 1:
+                raise ValueError(f"price key {key!r} must be 'provider/model'")
+        dupes = sorted({p for p in self.plugins if self.plugins.count(p) > 1})
+        if dupes:
+            raise ValueError(f"plugins lists {', '.join(dupes)} more than once")
+        return self
+
+    @property
+    def source(self) -> Path | None:
+        """The file the settings were read from, if any."""
+        return self._source
+
+    @property
+    def base_dir(self) -> Path:
+        return self._source.parent if self._source else Path.cwd()
+
+    @property
+    def env(self) -> Mapping[str, str]:
+        """The process environment plus ``.env`` values (which never override it)."""
+        return self._env
+
+    def section(self, name: str) -> Any:
+        """The raw (interpolated) section owned by plugin ``name``, or None."""
+        return self._sections.get(name)
+
+    @property
+    def sections(self) -> Mapping[str, Any]:
+        return self._sections
+
+    def declared_models(self) -> set[tuple[str, str]]:
+        """Every (provider, model) named anywhere in the file."""
+        found: set[tuple[str, str]] = set()
+        for spec in self.task_classes.values():
+            if spec.members:
+                found.update((m.provider, m.model) for m in spec.members)
+            elif spec.provider and spec.model:
+                found.add((spec.provider, spec.model))
+        for pname, pspec in self.providers.items():
+            found.update((pname, m) for m in pspec.models)
+        for key in self.prices:
+            provider, model = key.split("/", 1)
+            found.add((provider, model))
+        _collect_targets(self._sections, found)
+        return found
+
+    @property
+    def file_label(self) -> str:
+        return str(self._source) if self._source else "<config>"
+
+
+def _collect_targets(node: Any, found: set[tuple[str, str]]) -> None:
+    if isinstance(node, Mapping):
+        provider, model = node.get("provider"), node.get("model")
+        if isinstance(provider, str) and isinstance(model, str):
+            found.add((provider, model))
+        for value in node.values():
+            _collect_targets(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _collect_targets(value, found)
+
+
+# --- locating and reading -------------------------------------------------------------
+
+
+def config_path(cli_path: str | None, env: Mapping[str, str]) -> Path:
+    """``--config PATH``, else ``$LLM_GATEWAY_CONFIG``, else ``./routing.yaml``."""
+    if cli_path:
+        return Path(cli_path)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return Path(DEFAULT_CONFIG)
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a ``.env`` file: ``KEY=value`` lines, ``export`` and quotes allowed."""
+    values: dict[str, str] = {}
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        if "=" not in line:
+            raise ConfigError(
+                "a line is not KEY=value", file=str(path), path=f"line {lineno}",
+                fix="write each variable as NAME=value",
+            )
+        key, _, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ConfigError(
+                f"{key!r} is not a valid variable name", file=str(path), path=f"line {lineno}"
+            )
+        values[key] = value
+    return values
+
+
+def effective_env(config_file: Path | None, env: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment, plus a ``.env`` beside the config for variables not already set."""
+    merged = dict(os.environ if env is None else env)
+    if config_file is not None:
+        dotenv = config_file.parent / ".env"
+        if dotenv.is_file():
+            for key, value in read_dotenv(dotenv).items():
+                merged.setdefault(key, value)
+    return merged
+
+
+# A literal key in the file is refused: keys live in the environment.
+_KEY_PATTERNS = [
+    re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_-]{16,}"),
+    re.compile(r"\bAIza[0-9A-Za-z_-]{30,}"),
+    re.compile(r"\b(?:gsk|xai|pplx|or)-[A-Za-z0-9_-]{20,}"),
+]
+_SECRET_KEY_NAMES = re.compile(r"(?:^|_)(?:api_?key|key|token|secret|password)$", re.I)
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _refuse_literal_secrets(node: Any, path: str, file: str) -> None:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if (
+                isinstance(key, str)
+                and _SECRET_KEY_NAMES.search(key)
+                and not key.endswith("_env")
+                and isinstance(value, str)
+                and value
+                and not _VAR.fullmatch(value.strip())
+            ):
+                raise ConfigError(
+                    "a literal secret is not allowed in the config file",
+                    file=file, path=sub,
+                    fix="put the value in the environment (or .env) and write ${VARIABLE}",
+                )
+            _refuse_literal_secrets(value, sub, file)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_literal_secrets(value, f"{path}[{i}]", file)
+    elif isinstance(node, str):
+        for pattern in _KEY_PATTERNS:
+            if pattern.search(node):
+                raise ConfigError(
+                    "this looks like a literal API key; keys are read from the environment",
+                    file=file, path=path,
+                    fix="remove it, set the provider's key variable (e.g. OPENAI_API_KEY) "
+                    "in the environment or .env",
+                )
+
+
+def interpolate(node: Any, env: Mapping[str, str], path: str, file: str) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string value."""
+    if isinstance(node, Mapping):
+        return {
+            k: interpolate(v, env, f"{path}.{k}" if path else str(k), file) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [interpolate(v, env, f"{path}[{i}]", file) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"environment variable {name} is not set",
+                file=file, path=path,
+                fix=f"set {name}, or write ${{{name}:-default}} to give a default",
+            )
+
+        return _VAR.sub(sub, node)
+    return node
+
+
+def parse_yaml(text: str, file: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(
+            f"invalid YAML: {problem}", file=file, path=where,
+            fix="check indentation and quoting near that line",
+        ) from None
+    if data is None:
+        raise ConfigError("the file is empty", file=file, fix="start from `llmgw init`")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"the top level must be a mapping of sections, not {type(data).__name__}", file=file
+        )
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"section name {key!r} must be a string", file=file)
+    return data
+
+
+def pydantic_errors(
+    exc: ValidationError, *, file: str, prefix: str = "", plugin: str | None = None
+) -> ConfigErrors:
+    """Turn a pydantic error into one line per problem: path, what is wrong, the fix."""
+    found: list[ConfigError] = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"] if p != "__root__"]
+        parts: list[str] = [prefix] if prefix else []
+        for p in loc:
+            if p.isdigit() and parts:
+                parts[-1] += f"[{p}]"
+            else:
+                parts.append(p)
+        path = ".".join(parts)
+        kind = err["type"]
+        msg = err["msg"].removeprefix("Value error, ")
+        fix = ""
+        if kind == "missing":
+            fix = f"add `{loc[-1] if loc else path}`"
+        elif kind == "extra_forbidden":
+            msg = "unknown key"
+            fix = "remove it or check its spelling against docs/configuration.md"
+        elif kind.endswith("_type") or kind.endswith("_parsing"):
+            msg = f"{msg} (got {type(err.get('input')).__name__} {err.get('input')!r:.40})"
+        elif kind in {"greater_than", "greater_than_equal", "less_than_equal", "less_than"}:
+            fix = "use a value in the allowed range"
+        if plugin:
+            msg = f"{msg} (section of plugin {plugin!r})"
+        found.append(ConfigError(msg, file=file, path=path, fix=fix))
+    return ConfigErrors(found)
+
+
+def load_settings(
+    path: Path | str | None = None,
+    *,
+    text: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read and validate the kernel sections of a config file (or YAML text).
+
+    :param path: the file; with ``text`` it only names the source in messages and
+        locates ``.env`` and relative plugin paths.
+    :param env: the environment to use (default: ``os.environ``); a ``.env`` beside
+        the file fills in variables it lacks.
+    """
+    file_path = Path(path) if path is not None else None
+    label = str(file_path) if file_path else "<config>"
+    if text is None:
+        if file_path is None:
+            raise ConfigError("no config file given", fix="pass --config PATH")
+        try:
+            text = file_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                "file not found", file=label,
+                fix=f"pass --config PATH, set {CONFIG_ENV}, or run `llmgw init` to write one",
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the file ({type(exc).__name__})", file=label) from None
+    merged_env = effective_env(file_path, env)
+    raw = parse_yaml(text, label)
+    _refuse_literal_secrets(raw, "", label)
+    data = interpolate(raw, merged_env, "", label)
+    kernel_part = {k: v for k, v in data.items() if k in KERNEL_SECTIONS}
+    try:
+        settings = Settings.model_validate(kernel_part)
+    except ValidationError as exc:
+        raise pydantic_errors(exc, file=label) from None
+    settings._source = file_path
+    settings._sections = {k: v for k, v in data.items() if k not in KERNEL_SECTIONS}
+    settings._env = merged_env
+    return settings

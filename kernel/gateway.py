@@ -1,0 +1,719 @@
+"""The gateway: the loop structure every request goes through; plugins fill its phases.
+
+::
+
+    route = resolve_route(request)
+    for target in route.targets:                 # primary, then fallbacks
+        preflight(call) rejects -> record why, next target if the rejection allows
+        attempt loop under one deadline:         # dispositions decide retry / fallback
+            before_call -> provider.complete -> after_call
+    panel: preflight and before_call see the whole panel first, then members run
+           concurrently, each through the loop above
+    verify(request, envelope)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import pluggy
+import structlog
+
+from .config import Settings
+from .envelope import Envelope
+from .errors import CallRefused, ConfigError, ErrorClass, PluginError, RouteError, default_message
+from .hooks import HookFacade
+from .loader import LoadedPlugin, load_plugins
+from .tools import ToolSpec
+from .types import (
+    Call,
+    Clock,
+    Disposition,
+    Message,
+    Outcome,
+    Provider,
+    Request,
+    Route,
+    SystemClock,
+    Target,
+    Verdict,
+    micro_to_usd,
+)
+
+ProgressFn = Callable[[float, float, str], Awaitable[None]]
+
+log = structlog.get_logger("llmgw.gateway")
+
+
+@dataclass
+class Attempt:
+    """One line of ``meta.attempts``."""
+
+    target: Target
+    attempt: int
+    outcome: Outcome
+    stage: str  # "sent", "refused", "rejected", "skipped"
+    by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "provider": self.target.provider,
+            "model": self.target.model,
+            "attempt": self.attempt,
+            "stage": self.stage,
+            "ok": self.outcome.ok,
+            "sent": self.outcome.sent,
+            "latency_ms": round(self.outcome.latency_ms, 2),
+            "cost_usd": micro_to_usd(self.outcome.cost_micro_usd),
+        }
+        if not self.outcome.ok:
+            d["error_class"] = self.outcome.error_class.value if self.outcome.error_class else None
+        if self.by:
+            d["by"] = self.by
+        return d
+
+
+@dataclass
+class ChainResult:
+    """How a single route (or one panel member) ended."""
+
+    outcome: Outcome
+    target: Target | None
+    attempts: list[Attempt] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float = 0.0
+
+
+class Gateway:
+    """One configured gateway: settings, plugins, providers and the request loop.
+
+    Build it with :func:`build_gateway`; close it with :meth:`aclose` (or ``async
+    with``). There is no global instance.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pm: pluggy.PluginManager,
+        plugins: list[LoadedPlugin],
+        *,
+        clock: Clock,
+    ) -> None:
+        self.settings = settings
+        self.pm = pm
+        self.hooks = HookFacade(pm)
+        self.plugins = plugins
+        self.clock = clock
+        self.providers: dict[str, Provider] = {}
+        self.provider_origin: dict[str, str] = {}
+        self.tools: list[ToolSpec] = []
+        self._closed = False
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Gateway:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close providers (their HTTP clients) and let plugins release what they hold."""
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            for provider in self.providers.values():
+                try:
+                    await provider.aclose()
+                except Exception:
+                    log.exception("provider.close_failed", provider=provider.name)
+            await self.hooks.shutdown()
+
+    # --- the main job ----------------------------------------------------------------
+
+    async def route(
+        self, request: Request, *, progress: ProgressFn | None = None
+    ) -> Envelope:
+        """Route one request and return its envelope. Never raises for bad input."""
+        started = self.clock.monotonic()
+        problem = self._check_request(request)
+        if problem is not None:
+            return Envelope.failure(ErrorClass.BAD_ARGUMENT, problem, {"task_class": request.task_class})
+        try:
+            route = self.hooks.resolve_route(request, self.settings)
+        except RouteError as exc:
+            return Envelope.failure(exc.error_class, exc.message, {"task_class": request.task_class})
+        if route is None:
+            return Envelope.failure(
+                ErrorClass.INTERNAL_ERROR,
+                "no plugin resolved a route; add `router` to plugins: in routing.yaml",
+                {"task_class": request.task_class},
+            )
+        missing = self._unknown_providers(route)
+        if missing:
+            return Envelope.failure(
+                ErrorClass.PROVIDER_UNAVAILABLE,
+                f"provider(s) {', '.join(missing)} are not registered; enable their plugin in "
+                "plugins:",
+                {"task_class": request.task_class},
+            )
+        deadline = started + self.settings.gateway.deadline_s
+        if route.is_panel:
+            envelope = await self._run_panel(request, route, deadline, progress)
+        else:
+            result = await self._run_chain(request, route, deadline)
+            envelope = self._chain_envelope(request, route, result)
+        if envelope.ok:
+            envelope = await self._verify(request, envelope)
+        return envelope
+
+    def _check_request(self, request: Request) -> str | None:
+        g = self.settings.gateway
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            return "prompt is empty; pass the text to send"
+        if len(request.prompt.encode("utf-8", "surrogatepass")) > g.max_prompt_bytes:
+            return f"prompt is larger than {g.max_prompt_bytes} bytes (gateway.max_prompt_bytes)"
+        if request.system is not None and len(request.system.encode("utf-8", "surrogatepass")) > g.max_prompt_bytes:
+            return f"system is larger than {g.max_prompt_bytes} bytes (gateway.max_prompt_bytes)"
+        if request.max_tokens is not None and not (1 <= request.max_tokens <= g.max_output_tokens):
+            return f"max_tokens must be between 1 and {g.max_output_tokens}"
+        try:
+            request.prompt.encode("utf-8")
+            if request.system:
+                request.system.encode("utf-8")
+        except UnicodeEncodeError:
+            return "prompt or system contains invalid unicode (lone surrogates)"
+        return None
+
+    def _unknown_providers(self, route: Route) -> list[str]:
+        names: set[str] = set()
+        for r in (route, *route.members):
+            names.update(t.provider for t in r.targets)
+        return sorted(n for n in names if n not in self.providers)
+
+    # --- one chain of targets --------------------------------------------------------
+
+    def _new_call(
+        self,
+        request: Request,
+        route: Route,
+        target: Target,
+        *,
+        deadline: float,
+        index: int,
+        attempt: int,
+        meta: dict[str, Any],
+        history: tuple[tuple[Target, Outcome], ...],
+        member_index: int | None = None,
+        panel: Call | None = None,
+    ) -> Call:
+        provider = self.providers[target.provider]
+        spec = self.settings.providers.get(target.provider)
+        timeout = spec.timeout_s if spec else 60.0
+        messages = [Message("user", request.prompt)]
+        return Call(
+            request=request,
+            route=route,
+            settings=self.settings,
+            target=target,
+            system=effective_system(request, route),
+            messages=messages,
+            max_tokens=target.max_tokens,
+            deadline=deadline,
+            attempt=attempt,
+            target_index=index,
+            member_index=member_index,
+            panel=panel,
+            history=history,
+            meta=meta,
+            timeout_s=timeout,
+            price=provider.price(target.model),
+        )
+
+    async def _run_chain(
+        self,
+        request: Request,
+        route: Route,
+        deadline: float,
+        *,
+        first_call: Call | None = None,
+        member_index: int | None = None,
+        panel: Call | None = None,
+        claims: _Claims | None = None,
+    ) -> ChainResult:
+        started = self.clock.monotonic()
+        meta: dict[str, Any] = first_call.meta if first_call is not None else {}
+        attempts: list[Attempt] = []
+        history: list[tuple[Target, Outcome]] = []
+        last: Outcome | None = None
+        last_target: Target | None = None
+        max_attempts = self.settings.gateway.max_attempts_per_target
+        for index, target in enumerate(route.targets):
+            if claims is not None and not claims.claim(member_index, target):
+                continue
+            if self.clock.monotonic() >= deadline:
+                last = Outcome.failure(
+                    ErrorClass.DEADLINE_EXCEEDED, default_message(ErrorClass.DEADLINE_EXCEEDED),
+                    sent=False,
+                )
+                break
+            if index == 0 and first_call is not None:
+                call = first_call
+            else:
+                call = self._new_call(
+                    request, route, target, deadline=deadline, index=index, attempt=1,
+                    meta=meta, history=tuple(history), member_index=member_index, panel=panel,
+                )
+            rejection = await self.hooks.preflight(call)
+            if rejection is not None:
+                last = Outcome.failure(
+                    rejection.error_class, rejection.message, sent=False,
+                    details={"rejected_by": rejection.plugin, **rejection.details},
+                )
+                last_target = target
+                attempts.append(Attempt(target, 0, last, "rejected", rejection.plugin))
+                history.append((target, last))
+                self._log_attempt(call, last, "rejected", rejection.plugin)
+                if rejection.fallback:
+                    continue
+                break
+            attempt = 1
+            move_on = False
+            while True:
+                call.timeout_s = max(0.001, min(call.timeout_s, deadline - self.clock.monotonic()))
+                result = await self.hooks.run_attempt(call, lambda c=call: self._send(c))
+                outcome = result.outcome
+                stage = "refused" if result.refusal else "sent" if outcome.sent else "not_sent"
+                attempts.append(Attempt(target, attempt, outcome, stage, result.refused_by))
+                history.append((target, outcome))
+                last, last_target = outcome, target
+                advice = Disposition.combine(result.dispositions)
+                self._log_attempt(call, outcome, advice.action if advice else "none", result.refused_by)
+                if outcome.ok:
+                    return ChainResult(
+                        outcome, target, attempts, meta, (self.clock.monotonic() - started) * 1000
+                    )
+                if result.refusal is not None and advice is None:
+                    advice = Disposition("fallback" if result.refusal.fallback else "stop")
+                if advice is None or advice.action == "stop":
+                    break
+                if advice.action == "fallback":
+                    move_on = True
+                    break
+                # retry
+                if attempt >= max_attempts:
+                    move_on = True
+                    break
+                if self.clock.monotonic() + advice.delay_s >= deadline:
+                    move_on = True
+                    break
+                if advice.delay_s > 0:
+                    await self.clock.sleep(advice.delay_s)
+                attempt += 1
+                call = self._new_call(
+                    request, route, target, deadline=deadline, index=index, attempt=attempt,
+                    meta=meta, history=tuple(history), member_index=member_index, panel=panel,
+                )
+            if not move_on:
+                break
+        if last is None:
+            last = Outcome.failure(
+                ErrorClass.PROVIDER_UNAVAILABLE,
+                "no target of this route could be tried (all are used by other panel members)",
+                sent=False,
+            )
+        return ChainResult(
+            last, last_target, attempts, meta, (self.clock.monotonic() - started) * 1000
+        )
+
+    async def _send(self, call: Call) -> Outcome:
+        assert call.target is not None
+        provider = self.providers[call.target.provider]
+        request = call.provider_request()
+        call.stash["kernel.sent_request"] = request
+        t0 = time.perf_counter()
+        try:
+            with anyio.fail_after(request.timeout_s + 1.0):
+                outcome = await provider.complete(request)
+        except TimeoutError:
+            outcome = Outcome.failure(
+                ErrorClass.TIMEOUT, default_message(ErrorClass.TIMEOUT), sent=True
+            )
+        except Exception as exc:
+            log.error("provider.crashed", provider=provider.name, error_type=type(exc).__name__)
+            outcome = Outcome.failure(
+                ErrorClass.INTERNAL_ERROR,
+                f"provider {provider.name!r} failed unexpectedly; see the gateway log",
+                sent=True,
+            )
+        latency = (time.perf_counter() - t0) * 1000
+        cost = None
+        if outcome.usage is not None and call.price is not None:
+            cost = call.price.cost_micro_usd(outcome.usage)
+        return _replace(outcome, latency_ms=latency, cost_micro_usd=cost)
+
+    def _log_attempt(self, call: Call, outcome: Outcome, disposition: str, by: str | None) -> None:
+        t = call.target
+        usage = outcome.usage
+        log.info(
+            "llm.attempt",
+            request_id=call.request.request_id,
+            task_class=call.task_class,
+            provider=t.provider if t else None,
+            model=t.model if t else None,
+            attempt=call.attempt,
+            ok=outcome.ok,
+            error_class=outcome.error_class.value if outcome.error_class else None,
+            sent=outcome.sent,
+            latency_ms=round(outcome.latency_ms, 2),
+            input_tokens=usage.input_tokens if usage else None,
+            output_tokens=usage.output_tokens if usage else None,
+            cost_usd=micro_to_usd(outcome.cost_micro_usd),
+            disposition=disposition,
+            by=by,
+        )
+
+    # --- envelopes ---------------------------------------------------------------------
+
+    def _chain_envelope(self, request: Request, route: Route, result: ChainResult) -> Envelope:
+        outcome, target = result.outcome, result.target
+        tokens_in = sum(a.outcome.usage.input_tokens for a in result.attempts if a.outcome.usage)
+        tokens_out = sum(a.outcome.usage.output_tokens for a in result.attempts if a.outcome.usage)
+        costs = [a.outcome.cost_micro_usd for a in result.attempts if a.outcome.sent]
+        unknown_cost = any(c is None for c in costs)
+        meta: dict[str, Any] = {
+            "provider": target.provider if target else None,
+            "model": target.model if target else None,
+            "latency_ms": round(result.latency_ms, 2),
+            "tokens": {"input": tokens_in, "output": tokens_out, "total": tokens_in + tokens_out},
+            "cost_usd_approx": micro_to_usd(sum(c for c in costs if c is not None)),
+            "task_class": request.task_class,
+            "request_id": request.request_id,
+        }
+        if unknown_cost:
+            meta["cost_note"] = "some attempts had no known price or usage; cost is a lower bound"
+        if outcome.usage is not None:
+            meta["tokens"]["cached_input"] = outcome.usage.cached_input_tokens
+            meta["tokens"]["reasoning"] = outcome.usage.reasoning_tokens
+        if outcome.finish_reason:
+            meta["finish_reason"] = outcome.finish_reason
+        if route.targets and target is not None and target != route.targets[0]:
+            meta["fallback_from"] = route.targets[0].key
+        meta["attempts"] = [a.to_dict() for a in result.attempts]
+        for key, value in result.meta.items():
+            meta.setdefault(key, value)
+        if outcome.ok:
+            return Envelope("success", outcome.text, meta)
+        error_class = outcome.error_class or ErrorClass.INTERNAL_ERROR
+        meta["error_class"] = error_class.value
+        message = outcome.message or default_message(error_class)
+        return Envelope("error", None, meta, error=message)
+
+    async def _verify(self, request: Request, envelope: Envelope) -> Envelope:
+        verdicts: list[Verdict] = await self.hooks.verify(request, envelope)
+        if not verdicts:
+            return envelope
+        meta = dict(envelope.meta)
+        meta["verdicts"] = [
+            {"verdict": v.verdict, "reasons": list(v.reasons), "source": v.source,
+             "parse_error": v.parse_error}
+            for v in verdicts
+        ]
+        status = "success" if all(v.verdict == "ACCEPT" for v in verdicts) else "needs_human_review"
+        return Envelope(status, envelope.text, meta, envelope.error, envelope.data)
+
+    # --- panels --------------------------------------------------------------------------
+
+    async def _run_panel(
+        self, request: Request, route: Route, deadline: float, progress: ProgressFn | None
+    ) -> Envelope:
+        started = self.clock.monotonic()
+        members = route.members
+        distinct = len({m.targets[0].provider for m in members})
+        base_meta: dict[str, Any] = {"task_class": request.task_class, "request_id": request.request_id}
+        if distinct < route.min_distinct_providers:
+            return Envelope.failure(
+                ErrorClass.POLICY_REFUSED,
+                f"this panel needs {route.min_distinct_providers} distinct providers but its "
+                f"members use {distinct}; nothing was sent",
+                base_meta,
+            )
+        panel_meta: dict[str, Any] = {}
+        panel_call = Call(
+            request=request, route=route, settings=self.settings, target=None,
+            system=effective_system(request, route), messages=[Message("user", request.prompt)],
+            max_tokens=0, deadline=deadline, meta=panel_meta,
+        )
+        first_calls = tuple(
+            self._new_call(
+                request, m, m.targets[0], deadline=deadline, index=0, attempt=1, meta={},
+                history=(), member_index=i, panel=panel_call,
+            )
+            for i, m in enumerate(members)
+        )
+        panel_call.members = first_calls
+        rejection = await self.hooks.preflight(panel_call)
+        if rejection is not None:
+            meta = {**base_meta, **panel_meta, "rejected_by": rejection.plugin}
+            return Envelope.failure(rejection.error_class, rejection.message + "; nothing was sent", meta)
+
+        results: list[ChainResult | None] = [None] * len(members)
+        claims = _Claims(members)
+        quorum = route.quorum or len(members)
+        done = 0
+
+        async def run_member(i: int) -> None:
+            nonlocal done
+            results[i] = await self._run_chain(
+                request, members[i], deadline, first_call=first_calls[i], member_index=i,
+                panel=panel_call, claims=claims,
+            )
+            done += 1
+            if progress is not None:
+                r = results[i]
+                state = "ok" if r and r.outcome.ok else "failed"
+                await _safe_progress(progress, done, len(members), f"member {i + 1} {state}")
+
+        async def send_all() -> Outcome:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(len(members)):
+                    tg.create_task(run_member(i))
+            ok = sum(1 for r in results if r is not None and r.outcome.ok)
+            if ok >= quorum:
+                return Outcome.success("", None)
+            return Outcome.failure(
+                ErrorClass.PANEL_FAILED, f"{ok} of {len(members)} members succeeded", sent=True
+            )
+
+        attempt = await self.hooks.run_attempt(panel_call, send_all)
+        if attempt.refusal is not None:
+            meta = {**base_meta, **panel_meta, "refused_by": attempt.refused_by}
+            return Envelope.failure(
+                attempt.refusal.error_class, attempt.refusal.message + "; nothing was sent", meta
+            )
+        return self._panel_envelope(request, route, results, panel_meta, quorum, started)
+
+    def _panel_envelope(
+        self,
+        request: Request,
+        route: Route,
+        results: list[ChainResult | None],
+        panel_meta: dict[str, Any],
+        quorum: int,
+        started: float,
+    ) -> Envelope:
+        member_envs: list[dict[str, Any]] = []
+        tokens_in = tokens_out = 0
+        cost = 0
+        unknown = False
+        ok = 0
+        classes: list[str | None] = []
+        for member, result in zip(route.members, results, strict=True):
+            assert result is not None
+            env = self._chain_envelope(request, member, result)
+            member_envs.append(env.to_dict())
+            tokens_in += env.meta["tokens"]["input"]
+            tokens_out += env.meta["tokens"]["output"]
+            cost_usd = env.meta.get("cost_usd_approx")
+            cost += round((cost_usd or 0) * 1_000_000)
+            unknown = unknown or "cost_note" in env.meta
+            if env.ok:
+                ok += 1
+            classes.append(env.error_class)
+        meta: dict[str, Any] = {
+            "provider": None,
+            "model": None,
+            "latency_ms": round((self.clock.monotonic() - started) * 1000, 2),
+            "tokens": {"input": tokens_in, "output": tokens_out, "total": tokens_in + tokens_out},
+            "cost_usd_approx": micro_to_usd(cost),
+            "task_class": request.task_class,
+            "request_id": request.request_id,
+            "panel": {
+                "members": len(route.members),
+                "succeeded": ok,
+                "quorum": quorum,
+                "member_error_classes": classes,
+            },
+        }
+        if unknown:
+            meta["cost_note"] = "some member attempts had no known price; cost is a lower bound"
+        meta.update(panel_meta)
+        texts = [
+            f"[{m['meta']['provider']}/{m['meta']['model']}]\n{m['data']['text']}"
+            for m in member_envs
+            if m["status"] == "success"
+        ]
+        data = {"members": member_envs}
+        if ok >= quorum:
+            return Envelope("success", "\n\n".join(texts), meta, data=data)
+        meta["error_class"] = ErrorClass.PANEL_FAILED.value
+        failed = ", ".join(f"member {i + 1}: {c}" for i, c in enumerate(classes) if c)
+        return Envelope(
+            "error", None, meta,
+            error=f"only {ok} of {len(route.members)} panel members succeeded (quorum {quorum}); "
+            f"{failed}",
+            data=data,
+        )
+
+    # --- introspection ------------------------------------------------------------------
+
+    def routing_info(self) -> dict[str, Any]:
+        """What ``llm_routing_info`` returns: classes, providers, plugins, their sections."""
+        from . import __version__
+
+        classes: dict[str, Any] = {}
+        for name, spec in self.settings.task_classes.items():
+            if spec.members:
+                classes[name] = {
+                    "description": spec.description,
+                    "panel": True,
+                    "members": [m.model_dump(exclude_none=True) for m in spec.members],
+                    "quorum": spec.effective_quorum(),
+                    "min_distinct_providers": spec.min_distinct_providers,
+                }
+            else:
+                classes[name] = {
+                    "description": spec.description,
+                    "provider": spec.provider,
+                    "model": spec.model,
+                    "max_tokens": spec.max_tokens,
+                }
+        providers: dict[str, Any] = {}
+        for name, provider in sorted(self.providers.items()):
+            st = provider.status()
+            providers[name] = {
+                "available": st.available,
+                "reason": st.reason or None,
+                "key_env": st.key_env,
+                "base_url": st.base_url,
+                "plugin": self.provider_origin.get(name),
+            }
+        return {
+            "version": __version__,
+            "config": self.settings.file_label,
+            "task_classes": classes,
+            "panels": sorted(n for n, s in self.settings.task_classes.items() if s.members),
+            "providers": providers,
+            "plugins": [p.name for p in self.plugins],
+            **self.hooks.report_info(),
+        }
+
+
+class _Claims:
+    """Which (provider, model) each panel member uses, so fallbacks never collide."""
+
+    def __init__(self, members: tuple[Route, ...]) -> None:
+        self._owner: dict[str, int] = {
+            m.targets[0].key: i for i, m in enumerate(members) if m.targets
+        }
+
+    def claim(self, member: int | None, target: Target) -> bool:
+        if member is None:
+            return True
+        owner = self._owner.setdefault(target.key, member)
+        return owner == member
+
+
+async def _safe_progress(progress: ProgressFn, done: float, total: float, msg: str) -> None:
+    try:
+        await progress(done, total, msg)
+    except Exception:
+        log.warning("progress.failed")
+
+
+def effective_system(request: Request, route: Route) -> str | None:
+    """The caller's system prompt, else the task class default carried by the route."""
+    return request.system if request.system is not None else route.system
+
+
+def _replace(outcome: Outcome, **changes: Any) -> Outcome:
+    from dataclasses import replace
+
+    return replace(outcome, **changes)
+
+
+def build_gateway(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+    extra_plugins: Mapping[str, object] | None = None,
+) -> Gateway:
+    """Load the configured plugins, register their providers, check the routes.
+
+    Raises :class:`ConfigError` or :class:`PluginError` with a message that names the
+    file, the path and the fix.
+    """
+    clock = clock or SystemClock()
+    ref: list[Gateway] = []
+    pm, loaded = load_plugins(
+        settings, clock=clock, rng=rng or random.Random(), gateway_ref=ref,
+        extra=dict(extra_plugins or {}),
+    )
+    gateway = Gateway(settings, pm, loaded, clock=clock)
+    ref.append(gateway)
+
+    current: list[str] = []
+
+    def register(provider: Provider) -> None:
+        name = getattr(provider, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(current[0], "registered a provider without a name")
+        if name in gateway.providers:
+            raise PluginError(
+                current[0],
+                f"registers provider {name!r}, already registered by "
+                f"{gateway.provider_origin[name]!r}",
+                fix="remove one of the two plugins from plugins:",
+            )
+        gateway.providers[name] = provider
+        gateway.provider_origin[name] = current[0]
+
+    for impl in gateway.hooks.impls("register_providers"):
+        current[:] = [impl.plugin_name]
+        impl.function(register=register)
+
+    def register_tool(tool: ToolSpec) -> None:
+        if any(t.name == tool.name for t in gateway.tools):
+            raise PluginError(current[0], f"registers tool {tool.name!r} twice")
+        gateway.tools.append(tool)
+
+    for impl in gateway.hooks.impls("register_tools"):
+        current[:] = [impl.plugin_name]
+        impl.function(register=register_tool)
+
+    _check_route_providers(settings, gateway)
+    return gateway
+
+
+def _check_route_providers(settings: Settings, gateway: Gateway) -> None:
+    known = sorted(gateway.providers)
+    hint = (
+        f"registered providers: {', '.join(known)}" if known else "no provider plugin is enabled"
+    )
+    for name, spec in settings.task_classes.items():
+        targets = (
+            [(f"task_classes.{name}.members[{i}].provider", m.provider) for i, m in enumerate(spec.members)]
+            if spec.members
+            else [(f"task_classes.{name}.provider", spec.provider or "")]
+        )
+        for path, provider in targets:
+            if provider not in gateway.providers:
+                raise ConfigError(
+                    f"unknown provider {provider!r}", file=settings.file_label, path=path,
+                    fix=f"{hint}; add the provider's plugin to plugins: or fix the name",
+                )
+    for name in settings.providers:
+        if name not in gateway.providers:
+            raise ConfigError(
+                f"settings for provider {name!r}, which no enabled plugin registers",
+                file=settings.file_label, path=f"providers.{name}",
+                fix=f"{hint}; enable its plugin or remove the section",
+            )

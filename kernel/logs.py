@@ -1,0 +1,102 @@
+"""structlog set-up: JSON lines on stderr, with configured secret values removed.
+
+stdout belongs to the MCP stdio protocol, so nothing here ever writes to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+REDACTED = "[REDACTED]"
+
+
+class Redactor:
+    """A structlog processor that removes the exact values of registered secrets.
+
+    Secrets are process-wide (so is logging); providers add their key values when they
+    start. Values shorter than 8 characters are ignored: they cannot be told apart
+    from ordinary words.
+    """
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, value: str | None) -> None:
+        if value and len(value) >= 8:
+            with self._lock:
+                self._secrets.add(value)
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._clean(v) for v in value)
+        if isinstance(value, BaseException):
+            return self.scrub(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if not self._secrets:
+            return event
+        return {k: self._clean(v) for k, v in event.items()}
+
+
+REDACTOR = Redactor()
+
+
+class _ScrubbingFormatter(logging.Formatter):
+    """Formats stdlib records (HTTP clients, SDKs) as JSON-ish lines, secrets removed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return REDACTOR.scrub(super().format(record))
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """JSON lines to ``stream`` (stderr by default), one event per line, redacted."""
+    out = stream or sys.stderr
+    numeric = logging.getLevelName(level)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            REDACTOR,
+            structlog.processors.JSONRenderer(),
+            _scrub_rendered,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_llmgw", False):
+            root.removeHandler(old)
+    handler._llmgw = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(numeric)
+
+
+def _scrub_rendered(logger: Any, method: str, event: Any) -> Any:
+    # Last line of defence: the rendered line itself (covers reprs of nested objects).
+    return REDACTOR.scrub(event) if isinstance(event, str) else event
