@@ -156,6 +156,20 @@ class Gateway:
                 "no plugin resolved a route; add `router` to plugins: in routing.yaml",
                 {"task_class": request.task_class},
             )
+        return await self.run_route(request, route, progress=progress, started=started)
+
+    async def run_route(
+        self,
+        request: Request,
+        route: Route,
+        *,
+        progress: ProgressFn | None = None,
+        started: float | None = None,
+    ) -> Envelope:
+        """Run a given route through every policy (for plugins that pick targets, such as
+        roles). The deadline starts now unless ``started`` is given."""
+        if started is None:
+            started = self.clock.monotonic()
         missing = self._unknown_providers(route)
         if missing:
             return Envelope.failure(
@@ -234,6 +248,7 @@ class Gateway:
             history=history,
             meta=meta,
             timeout_s=timeout,
+            access=request.access,
             price=provider.price(target.model),
         )
 

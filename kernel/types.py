@@ -45,6 +45,9 @@ class Request:
     max_tokens: int | None = None
     override_model: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    access: tuple[str, ...] = ()
+    """Earlier outputs whose text this prompt includes (set by orchestrating plugins,
+    e.g. ``("plan",)`` for a worker); empty for a caller's request: a blind request."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,12 @@
+"""PLACEHOLDER: replaced by the real plugin in this session."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmgw.kernel import PluginError
+
+
+class RolesPlugin:
+    def __init__(self, ctx: Any) -> None:
+        raise PluginError(ctx.name, "not built yet")
