@@ -413,7 +413,12 @@ class Gateway:
             "request_id": request.request_id,
         }
         if unknown_cost:
-            meta["cost_note"] = "some attempts had no known price or usage; cost is a lower bound"
+            meta["cost_usd_known"] = meta["cost_usd_approx"]
+            meta["cost_usd_approx"] = None
+            meta["cost_note"] = (
+                "cost unknown: no price for this model (add it under prices: in routing.yaml) "
+                "or no usage reported; cost_usd_known is the part that is known"
+            )
         if outcome.usage is not None:
             meta["tokens"]["cached_input"] = outcome.usage.cached_input_tokens
             meta["tokens"]["reasoning"] = outcome.usage.reasoning_tokens
@@ -537,6 +542,8 @@ class Gateway:
             tokens_in += env.meta["tokens"]["input"]
             tokens_out += env.meta["tokens"]["output"]
             cost_usd = env.meta.get("cost_usd_approx")
+            if cost_usd is None:
+                cost_usd = env.meta.get("cost_usd_known")
             cost += round((cost_usd or 0) * 1_000_000)
             unknown = unknown or "cost_note" in env.meta
             if env.ok:
@@ -558,7 +565,9 @@ class Gateway:
             },
         }
         if unknown:
-            meta["cost_note"] = "some member attempts had no known price; cost is a lower bound"
+            meta["cost_usd_known"] = meta["cost_usd_approx"]
+            meta["cost_usd_approx"] = None
+            meta["cost_note"] = "cost unknown for some members; cost_usd_known is the known part"
         meta.update(panel_meta)
         texts = [
             f"[{m['meta']['provider']}/{m['meta']['model']}]\n{m['data']['text']}"

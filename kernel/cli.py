@@ -1,0 +1,306 @@
+"""The ``llmgw`` command line.
+
+Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure (including a route
+that ended in an error envelope).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+import anyio
+
+from . import __version__
+from .config import Settings, config_path, load_settings
+from .errors import ConfigError, PluginError
+from .gateway import Gateway, build_gateway
+from .logs import configure_logging
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="llmgw",
+        description="llm-gateway-mcp: an MCP server that routes prompts by task class.",
+    )
+    p.add_argument("--version", action="version", version=f"llmgw {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH",
+        help="routing.yaml to use (default: $LLM_GATEWAY_CONFIG, else ./routing.yaml)",
+    )
+    common.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level for the JSON logs on stderr (default: gateway.log_level, else WARNING "
+        "for one-shot commands)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("serve", parents=[common], help="run the MCP server (stdio by default)")
+    s.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
+    s.add_argument(
+        "--allow-remote", action="store_true",
+        help="allow a non-loopback --host (the bearer token is still required)",
+    )
+    s.add_argument(
+        "--allowed-origin", action="append", default=[], metavar="ORIGIN",
+        help="an extra allowed Origin, e.g. https://app.example (repeatable)",
+    )
+
+    r = sub.add_parser("route", parents=[common], help="route one prompt and print the envelope")
+    r.add_argument("task_class")
+    r.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    r.add_argument("--system")
+    r.add_argument("--max-tokens", type=int)
+    r.add_argument("--override-model")
+    r.add_argument("--json", action="store_true", help="print the raw JSON envelope")
+
+    o = sub.add_parser(
+        "orchestrate", parents=[common], help="plan -> execute -> verify (roles plugin)"
+    )
+    o.add_argument("task")
+    o.add_argument("--depth")
+    o.add_argument("--json", action="store_true", help="print the raw JSON envelope")
+
+    sub.add_parser("info", parents=[common], help="print what llm_routing_info returns")
+    pl = sub.add_parser(
+        "plugins", parents=[common], help="every hook with its implementations, in call order"
+    )
+    pl.add_argument(
+        "--available", action="store_true",
+        help="list installed plugins that plugins: does not enable",
+    )
+    sub.add_parser("check-config", parents=[common], help="validate routing.yaml and summarise it")
+    sub.add_parser("spend", parents=[common], help="month-to-date spend, reservations and caps")
+    sub.add_parser("demo", parents=[common], help="offline demo against a local fake upstream")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``llmgw`` console script."""
+    args = _parser().parse_args(argv)
+    if not args.command:
+        _parser().print_help(sys.stderr)
+        return EXIT_USAGE
+    level = args.log_level or os.environ.get("LLM_GATEWAY_LOG_LEVEL")
+    configure_logging(level or ("INFO" if args.command == "serve" else "WARNING"))
+    handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, PluginError) as exc:
+        sys.stderr.write(f"llmgw: configuration error\n{exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(config_path(args.config, os.environ))
+
+
+def _gateway(args: argparse.Namespace) -> Gateway:
+    settings = _settings(args)
+    if not args.log_level and not os.environ.get("LLM_GATEWAY_LOG_LEVEL"):
+        if args.command == "serve":
+            configure_logging(settings.gateway.log_level)
+    return build_gateway(settings)
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import TOKEN_ENV, HttpConfigError, build_server, http_server
+
+    gateway = _gateway(args)
+    if not args.http:
+        server = build_server(gateway)
+        anyio.run(server.run_stdio_async)
+        return EXIT_OK
+    try:
+        server, run_kwargs = http_server(
+            gateway, token=os.environ.get(TOKEN_ENV), host=args.host, port=args.port,
+            allow_remote=args.allow_remote, extra_origins=args.allowed_origin,
+        )
+    except HttpConfigError as exc:
+        anyio.run(gateway.aclose)
+        sys.stderr.write(f"llmgw serve: {exc}\n")
+        return EXIT_USAGE
+    sys.stderr.write(f"llmgw: serving MCP on http://{args.host}:{args.port}/mcp\n")
+    server.run("streamable-http", **run_kwargs)
+    return EXIT_OK
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from .types import Request
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    gateway = _gateway(args)
+    request = Request(
+        task_class=args.task_class, prompt=prompt, system=args.system,
+        max_tokens=args.max_tokens, override_model=args.override_model,
+    )
+
+    async def run() -> Any:
+        async with gateway:
+            return await gateway.route(request)
+
+    envelope = anyio.run(run)
+    _print_envelope(envelope.to_dict(), args.json, sys.stdout)
+    return EXIT_OK if envelope.status == "success" else EXIT_FAIL
+
+
+def cmd_orchestrate(args: argparse.Namespace) -> int:
+    gateway = _gateway(args)
+    tool = next((t for t in gateway.tools if t.name == "llm_orchestrate"), None)
+    if tool is None:
+        anyio.run(gateway.aclose)
+        sys.stderr.write("llmgw: llm_orchestrate needs the `roles` plugin; add it to plugins:\n")
+        return EXIT_USAGE
+
+    async def progress(done: float, total: float, message: str) -> None:
+        sys.stderr.write(f"  [{done:g}/{total:g}] {message}\n")
+
+    async def run() -> Any:
+        async with gateway:
+            return await tool.fn(task=args.task, depth=args.depth, progress=progress)
+
+    envelope = anyio.run(run)
+    _print_envelope(envelope.to_dict(), args.json, sys.stdout)
+    return EXIT_OK if envelope.status == "success" else EXIT_FAIL
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    gateway = _gateway(args)
+    info = gateway.routing_info()
+    anyio.run(gateway.aclose)
+    json.dump(info, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .loader import available_entry_points, describe_entry_point, hook_names
+
+    settings = _settings(args)
+    if args.available:
+        enabled = set(settings.plugins)
+        rest = [ep for name, ep in sorted(available_entry_points().items()) if name not in enabled]
+        if not rest:
+            print("every installed plugin is enabled")
+        for ep in rest:
+            print(f"{describe_entry_point(ep)}  ->  add `- {ep.name}` to plugins: in routing.yaml")
+        return EXIT_OK
+    gateway = build_gateway(settings)
+    origin = {p.name: p for p in gateway.plugins}
+    print("plugins (config order):")
+    for p in gateway.plugins:
+        where = f"{p.distribution} {p.version}" if p.distribution else p.origin
+        note = f"  [essential: {p.essential_reason}]" if p.essential_reason else ""
+        print(f"  {p.name:<20} {where}{note}")
+    print("\nhooks (call order):")
+    for hook in hook_names():
+        impls = gateway.hooks.impls(hook)
+        names = []
+        for impl in impls:
+            flags = [f for f in ("tryfirst", "trylast", "wrapper") if getattr(impl, f, False)]
+            names.append(impl.plugin_name + (f" ({', '.join(flags)})" if flags else ""))
+        print(f"  {hook:<20} {' -> '.join(names) if names else '(none)'}")
+    del origin
+    anyio.run(gateway.aclose)
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    gateway = build_gateway(settings)
+    out = sys.stdout
+    out.write(f"{settings.file_label}: OK\n")
+    out.write(f"plugins (in order): {', '.join(p.name for p in gateway.plugins)}\n")
+    out.write("task classes:\n")
+    for name, spec in settings.task_classes.items():
+        if spec.members:
+            members = ", ".join(f"{m.provider}/{m.model}" for m in spec.members)
+            out.write(f"  {name:<22} panel [{members}] quorum {spec.effective_quorum()}\n")
+        else:
+            out.write(f"  {name:<22} {spec.provider}/{spec.model} max_tokens {spec.max_tokens}\n")
+    out.write("providers:\n")
+    for name, provider in sorted(gateway.providers.items()):
+        st = provider.status()
+        state = "key present" if st.available else f"UNAVAILABLE ({st.reason})"
+        out.write(f"  {name:<22} {state}\n")
+    anyio.run(gateway.aclose)
+    return EXIT_OK
+
+
+def cmd_spend(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        from llmgw.plugins.policies.ledger import format_spend, spend_report
+    except ImportError:
+        sys.stderr.write("llmgw: the ledger plugin is not installed\n")
+        return EXIT_FAIL
+    report = spend_report(settings)
+    sys.stdout.write(format_spend(report) + "\n")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    async def run() -> int:
+        return await run_demo(sys.stdout)
+
+    return anyio.run(run)
+
+
+def _print_envelope(env: dict[str, Any], raw: bool, out: TextIO) -> None:
+    if raw:
+        json.dump(env, out, indent=2, default=str)
+        out.write("\n")
+        return
+    meta = env.get("meta", {})
+    out.write(f"status: {env['status']}\n")
+    if env.get("error"):
+        out.write(f"error:  {env['error']} ({meta.get('error_class')})\n")
+    if meta.get("provider"):
+        out.write(f"model:  {meta['provider']}/{meta['model']}\n")
+    tokens = meta.get("tokens", {})
+    out.write(
+        f"tokens: in {tokens.get('input', 0)} / out {tokens.get('output', 0)}   "
+        f"cost: {meta.get('cost_usd_approx')}   latency: {meta.get('latency_ms')} ms\n"
+    )
+    text = env.get("data", {}).get("text")
+    if text:
+        out.write(f"\n{text}\n")
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "route": cmd_route,
+    "orchestrate": cmd_orchestrate,
+    "info": cmd_info,
+    "plugins": cmd_plugins,
+    "check-config": cmd_check_config,
+    "spend": cmd_spend,
+    "demo": cmd_demo,
+}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,282 @@
+"""The MCP server: ``llm_route``, ``llm_routing_info`` and the tools plugins register.
+
+The gateway is built before the server (its task classes become the tool schemas'
+enums) and closed by the server's lifespan. Nothing lives in module globals.
+"""
+
+# No `from __future__ import annotations` here: the tool functions' annotations are
+# built at run time from the config and must be real objects for the schema.
+
+import hmac
+import inspect
+import ipaddress
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from mcp.server.auth.provider import AccessToken, TokenVerifier
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import CallToolResult, TextContent
+from pydantic import Field
+
+from . import __version__
+from .envelope import Envelope
+from .errors import ErrorClass
+from .gateway import Gateway
+from .tools import ToolSpec
+from .types import Request
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+TOKEN_ENV = "LLM_GATEWAY_HTTP_TOKEN"
+
+ROUTE_DESCRIPTION = (
+    "Send a prompt to the model the gateway assigns to a task class (you never pick the "
+    "model). Panel classes answer with several independent members in data.members. "
+    "Returns {status, data: {text}, meta: {provider, model, latency_ms, tokens, "
+    "cost_usd_approx, task_class, ...}}; status is success, error or needs_human_review."
+)
+INFO_DESCRIPTION = (
+    "Describe the active routing policy: version, task classes, providers (key present or "
+    "not), panels and their visibility contracts, roles and depths, breaker states and "
+    "month-to-date spend against caps."
+)
+
+
+def to_result(envelope: Envelope) -> CallToolResult:
+    """An envelope as an MCP tool result: JSON text plus the same structured content."""
+    body = envelope.to_dict()
+    return CallToolResult(
+        content=[TextContent(type="text", text=json.dumps(body, ensure_ascii=False, default=str))],
+        structured_content=body,
+        is_error=envelope.status == "error",
+    )
+
+
+def _progress_of(ctx: Context | None) -> Callable[[float, float, str], Awaitable[None]] | None:
+    if ctx is None:
+        return None
+
+    async def progress(done: float, total: float, message: str) -> None:
+        await ctx.report_progress(done, total, message)
+
+    return progress
+
+
+def _enum(values: list[str], description: str) -> Any:
+    return Field(description=description, json_schema_extra={"enum": values})
+
+
+def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs: Any) -> MCPServer:
+    """An MCP server exposing ``gateway``; it closes the gateway when it stops if it owns it."""
+
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer) -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield {"gateway": gateway}
+        finally:
+            if own_gateway:
+                await gateway.aclose()
+
+    server = MCPServer(
+        "llm-gateway-mcp",
+        version=__version__,
+        instructions=(
+            "Route prompts by task class with llm_route; inspect the policy with "
+            "llm_routing_info."
+        ),
+        lifespan=lifespan,
+        **server_kwargs,
+    )
+    classes = sorted(gateway.settings.task_classes)
+    class_help = "; ".join(
+        f"{n}: {gateway.settings.task_classes[n].description}".rstrip(": ") for n in classes
+    )
+    TaskClass = Annotated[str, _enum(classes, f"The kind of task. {class_help}")]
+    Prompt = Annotated[str, Field(description="The prompt to send.")]
+    System = Annotated[str | None, Field(description="Optional system prompt.")]
+    MaxTokens = Annotated[
+        int | None,
+        Field(
+            description="Output token bound (defaults to the task class's).",
+            ge=1,
+            le=gateway.settings.gateway.max_output_tokens,
+        ),
+    ]
+    Override = Annotated[
+        str | None,
+        Field(description="A model declared in routing.yaml, as 'model' or 'provider/model'."),
+    ]
+
+    async def llm_route(
+        task_class: TaskClass,
+        prompt: Prompt,
+        system: System = None,
+        max_tokens: MaxTokens = None,
+        override_model: Override = None,
+        ctx: Context = None,  # type: ignore[assignment]
+    ) -> CallToolResult:
+        request = Request(
+            task_class=task_class,
+            prompt=prompt,
+            system=system,
+            max_tokens=max_tokens,
+            override_model=override_model,
+        )
+        try:
+            envelope = await gateway.route(request, progress=_progress_of(ctx))
+        except Exception:
+            import structlog
+
+            structlog.get_logger("llmgw.server").exception("tool.crashed", tool="llm_route")
+            envelope = Envelope.failure(
+                ErrorClass.INTERNAL_ERROR, "the gateway failed internally; see its log",
+                {"task_class": task_class},
+            )
+        return to_result(envelope)
+
+    async def llm_routing_info() -> CallToolResult:
+        info = gateway.routing_info()
+        body = {"status": "success", "data": info, "meta": {"version": __version__}}
+        return CallToolResult(
+            content=[TextContent(type="text", text=json.dumps(body, default=str))],
+            structured_content=body,
+        )
+
+    server.add_tool(llm_route, name="llm_route", description=ROUTE_DESCRIPTION)
+    server.add_tool(llm_routing_info, name="llm_routing_info", description=INFO_DESCRIPTION)
+    for spec in gateway.tools:
+        server.add_tool(_adapt(spec), name=spec.name, description=spec.description)
+    return server
+
+
+def _adapt(spec: ToolSpec) -> Callable[..., Awaitable[CallToolResult]]:
+    """Wrap a plugin's tool: enums from ``choices``, progress from the MCP context."""
+    sig = inspect.signature(spec.fn)
+    wants_progress = "progress" in sig.parameters
+    params = []
+    for name, p in sig.parameters.items():
+        if name == "progress":
+            continue
+        ann = p.annotation
+        if name in spec.choices:
+            values = list(spec.choices[name])
+            base = ann if ann is not inspect.Parameter.empty else str
+            ann = Annotated[base, _enum(values, f"One of: {', '.join(values)}")]
+        params.append(p.replace(annotation=ann, kind=inspect.Parameter.KEYWORD_ONLY))
+    params.append(
+        inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context, default=None)
+    )
+
+    async def tool(**kwargs: Any) -> CallToolResult:
+        ctx = kwargs.pop("ctx", None)
+        if wants_progress:
+            kwargs["progress"] = _progress_of(ctx)
+        for name, values in spec.choices.items():
+            value = kwargs.get(name)
+            if value is not None and value not in values:
+                return to_result(
+                    Envelope.failure(
+                        ErrorClass.BAD_ARGUMENT,
+                        f"{name} must be one of: {', '.join(values)} (got {value!r:.40})",
+                    )
+                )
+        try:
+            envelope = await spec.fn(**kwargs)
+        except Exception:
+            import structlog
+
+            structlog.get_logger("llmgw.server").exception("tool.crashed", tool=spec.name)
+            envelope = Envelope.failure(
+                ErrorClass.INTERNAL_ERROR, "the tool failed internally; see the gateway log"
+            )
+        return to_result(envelope)
+
+    tool.__signature__ = inspect.Signature(params, return_annotation=CallToolResult)  # type: ignore[attr-defined]
+    tool.__annotations__ = {p.name: p.annotation for p in params} | {"return": CallToolResult}
+    tool.__name__ = spec.name
+    tool.__doc__ = spec.description
+    return tool
+
+
+# --- HTTP ------------------------------------------------------------------------------
+
+
+class StaticTokenVerifier(TokenVerifier):
+    """Accepts exactly one bearer token, compared in constant time."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode("utf-8")
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if hmac.compare_digest(token.encode("utf-8"), self._token):
+            return AccessToken(token="bearer", client_id="llmgw-client", scopes=[])
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def http_security(
+    host: str, port: int, extra_hosts: list[str], extra_origins: list[str]
+) -> TransportSecuritySettings:
+    """Host and Origin allow-lists, checked on every request (DNS-rebinding protection)."""
+    hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", *extra_hosts]
+    origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *extra_origins]
+    if not is_loopback(host):
+        hosts.append(f"{host}:{port}")
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+    )
+
+
+class HttpConfigError(ValueError):
+    """The HTTP transport was asked to start in an unsafe way."""
+
+
+def http_server(
+    gateway: Gateway,
+    *,
+    token: str | None,
+    host: str,
+    port: int,
+    allow_remote: bool = False,
+    extra_hosts: list[str] | None = None,
+    extra_origins: list[str] | None = None,
+) -> tuple[MCPServer, dict[str, Any]]:
+    """A server guarded by a bearer token, and the ``run`` keyword arguments for HTTP."""
+    if not token:
+        raise HttpConfigError(
+            f"{TOKEN_ENV} is not set; the HTTP transport always requires a bearer token. "
+            f"Set it to a long random value (e.g. `openssl rand -hex 32`)"
+        )
+    if len(token) < 16:
+        raise HttpConfigError(f"{TOKEN_ENV} is too short; use at least 16 random characters")
+    if not is_loopback(host) and not allow_remote:
+        raise HttpConfigError(
+            f"refusing to bind {host}: not a loopback address. Pass --allow-remote to accept "
+            "connections from other machines (the bearer token is still required)"
+        )
+    server = build_server(
+        gateway,
+        token_verifier=StaticTokenVerifier(token),
+        auth=AuthSettings(issuer_url=f"http://127.0.0.1:{port}", resource_server_url=None),  # type: ignore[arg-type]
+    )
+    run_kwargs: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "streamable_http_path": "/mcp",
+        "stateless_http": True,
+        "json_response": False,
+        "max_request_body_size": MAX_BODY_BYTES,
+        "transport_security": http_security(host, port, extra_hosts or [], extra_origins or []),
+    }
+    return server, run_kwargs
