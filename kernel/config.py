@@ -22,6 +22,7 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -144,18 +145,29 @@ class Settings(Model):
     _sections: dict[str, Any] = PrivateAttr(default_factory=dict)
     _env: dict[str, str] = PrivateAttr(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _names(self) -> Settings:
-        for name in self.task_classes:
+    @field_validator("task_classes")
+    @classmethod
+    def _class_names(cls, value: dict[str, TaskClassSpec]) -> dict[str, TaskClassSpec]:
+        for name in value:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", name):
                 raise ValueError(f"task class name {name!r} must be letters, digits, _ or -")
-        for key in self.prices:
+        return value
+
+    @field_validator("prices")
+    @classmethod
+    def _price_keys(cls, value: dict[str, PriceSpec]) -> dict[str, PriceSpec]:
+        for key in value:
             if key.count("/") != 1:
                 raise ValueError(f"price key {key!r} must be 'provider/model'")
-        dupes = sorted({p for p in self.plugins if self.plugins.count(p) > 1})
+        return value
+
+    @field_validator("plugins")
+    @classmethod
+    def _plugin_list(cls, value: list[str]) -> list[str]:
+        dupes = sorted({p for p in value if value.count(p) > 1})
         if dupes:
             raise ValueError(f"plugins lists {', '.join(dupes)} more than once")
-        return self
+        return value
 
     @property
     def source(self) -> Path | None:

@@ -30,6 +30,7 @@ from .envelope import Envelope
 from .errors import CallRefused, ConfigError, ErrorClass, PluginError, RouteError, default_message
 from .hooks import HookFacade
 from .loader import LoadedPlugin, load_plugins
+from .logs import configure_logging
 from .tools import ToolSpec
 from .types import (
     Call,
@@ -107,7 +108,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.pm = pm
-        self.hooks = HookFacade(pm)
+        self.hooks = HookFacade(pm, [p.name for p in plugins])
         self.plugins = plugins
         self.clock = clock
         self.providers: dict[str, Provider] = {}
@@ -675,6 +676,10 @@ def build_gateway(
     Raises :class:`ConfigError` or :class:`PluginError` with a message that names the
     file, the path and the fix.
     """
+    if not structlog.is_configured():
+        # Library use: never let the default structlog config print to stdout, which
+        # belongs to the MCP stdio protocol.
+        configure_logging(settings.gateway.log_level)
     clock = clock or SystemClock()
     ref: list[Gateway] = []
     pm, loaded = load_plugins(

@@ -58,9 +58,13 @@ def _bind(impl: pluggy.HookImpl, **kwargs: Any) -> dict[str, Any]:
 class HookFacade:
     """Typed entry points for every hook, bound to one plugin manager."""
 
-    def __init__(self, pm: pluggy.PluginManager) -> None:
+    def __init__(self, pm: pluggy.PluginManager, order: list[str] | None = None) -> None:
         self.pm = pm
         self._order: dict[str, list[pluggy.HookImpl]] = {}
+        # Config order of every plugin: the layers an attempt passes through.
+        self.plugin_order = order if order is not None else [
+            name for name, _ in reversed(pm.list_name_plugin())
+        ]
 
     def impls(self, hook: str) -> list[pluggy.HookImpl]:
         """Implementations in call order (cached; the manager is frozen after loading)."""
@@ -142,6 +146,10 @@ class HookFacade:
     ) -> AttemptResult:
         """``before_call`` (config order) → ``send`` → ``after_call`` (reverse, always).
 
+        Plugins are layers in config order. ``after_call`` runs for every layer the attempt
+        passed: those whose ``before_call`` completed and those without one that come
+        before the point where the attempt stopped.
+
         A ``CallRefused`` from a ``before_call`` stops the attempt before ``send``; any
         other exception there refuses too (fail closed). Cancellation is re-raised
         after ``after_call`` has run for everyone whose ``before_call`` completed.
@@ -149,8 +157,14 @@ class HookFacade:
         ran: list[str] = []
         result = AttemptResult(outcome=_PENDING)
         started_send = False
+        befores = {impl.plugin_name: impl for impl in self.impls("before_call")}
         try:
-            for impl in self.impls("before_call"):
+            for name in self.plugin_order:
+                impl = befores.get(name)
+                if impl is None:
+                    # No before_call: the layer is passed through, so it sees after_call.
+                    ran.append(name)
+                    continue
                 try:
                     await _resolve(impl.function(**_bind(impl, call=call)))
                 except CallRefused as refused:

@@ -124,9 +124,10 @@ def before_call(call: Call) -> Awaitable[None] | None:
 def after_call(call: Call, outcome: Outcome) -> Awaitable[Disposition | None] | Disposition | None:
     """See how an attempt ended: settle money, count health, advise retry or fallback.
 
-    When: after every attempt, for exactly the plugins whose ``before_call`` completed,
-    always: also when the provider raised, the caller cancelled, or a later
-    ``before_call`` refused. Runs inside ``finally``.
+    When: after every attempt, for exactly the plugin layers the attempt passed (those
+    whose ``before_call`` completed, and those without a ``before_call`` listed before
+    the point where it stopped), always: also when the provider raised, the caller
+    cancelled, or a later ``before_call`` refused. Runs inside a shielded ``finally``.
 
     :param call: the attempt, as ``before_call`` left it.
     :param outcome: what happened (``outcome.sent`` says whether it may be billed).

@@ -260,7 +260,29 @@ def load_plugins(
             fix="hook names are listed in docs/plugins.md",
         ) from None
     check_hooks(pm, [p.name for p in loaded])
+    _check_sections(settings, {p.name for p in loaded}, set(eps))
     return pm, loaded
+
+
+def _check_sections(settings: Settings, loaded: set[str], installed: set[str]) -> None:
+    """A section must belong to a loaded plugin, or to an installed one that is disabled."""
+    import difflib
+
+    from .config import KERNEL_SECTIONS
+
+    for name in settings.sections:
+        if name in loaded:
+            continue
+        if name in installed:
+            log.info("config.section_of_disabled_plugin", section=name)
+            continue
+        known = sorted(KERNEL_SECTIONS | loaded | installed)
+        close = difflib.get_close_matches(name, known, n=1)
+        fix = f"did you mean `{close[0]}`?" if close else f"known sections: {', '.join(known)}"
+        raise ConfigError(
+            "unknown section: no kernel setting and no plugin of this name",
+            file=settings.file_label, path=name, fix=fix,
+        )
 
 
 def check_hooks(pm: pluggy.PluginManager, order: list[str]) -> None:

@@ -70,7 +70,7 @@ class _ScrubbingFormatter(logging.Formatter):
 
 def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """JSON lines to ``stream`` (stderr by default), one event per line, redacted."""
-    out = stream or sys.stderr
+    out: Any = stream or _Stderr()
     numeric = logging.getLevelName(level)
     structlog.configure(
         processors=[
@@ -95,6 +95,22 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
     handler._llmgw = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(numeric)
+
+
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced later)."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stderr.write(text)
+        except (ValueError, OSError):  # closed or broken stream: logging never crashes a call
+            return 0
+
+    def flush(self) -> None:
+        try:
+            sys.stderr.flush()
+        except (ValueError, OSError):
+            pass
 
 
 def _scrub_rendered(logger: Any, method: str, event: Any) -> Any:

@@ -1,12 +1,440 @@
-"""PLACEHOLDER: replaced by the real plugin in this session."""
+"""Independence: certify, from what is actually sent, that a blind panel's members are blind.
+
+A panel's agreement is evidence only if no member saw another's answer. This plugin
+makes that a claim a client can falsify, checked against the requests themselves
+rather than against a list the gateway built for the purpose.
+
+What is certified (``meta.visibility``). For a panel listed under
+``independence.panels`` with ``mode: blind``: every request sent for every member
+(each retry and each fallback model included) had
+
+- the original system prompt: the caller's ``system``, else the task class's ``system``;
+- exactly one message, ``user``, whose content is the caller's prompt;
+- an empty access set (``Call.access``: it includes no earlier output).
+
+``original_sha256`` is the content digest of that blind request, ``{"system", "messages":
+[{"role": "user", "content": prompt}]}``; each member lists the ``request_sha256`` of its
+primary request (provider, model, system, messages, max_tokens), its
+``content_sha256`` (equal to ``original_sha256`` when blind), its access set, and under
+``sent`` the request digest of every attempt actually handed to the provider (taken from
+the kernel's record of the sent request, after every plugin's rewrite). All digests are
+SHA-256 of the canonical JSON given in ``canonical_form``; a client rebuilds them from
+what it sent. Provider, model and ``max_tokens`` are not content, so a fallback to
+another model is certified on the same content while its request digest differs.
+
+When it is checked:
+
+1. ``preflight(panel)``: every member's first request as it stands, before anything is
+   reserved or sent. A violation with ``enforce: hard`` refuses the whole panel there.
+2. ``before_call(panel)``: again, after the plugins listed earlier ran theirs on the
+   panel (the ledger reserves here); hard refuses the whole panel, nothing sent.
+3. ``before_call(member attempt)``: the attempt's final request (list ``independence``
+   after any plugin that rewrites requests, so this runs innermost). A violation voids
+   the certificate; with hard that attempt, and every later member attempt of the
+   panel, is refused (``independence_violation``), and a panel that still reaches its
+   quorum is returned as ``needs_human_review``, never ``success``.
+4. ``after_call(member attempt)``: the request the kernel actually sent is compared
+   with the one checked; a difference (a rewriter listed after this plugin) voids the
+   certificate after the fact.
+
+``enforce: soft`` never refuses: it runs the panel and reports ``certified: false`` with
+the reasons.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from llmgw.kernel import PluginError
+from pydantic import Field, ValidationInfo, model_validator
+
+from llmgw.kernel import (
+    Call,
+    CallRefused,
+    Envelope,
+    ErrorClass,
+    Message,
+    Outcome,
+    PluginContext,
+    ProviderRequest,
+    Rejection,
+    Request,
+    Verdict,
+    hookimpl,
+)
+from llmgw.kernel.config import Model, Settings
+
+from .visibility import (
+    CANONICAL_FORM,
+    CONTENT_FORM,
+    REQUEST_FORM,
+    call_content_sha256,
+    call_request_sha256,
+    content_sha256,
+)
+
+CLAIM = (
+    "every request sent to every member (retries and fallbacks included) had the original "
+    "system prompt and exactly one user message holding the original prompt, and included "
+    "no earlier output (access empty)"
+)
+
+
+class PanelContract(Model):
+    """The visibility contract of one panel."""
+
+    mode: Literal["blind"] = "blind"
+    enforce: Literal["hard", "soft"] = "hard"
+
+
+@dataclass
+class MemberRecord:
+    """One member's line of the certificate."""
+
+    index: int
+    provider: str
+    model: str
+    max_tokens: int
+    request_sha256: str
+    content_sha256: str
+    access: list[str]
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    def render(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "provider": self.provider,
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "request_sha256": self.request_sha256,
+            "content_sha256": self.content_sha256,
+            "access": list(self.access),
+            "sent": [dict(s) for s in self.sent],
+        }
+
+
+@dataclass
+class Certificate:
+    """The live certificate of one panel call; rendered into ``meta.visibility``."""
+
+    contract: PanelContract
+    system: str | None
+    system_source: str
+    prompt: str
+    original_sha256: str
+    members: list[MemberRecord]
+    min_distinct_providers: int
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def certified(self) -> bool:
+        return not self.reasons
+
+    @property
+    def hard(self) -> bool:
+        return self.contract.enforce == "hard"
+
+    def void(self, reasons: list[str]) -> list[str]:
+        """Add reasons not given yet; returns the new ones."""
+        new = [r for r in reasons if r not in self.reasons]
+        self.reasons.extend(new)
+        return new
+
+    def problems(self, call: Call, who: str) -> list[str]:
+        """Why ``call``'s request (as it stands now) is not blind; empty when it is."""
+        found: list[str] = []
+        if call.system != self.system:
+            found.append(f"{who}: its system prompt differs from the original")
+        if list(call.messages) != [Message("user", self.prompt)]:
+            if len(call.messages) != 1:
+                found.append(
+                    f"{who}: it carries {len(call.messages)} messages instead of exactly the "
+                    "original prompt as one user message"
+                )
+            else:
+                found.append(f"{who}: its message differs from the original prompt")
+        if call.access:
+            found.append(
+                f"{who}: it includes earlier outputs ({', '.join(call.access)}); a blind "
+                "member sees none"
+            )
+        return found
+
+    def render(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "mode": self.contract.mode,
+            "enforce": self.contract.enforce,
+            "certified": self.certified,
+            "independence_certified": self.certified,
+            "claim": CLAIM,
+            "original_sha256": self.original_sha256,
+            "original_form": CONTENT_FORM
+            + ' with messages = [{"role": "user", "content": <prompt>}]',
+            "system_source": self.system_source,
+            "request_form": REQUEST_FORM,
+            "canonical_form": CANONICAL_FORM,
+            "members": [m.render() for m in self.members],
+        }
+        if self.reasons:
+            out["reasons"] = list(self.reasons)
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+def _who(call: Call) -> str:
+    target = call.target
+    index = (call.member_index or 0) + 1
+    return f"member {index} ({target.key if target else '?'})"
+
+
+def original_system(request: Request, settings: Settings) -> tuple[str | None, str]:
+    """The system prompt members are compared with, and where it came from.
+
+    Taken from the caller's request and routing.yaml, never from the route a plugin
+    built, so a routing plugin cannot change what "original" means.
+    """
+    if request.system is not None:
+        return request.system, "request"
+    spec = settings.task_classes.get(request.task_class)
+    if spec is not None and spec.system is not None:
+        return spec.system, "task_class"
+    return None, "none"
 
 
 class IndependencePlugin:
-    def __init__(self, ctx: Any) -> None:
-        raise PluginError(ctx.name, "not built yet")
+    """Certifies blind panels in ``meta.visibility``; refuses violations when hard."""
+
+    class Config(Model):
+        """The ``independence:`` section: ``panels.<task_class>: {mode, enforce}``."""
+
+        panels: dict[str, PanelContract] = Field(default_factory=dict)
+
+        @model_validator(mode="after")
+        def _panels_exist(self, info: ValidationInfo) -> IndependencePlugin.Config:
+            settings = (info.context or {}).get("settings")
+            if not isinstance(settings, Settings):
+                return self
+            panels = sorted(n for n, s in settings.task_classes.items() if s.is_panel)
+            for name in self.panels:
+                spec = settings.task_classes.get(name)
+                if spec is None or not spec.is_panel:
+                    what = "no task class" if spec is None else "a single-target task class"
+                    raise ValueError(
+                        f"panels.{name}: {name!r} is {what}; a visibility contract applies "
+                        f"to panel task classes only (panels: {', '.join(panels) or 'none'})"
+                    )
+            return self
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+        self.cfg: IndependencePlugin.Config = ctx.config or IndependencePlugin.Config()
+        # Request ids of panels whose hard certificate was voided: verify() turns their
+        # success into needs_human_review. Cleared by verify or by a failed panel.
+        self._voided_hard: dict[str, list[str]] = {}
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _certificate(self, call: Call) -> Certificate | None:
+        holder = call if call.is_panel else call.panel
+        if holder is None:
+            return None
+        cert = holder.stash.get(self.ctx.name)
+        return cert if isinstance(cert, Certificate) else None
+
+    def _publish(self, panel: Call, cert: Certificate) -> None:
+        panel.meta["visibility"] = cert.render()
+        if cert.hard and not cert.certified:
+            self._voided_hard[panel.request.request_id] = list(cert.reasons)
+
+    def _start(self, panel: Call, contract: PanelContract) -> Certificate:
+        request = panel.request
+        system, source = original_system(request, self.ctx.settings)
+        members = []
+        for m in panel.members:
+            assert m.target is not None
+            members.append(
+                MemberRecord(
+                    index=m.member_index or 0,
+                    provider=m.target.provider,
+                    model=m.target.model,
+                    max_tokens=m.max_tokens,
+                    request_sha256=call_request_sha256(m),
+                    content_sha256=call_content_sha256(m),
+                    access=list(m.access),
+                )
+            )
+        return Certificate(
+            contract=contract,
+            system=system,
+            system_source=source,
+            prompt=request.prompt,
+            original_sha256=content_sha256(system, [Message("user", request.prompt)]),
+            members=members,
+            min_distinct_providers=panel.route.min_distinct_providers,
+        )
+
+    # --- hooks -----------------------------------------------------------------------
+
+    @hookimpl
+    def preflight(self, call: Call) -> Rejection | None:
+        if not call.is_panel:
+            return None
+        contract = self.cfg.panels.get(call.task_class)
+        if contract is None:
+            return None
+        cert = self._start(call, contract)
+        for m in call.members:
+            cert.void(cert.problems(m, _who(m)))
+        call.stash[self.ctx.name] = cert
+        self._publish(call, cert)
+        if cert.reasons and cert.hard:
+            self._voided_hard.pop(call.request.request_id, None)  # never dispatched
+            return Rejection(
+                ErrorClass.INDEPENDENCE_VIOLATION,
+                f"panel {call.task_class!r} is not blind ({cert.reasons[0]}"
+                + (f"; {len(cert.reasons) - 1} more in meta.visibility.reasons" if
+                   len(cert.reasons) > 1 else "")
+                + "); independence enforce: hard refuses it before anything is reserved",
+                details={"reasons": list(cert.reasons)},
+            )
+        return None
+
+    @hookimpl
+    def before_call(self, call: Call) -> None:
+        cert = self._certificate(call)
+        if cert is None:
+            return
+        if call.is_panel:
+            # Plugins listed earlier ran before_call on the panel: check the members again.
+            new: list[str] = []
+            for m in call.members:
+                new += cert.void(cert.problems(m, _who(m)))
+            self._publish(call, cert)
+            if new and cert.hard:
+                raise CallRefused(
+                    ErrorClass.INDEPENDENCE_VIOLATION,
+                    f"panel {call.task_class!r} became non-blind before dispatch ({new[0]}); "
+                    "independence enforce: hard refuses the whole panel",
+                    details={"reasons": list(cert.reasons)},
+                )
+            return
+        panel = call.panel
+        assert panel is not None
+        if cert.hard and not cert.certified:
+            raise CallRefused(
+                ErrorClass.INDEPENDENCE_VIOLATION,
+                f"{_who(call)} not sent: this panel's independence certificate is void "
+                f"({cert.reasons[0]})",
+            )
+        problems = cert.problems(call, _who(call))
+        # Remember exactly what was checked, to compare with what the kernel sends.
+        call.stash[self.ctx.name] = call_request_sha256(call)
+        if problems:
+            cert.void(problems)
+            self._publish(panel, cert)
+            if cert.hard:
+                raise CallRefused(
+                    ErrorClass.INDEPENDENCE_VIOLATION,
+                    f"{_who(call)} not sent: {problems[0].split(': ', 1)[-1]}; "
+                    "independence enforce: hard",
+                    details={"reasons": problems},
+                )
+
+    @hookimpl
+    def after_call(self, call: Call, outcome: Outcome) -> None:
+        cert = self._certificate(call)
+        if cert is None:
+            return
+        if call.is_panel:
+            answered = {
+                s["provider"] for m in cert.members for s in m.sent if s.get("ok")
+            }
+            if answered and len(answered) < cert.min_distinct_providers:
+                cert.notes.append(
+                    f"answers came from {len(answered)} distinct provider(s), fewer than the "
+                    f"panel's min_distinct_providers ({cert.min_distinct_providers}), after "
+                    "fallbacks"
+                )
+            self._publish(call, cert)
+            if not outcome.ok:  # no verify() for a failed panel
+                self._voided_hard.pop(call.request.request_id, None)
+            return
+        sent = call.stash.get("kernel.sent_request")
+        panel = call.panel
+        if not isinstance(sent, ProviderRequest) or panel is None:
+            return
+        record = cert.members[call.member_index or 0]
+        sent_sha = sent.sha256()
+        record.sent.append(
+            {
+                "provider": sent.provider,
+                "model": sent.model,
+                "max_tokens": sent.max_tokens,
+                "request_sha256": sent_sha,
+                "content_sha256": content_sha256(sent.system, sent.messages),
+                "attempt": call.attempt,
+                "ok": outcome.ok,
+            }
+        )
+        checked = call.stash.get(self.ctx.name)
+        if checked != sent_sha:
+            cert.void(
+                [
+                    f"{_who(call)}: the request sent differs from the request checked "
+                    "before sending (a plugin listed after independence rewrote it); list "
+                    "independence after every plugin that rewrites requests"
+                ]
+            )
+        self._publish(panel, cert)
+
+    @hookimpl
+    def verify(self, request: Request, result: Envelope) -> Verdict | None:
+        reasons = self._voided_hard.pop(request.request_id, None)
+        if reasons is None:
+            return None
+        return Verdict(
+            "REVISE",
+            ("the panel's independence certificate is void (enforce: hard)", *reasons),
+            source=self.ctx.name,
+        )
+
+    @hookimpl
+    def report_info(self) -> dict[str, Any]:
+        settings = self.ctx.settings
+        panels: dict[str, Any] = {}
+        for name, spec in sorted(settings.task_classes.items()):
+            if not spec.is_panel:
+                continue
+            contract = self.cfg.panels.get(name)
+            panels[name] = {
+                "members": [f"{m.provider}/{m.model}" for m in spec.members or ()],
+                "mode": contract.mode if contract else None,
+                "enforce": contract.enforce if contract else None,
+                "certified": contract is not None,
+            }
+        late = self._rewriters_after()
+        info: dict[str, Any] = {
+            "claim": CLAIM,
+            "canonical_form": CANONICAL_FORM,
+            "request_form": REQUEST_FORM,
+            "content_form": CONTENT_FORM,
+            "panels": panels,
+        }
+        if late:
+            info["before_call_after_independence"] = late
+            info["note"] = (
+                "these plugins run before_call after independence: a rewrite by them is "
+                "detected only after sending (the certificate is then voided)"
+            )
+        return info
+
+    def _rewriters_after(self) -> list[str]:
+        try:
+            names = [i.plugin_name for i in self.ctx.gateway().hooks.impls("before_call")]
+        except RuntimeError:
+            return []
+        if self.ctx.name not in names:
+            return []
+        return names[names.index(self.ctx.name) + 1 :]

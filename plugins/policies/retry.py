@@ -1,12 +1,141 @@
-"""PLACEHOLDER: replaced by the real plugin in this session."""
+"""Retry of transient upstream failures: full-jitter backoff, server hints, a budget.
+
+The loop itself is the kernel's: ``after_call`` only advises. For a transient class
+(``errors.TRANSIENT``; ``malformed_response`` once only) with attempts left on the same
+target it returns ``Disposition("retry", delay)``, the delay drawn from full jitter
+``uniform(0, min(max_delay_s, base_delay_s * 2**(attempt-1)))`` (tenacity's exponential
+window, drawn with the gateway's injected rng) and never shorter than the server's hint
+(``outcome.retry_after_s``). When the hint is longer than ``max_hint_s``, or the wait
+would cross the call's deadline, or the provider's retry budget is spent, it advises
+``fallback`` instead. Every other class gets no advice (no retry).
+"""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
-from llmgw.kernel import PluginError
+import tenacity
+from pydantic import Field, PositiveInt, model_validator
+
+from llmgw.kernel import TRANSIENT, Call, Disposition, ErrorClass, Outcome, PluginContext, hookimpl
+from llmgw.kernel.config import Model
+
+from .retry_budget import RetryBudget
+
+
+class FullJitter(tenacity.wait_random_exponential):
+    """tenacity's full-jitter wait, drawing from an injected ``random.Random``.
+
+    tenacity draws from the ``random`` module; a gateway's tests need their own seed.
+    """
+
+    def __init__(self, rng: random.Random, *, multiplier: float, max: float) -> None:  # noqa: A002
+        super().__init__(multiplier=multiplier, max=max)
+        self.rng = rng
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        high = tenacity.wait_exponential.__call__(self, retry_state)
+        return self.rng.uniform(self.min, high)
 
 
 class RetryPlugin:
-    def __init__(self, ctx: Any) -> None:
-        raise PluginError(ctx.name, "not built yet")
+    """Advises the kernel to retry the same target, or to fall back, per attempt."""
+
+    class Config(Model):
+        """The ``retry:`` section."""
+
+        max_attempts: PositiveInt = Field(default=3, le=20)
+        """Attempts per target, the first included."""
+        base_delay_s: float = Field(default=0.5, gt=0)
+        max_delay_s: float = Field(default=8.0, gt=0)
+        max_hint_s: float = Field(default=30.0, gt=0)
+        """A server hint longer than this falls back instead of waiting."""
+        budget_ratio: float = Field(default=0.2, ge=0, le=1)
+        budget_min_retries: int = Field(default=5, ge=0)
+        budget_window_s: float = Field(default=10.0, gt=0)
+
+        @model_validator(mode="after")
+        def _delays(self) -> RetryPlugin.Config:
+            if self.max_delay_s < self.base_delay_s:
+                raise ValueError(
+                    f"max_delay_s ({self.max_delay_s}) is shorter than base_delay_s "
+                    f"({self.base_delay_s}); make max_delay_s at least base_delay_s"
+                )
+            return self
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+        self.cfg: RetryPlugin.Config = ctx.config or RetryPlugin.Config()
+        self.stop = tenacity.stop_after_attempt(self.cfg.max_attempts)
+        self.wait = FullJitter(ctx.rng, multiplier=self.cfg.base_delay_s, max=self.cfg.max_delay_s)
+        # tenacity's strategies read a RetryCallState; this Retrying is only their owner.
+        self._retrying = tenacity.Retrying(stop=self.stop, wait=self.wait)
+        self.budgets: dict[str, RetryBudget] = {}
+
+    def budget(self, provider: str) -> RetryBudget:
+        """The retry budget of ``provider`` (shared by its models)."""
+        found = self.budgets.get(provider)
+        if found is None:
+            c = self.cfg
+            found = RetryBudget(c.budget_ratio, c.budget_min_retries, c.budget_window_s)
+            self.budgets[provider] = found
+        return found
+
+    def _state(self, attempt: int) -> tenacity.RetryCallState:
+        state = tenacity.RetryCallState(self._retrying, None, (), {})
+        state.attempt_number = attempt
+        return state
+
+    def backoff(self, attempt: int) -> float:
+        """The full-jitter delay after failed attempt number ``attempt`` (1-based)."""
+        return float(self.wait(self._state(attempt)))
+
+    @hookimpl
+    def after_call(self, call: Call, outcome: Outcome) -> Disposition | None:
+        target = call.target
+        if target is None:
+            return None
+        now = self.ctx.clock.monotonic()
+        budget = self.budget(target.provider)
+        error_class = outcome.error_class
+        # A first attempt that went (or tried to go) upstream earns retry budget.
+        if call.attempt == 1 and (outcome.ok or outcome.sent or error_class in TRANSIENT):
+            budget.note_request(now)
+        if outcome.ok or error_class is None or error_class not in TRANSIENT:
+            return None
+        if error_class is ErrorClass.MALFORMED_RESPONSE and any(
+            t == target and o.error_class is ErrorClass.MALFORMED_RESPONSE for t, o in call.history
+        ):
+            return None  # retried once already: the upstream answers garbage
+        if self.stop(self._state(call.attempt)):
+            return None  # attempts exhausted: the fallback plugin's advice applies
+        remaining = call.deadline - now
+        hint = outcome.retry_after_s
+        if hint is not None and hint > self.cfg.max_hint_s:
+            return self._skip(call, f"server asks to wait {hint:g} s (> max_hint_s)")
+        delay = self.backoff(call.attempt)
+        if hint is not None:
+            delay = max(delay, hint)
+        if delay >= remaining:
+            return self._skip(call, f"waiting {delay:.2f} s would cross the deadline")
+        if not budget.try_withdraw(now):
+            return self._skip(call, f"retry budget of provider {target.provider} is spent")
+        return Disposition("retry", delay, reason=f"{error_class.value}, attempt {call.attempt}")
+
+    def _skip(self, call: Call, why: str) -> Disposition:
+        call.meta["retry_skipped"] = why
+        return Disposition("fallback", reason=why)
+
+    @hookimpl
+    def report_info(self) -> dict[str, Any]:
+        now = self.ctx.clock.monotonic()
+        c = self.cfg
+        return {
+            "max_attempts": c.max_attempts,
+            "base_delay_s": c.base_delay_s,
+            "max_delay_s": c.max_delay_s,
+            "max_hint_s": c.max_hint_s,
+            "budget": {"ratio": c.budget_ratio, "min_retries": c.budget_min_retries},
+            "budgets": {p: b.snapshot(now) for p, b in sorted(self.budgets.items())},
+        }

@@ -1,0 +1,66 @@
+"""What a request's content is, and its digest: shared by ``independence`` and ``roles``.
+
+Both plugins certify *content*: the system prompt and the messages a model was sent,
+plus the list of earlier outputs the request includes (its access set). The provider,
+model and ``max_tokens`` are not content: a fallback to another model sends the same
+content under a different request digest.
+
+Forms a client can rebuild from what it sent (all hashed as
+:data:`llmgw.kernel.types.CANONICAL_FORM` says):
+
+- request: ``{"provider", "model", "system", "messages": [{"role", "content"}],
+  "max_tokens"}`` (:meth:`ProviderRequest.canonical`);
+- content: ``{"system", "messages": [{"role", "content"}]}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llmgw.kernel import Call, Message
+from llmgw.kernel.types import CANONICAL_FORM, canonical_request, digest
+
+REQUEST_FORM = (
+    '{"provider": str, "model": str, "system": str | null, '
+    '"messages": [{"role": str, "content": str}], "max_tokens": int}'
+)
+CONTENT_FORM = '{"system": str | null, "messages": [{"role": str, "content": str}]}'
+
+__all__ = [
+    "CANONICAL_FORM",
+    "CONTENT_FORM",
+    "REQUEST_FORM",
+    "call_content_sha256",
+    "call_request_sha256",
+    "content",
+    "content_sha256",
+]
+
+
+def content(system: str | None, messages: Sequence[Message]) -> dict[str, Any]:
+    """The content form of a request: what a model reads, whatever model it is."""
+    return {
+        "system": system,
+        "messages": [{"role": m.role, "content": m.content} for m in messages],
+    }
+
+
+def content_sha256(system: str | None, messages: Sequence[Message]) -> str:
+    """SHA-256 of :func:`content` in the canonical JSON encoding."""
+    return digest(content(system, messages))
+
+
+def call_content_sha256(call: Call) -> str:
+    """The content digest of a call as it stands now (after any rewrites so far)."""
+    return content_sha256(call.system, call.messages)
+
+
+def call_request_sha256(call: Call) -> str:
+    """The request digest of a call as it stands now: provider, model, content, bound."""
+    assert call.target is not None
+    return digest(
+        canonical_request(
+            call.target.provider, call.target.model, call.system, call.messages, call.max_tokens
+        )
+    )

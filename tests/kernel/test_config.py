@@ -1,0 +1,176 @@
+"""Config: every invalid file gives one clear error naming its path, never a traceback."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from llmgw.kernel import ConfigError, GatewayError, load_settings
+from llmgw.kernel.cli import main
+from llmgw.kernel.config import config_path
+from llmgw.kernel.gateway import build_gateway
+from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin
+
+GOOD = """
+plugins: [router, fake]
+task_classes:
+  quick_answer: {provider: fake, model: m1, max_tokens: 100}
+"""
+
+# (name, yaml, expected path fragment, expected words in the message)
+INVALID = [
+    ("missing task_classes", "plugins: [router]\n", "task_classes", "Field required"),
+    ("missing plugins", "task_classes:\n  q: {provider: fake, model: m}\n", "plugins",
+     "Field required"),
+    ("negative max_tokens",
+     "plugins: [router, fake]\ntask_classes:\n  quick_answer: {provider: fake, model: m, "
+     "max_tokens: -5}\n",
+     "task_classes.quick_answer.max_tokens", "greater than 0"),
+    ("max_tokens not a number",
+     "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m, max_tokens: lots}\n",
+     "task_classes.q.max_tokens", "integer"),
+    ("unknown provider",
+     "plugins: [router, fake]\ntask_classes:\n  q: {provider: nosuch, model: m}\n",
+     "task_classes.q.provider", "unknown provider 'nosuch'"),
+    ("misspelled key",
+     "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, modle: m}\n",
+     "task_classes.q.modle", "unknown key"),
+    ("literal api key",
+     "plugins: [router, fake]\nproviders:\n  fake: {base_url: 'http://x', api_key: abcdefgh12345}\n"
+     "task_classes:\n  q: {provider: fake, model: m}\n",
+     "providers.fake.api_key", "literal secret"),
+    ("key-shaped literal anywhere",
+     "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m, "
+     "description: 'sk-proj-ABCDEFGHIJKLMNOPQRSTUV'}\n",
+     "task_classes.q.description", "literal API key"),
+    ("panel of one",
+     "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: m}]\n",
+     "task_classes.p", "at least 2 members"),
+    ("quorum above members",
+     "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: a}, "
+     "{provider: fake, model: b}]\n    quorum: 3\n",
+     "task_classes.p", "quorum 3 is larger"),
+    ("too few distinct providers",
+     "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: a}, "
+     "{provider: fake, model: b}]\n    min_distinct_providers: 2\n",
+     "task_classes.p", "min_distinct_providers is 2"),
+    ("unset variable",
+     "plugins: [router, fake]\nproviders:\n  fake: {base_url: '${NOPE_URL}'}\n"
+     "task_classes:\n  q: {provider: fake, model: m}\n",
+     "providers.fake.base_url", "NOPE_URL is not set"),
+    ("yaml syntax",
+     "plugins: [router, fake\ntask_classes: {}\n", "line", "invalid YAML"),
+    ("top level list", "- a\n- b\n", "", "top level must be a mapping"),
+    ("unknown section",
+     "plugins: [router, fake]\ntask_clases:\n  q: {provider: fake, model: m}\n"
+     "task_classes:\n  q: {provider: fake, model: m}\n",
+     "task_clases", "unknown section"),
+    ("zero deadline",
+     "plugins: [router, fake]\ngateway: {deadline_s: 0}\n"
+     "task_classes:\n  q: {provider: fake, model: m}\n",
+     "gateway.deadline_s", "greater than 0"),
+    ("plugin listed twice",
+     "plugins: [router, fake, router]\ntask_classes:\n  q: {provider: fake, model: m}\n",
+     "plugins", "more than once"),
+    ("bad price key",
+     "plugins: [router, fake]\nprices:\n  m1: {input_per_mtok: 1, output_per_mtok: 2}\n"
+     "task_classes:\n  q: {provider: fake, model: m}\n",
+     "prices", "'provider/model'"),
+    ("settings for an unregistered provider",
+     "plugins: [router, fake]\nproviders:\n  opanai: {timeout_s: 5}\n"
+     "task_classes:\n  q: {provider: fake, model: m}\n",
+     "providers.opanai", "no enabled plugin registers"),
+    ("empty file", "", "", "the file is empty"),
+]
+
+
+def _load(tmp_path: Path, text: str) -> None:
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(text)
+    settings = load_settings(cfg, env={})
+    build_gateway(settings, extra_plugins={"fake": FakeProviderPlugin(FakeProvider())})
+
+
+@pytest.mark.parametrize(("name", "text", "path", "words"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_config_names_file_path_and_problem(
+    tmp_path: Path, name: str, text: str, path: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, text)
+    rendered = str(err.value)
+    assert str(tmp_path / "routing.yaml") in rendered
+    assert path in rendered
+    assert words in rendered
+    assert "Traceback" not in rendered
+
+
+def test_there_are_at_least_twelve_invalid_cases() -> None:
+    assert len(INVALID) >= 12
+
+
+@pytest.mark.parametrize("case", INVALID[:6], ids=[c[0] for c in INVALID[:6]])
+def test_check_config_exits_2_with_the_error_and_no_traceback(
+    tmp_path: Path, case: tuple[str, str, str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(case[1])
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "configuration error" in err
+
+
+def test_unknown_plugin_via_cli_lists_available(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text("plugins: [router, nosuch]\ntask_classes:\n  q: {provider: x, model: m}\n")
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err
+    assert "available plugins:" in err
+
+
+def test_interpolation_and_dotenv_beside_the_config(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "# comment\nexport FAKE_URL='http://127.0.0.1:9/v1'\nSET_BOTH=from-dotenv\n"
+    )
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(textwrap.dedent("""
+        plugins: [router, fake]
+        providers:
+          fake: {base_url: '${FAKE_URL}', timeout_s: '${TIMEOUT:-7}'}
+        task_classes:
+          q: {provider: fake, model: m, description: '${SET_BOTH}'}
+    """))
+    settings = load_settings(cfg, env={"SET_BOTH": "from-env"})
+    assert settings.providers["fake"].base_url == "http://127.0.0.1:9/v1"
+    assert settings.providers["fake"].timeout_s == 7
+    # .env never overrides a variable that is already set
+    assert settings.task_classes["q"].description == "from-env"
+    assert settings.env["FAKE_URL"] == "http://127.0.0.1:9/v1"
+
+
+def test_config_path_precedence() -> None:
+    assert str(config_path("a.yaml", {"LLM_GATEWAY_CONFIG": "b.yaml"})) == "a.yaml"
+    assert str(config_path(None, {"LLM_GATEWAY_CONFIG": "b.yaml"})) == "b.yaml"
+    assert str(config_path(None, {})) == "routing.yaml"
+
+
+def test_shipped_routing_yaml_is_valid() -> None:
+    root = Path(__file__).resolve().parents[2]
+    settings = load_settings(root / "routing.yaml", env={})
+    assert {"quick_answer", "general_reasoning", "long_context", "deep_audit",
+            "batch_classification", "dual_opinion", "triple_review"} <= set(settings.task_classes)
+    gw = build_gateway(settings)
+    assert set(gw.providers) >= {"openai", "anthropic", "gemini", "deepseek"}
+    for provider in gw.providers.values():
+        assert not provider.status().available  # no keys in the test environment
+    import anyio
+
+    anyio.run(gw.aclose)
+
+
+def test_all_config_errors_are_gateway_errors() -> None:
+    assert issubclass(ConfigError, GatewayError)

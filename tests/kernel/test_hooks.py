@@ -1,0 +1,204 @@
+"""The async facade: call order, first-result emulation, reverse unwinding, cancellation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from llmgw.kernel import (
+    CallRefused,
+    Disposition,
+    ErrorClass,
+    Outcome,
+    Rejection,
+    Request,
+    hookimpl,
+)
+from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
+
+YAML = """
+plugins: [{names}, router, fake]
+task_classes:
+  quick: {{provider: fake, model: m1, max_tokens: 50}}
+"""
+
+
+class Recorder:
+    """A plugin that logs each hook it sees into a shared list."""
+
+    def __init__(self, name: str, log: list[str], *, reject: bool = False,
+                 refuse: bool = False, advice: Disposition | None = None,
+                 crash_after: bool = False) -> None:
+        self.name, self.log, self.reject, self.refuse = name, log, reject, refuse
+        self.advice, self.crash_after = advice, crash_after
+
+    @hookimpl
+    async def preflight(self, call: Any) -> Rejection | None:
+        self.log.append(f"preflight:{self.name}")
+        if self.reject:
+            return Rejection(ErrorClass.POLICY_REFUSED, f"{self.name} says no")
+        return None
+
+    @hookimpl
+    async def before_call(self, call: Any) -> None:
+        self.log.append(f"before:{self.name}")
+        if self.refuse:
+            raise CallRefused(ErrorClass.BUDGET_EXCEEDED, f"{self.name} refuses")
+
+    @hookimpl
+    def after_call(self, call: Any, outcome: Outcome) -> Disposition | None:
+        self.log.append(f"after:{self.name}:{outcome.error_class or 'ok'}")
+        if self.crash_after:
+            raise RuntimeError("boom")
+        return self.advice
+
+
+def build(log: list[str], provider: FakeProvider | None = None, **plugins: Recorder) -> Any:
+    names = ", ".join(plugins)
+    return gateway_from_yaml(
+        YAML.format(names=names), providers=[provider or FakeProvider()], extra_plugins=plugins
+    )
+
+
+@pytest.mark.anyio
+async def test_config_order_is_call_order_and_after_call_unwinds_in_reverse() -> None:
+    log: list[str] = []
+    gw = build(log, a=Recorder("a", log), b=Recorder("b", log), c=Recorder("c", log))
+    env = await gw.route(Request("quick", "hi"))
+    assert env.status == "success"
+    assert log == [
+        "preflight:a", "preflight:b", "preflight:c",
+        "before:a", "before:b", "before:c",
+        "after:c:ok", "after:b:ok", "after:a:ok",
+    ]
+
+
+@pytest.mark.anyio
+async def test_reordering_plugins_reorders_calls() -> None:
+    log: list[str] = []
+    plugins = {"c": Recorder("c", log), "a": Recorder("a", log)}
+    gw = build(log, **plugins)
+    await gw.route(Request("quick", "hi"))
+    assert [e for e in log if e.startswith("before")] == ["before:c", "before:a"]
+
+
+@pytest.mark.anyio
+async def test_first_rejection_wins_and_later_preflights_are_not_called() -> None:
+    log: list[str] = []
+    provider = FakeProvider()
+    gw = build(log, provider, a=Recorder("a", log), b=Recorder("b", log, reject=True),
+               c=Recorder("c", log))
+    env = await gw.route(Request("quick", "hi"))
+    assert env.status == "error"
+    assert env.meta["error_class"] == "policy_refused"
+    assert "b says no" in (env.error or "")
+    assert log == ["preflight:a", "preflight:b"]
+    assert provider.received == []
+
+
+@pytest.mark.anyio
+async def test_refusal_unwinds_only_plugins_whose_before_call_completed() -> None:
+    log: list[str] = []
+    provider = FakeProvider()
+    gw = build(log, provider, a=Recorder("a", log), b=Recorder("b", log, refuse=True),
+               c=Recorder("c", log))
+    env = await gw.route(Request("quick", "hi"))
+    assert env.meta["error_class"] == "budget_exceeded"
+    assert provider.received == []
+    assert log[-3:] == ["before:a", "before:b", "after:a:budget_exceeded"]
+
+
+@pytest.mark.anyio
+async def test_after_call_exception_does_not_skip_the_others() -> None:
+    log: list[str] = []
+    gw = build(log, a=Recorder("a", log), b=Recorder("b", log, crash_after=True))
+    env = await gw.route(Request("quick", "hi"))
+    assert env.status == "success"
+    assert log[-2:] == ["after:b:ok", "after:a:ok"]
+
+
+@pytest.mark.anyio
+async def test_provider_exception_still_unwinds() -> None:
+    log: list[str] = []
+
+    def explode(_req: Any) -> Outcome:
+        raise ValueError("provider bug")
+
+    provider = FakeProvider().then(explode)
+    gw = build(log, provider, a=Recorder("a", log), b=Recorder("b", log))
+    env = await gw.route(Request("quick", "hi"))
+    assert env.status == "error"
+    assert env.meta["error_class"] == "internal_error"
+    assert "provider bug" not in (env.error or "")
+    assert log[-2:] == ["after:b:internal_error", "after:a:internal_error"]
+
+
+@pytest.mark.anyio
+async def test_cancellation_unwinds_after_call_in_reverse() -> None:
+    log: list[str] = []
+    started = anyio.Event()
+
+    class Hanging(FakeProvider):
+        async def complete(self, request: Any) -> Outcome:
+            started.set()
+            await anyio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    gw = build(log, Hanging(), a=Recorder("a", log), b=Recorder("b", log))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(gw.route, Request("quick", "hi"))
+        await started.wait()
+        tg.cancel_scope.cancel()
+    assert log[-2:] == ["after:b:cancelled", "after:a:cancelled"]
+
+
+@pytest.mark.anyio
+async def test_dispositions_stop_beats_retry_beats_fallback() -> None:
+    assert Disposition.combine([Disposition("fallback"), Disposition("retry", 1.0)]) == \
+        Disposition("retry", 1.0)
+    assert Disposition.combine([Disposition("retry", 1.0), Disposition("retry", 3.0)]) == \
+        Disposition("retry", 3.0)
+    assert Disposition.combine([Disposition("retry", 9.0), Disposition("stop")]) == \
+        Disposition("stop")
+    assert Disposition.combine([]) is None
+
+
+@pytest.mark.anyio
+async def test_retry_disposition_drives_the_kernel_loop() -> None:
+    log: list[str] = []
+    provider = FakeProvider().fail_with(ErrorClass.SERVER_ERROR).fail_with(ErrorClass.SERVER_ERROR)
+
+    class RetryTwice:
+        @hookimpl
+        def after_call(self, call: Any, outcome: Outcome) -> Disposition | None:
+            if not outcome.ok and call.attempt < 3:
+                return Disposition("retry", 0.0)
+            return None
+
+    gw = gateway_from_yaml(YAML.format(names="r"), providers=[provider],
+                           extra_plugins={"r": RetryTwice()})
+    env = await gw.route(Request("quick", "hi"))
+    assert env.status == "success"
+    assert [a["attempt"] for a in env.meta["attempts"]] == [1, 2, 3]
+    assert len(provider.received) == 3
+
+
+@pytest.mark.anyio
+async def test_sync_and_async_hook_implementations_are_both_supported() -> None:
+    seen: list[str] = []
+
+    class Mixed:
+        @hookimpl
+        def preflight(self, call: Any) -> None:
+            seen.append("sync-preflight")
+
+        @hookimpl
+        async def before_call(self, call: Any) -> None:
+            seen.append("async-before")
+
+    gw = gateway_from_yaml(YAML.format(names="m"), providers=[FakeProvider()],
+                           extra_plugins={"m": Mixed()})
+    assert (await gw.route(Request("quick", "hi"))).ok
+    assert seen == ["sync-preflight", "async-before"]

@@ -1,0 +1,170 @@
+"""The loader: config order, unknown names, tryfirst contradictions, local files."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmgw.kernel import PluginError, Request, hookimpl, load_settings
+from llmgw.kernel.gateway import build_gateway
+from llmgw.kernel.loader import hook_names
+from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin, gateway_from_yaml
+
+BASE = """
+plugins: [{names}]
+task_classes:
+  quick: {{provider: fake, model: m1}}
+"""
+
+
+def test_unknown_plugin_lists_available_names_and_distributions() -> None:
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(BASE.format(names="router, fake, no_such_plugin"),
+                          providers=[FakeProvider()])
+    text = str(err.value)
+    assert "'no_such_plugin'" in text
+    assert "no such plugin" in text
+    assert "router (llm-gateway-mcp" in text
+
+
+def test_tryfirst_that_contradicts_the_list_fails_naming_the_plugin() -> None:
+    class Eager:
+        @hookimpl(tryfirst=True)
+        async def before_call(self, call: Any) -> None:
+            return None
+
+    class Plain:
+        @hookimpl
+        async def before_call(self, call: Any) -> None:
+            return None
+
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(BASE.format(names="plain, eager, router, fake"),
+                          providers=[FakeProvider()],
+                          extra_plugins={"plain": Plain(), "eager": Eager()})
+    assert "'eager'" in str(err.value)
+    assert "tryfirst" in str(err.value)
+    assert "contradicts" in str(err.value)
+
+
+def test_tryfirst_that_agrees_with_the_list_is_accepted() -> None:
+    class Eager:
+        @hookimpl(tryfirst=True)
+        async def before_call(self, call: Any) -> None:
+            return None
+
+    gw = gateway_from_yaml(BASE.format(names="eager, kill_switch, router, fake"),
+                           providers=[FakeProvider()], extra_plugins={"eager": Eager()})
+    assert [i.plugin_name for i in gw.hooks.impls("before_call")][0] == "eager"
+
+
+def test_wrapper_on_an_async_hook_is_refused() -> None:
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def before_call(self, call: Any) -> Any:
+            return (yield)
+
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(BASE.format(names="w, router, fake"), providers=[FakeProvider()],
+                          extra_plugins={"w": Wrapper()})
+    assert "cannot be a wrapper" in str(err.value)
+
+
+def test_misspelled_hook_argument_is_a_plugin_error() -> None:
+    class Typo:
+        @hookimpl
+        def before_call(self, cal: Any) -> None:
+            return None
+
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(BASE.format(names="t, router, fake"), providers=[FakeProvider()],
+                          extra_plugins={"t": Typo()})
+    assert "'t'" in str(err.value)
+
+
+def test_local_file_hook_is_loaded_by_path_and_configured(tmp_path: Path) -> None:
+    (tmp_path / "hooks").mkdir()
+    (tmp_path / "hooks" / "tagger.py").write_text(textwrap.dedent('''
+        from llmgw.kernel import hookimpl
+        from llmgw.kernel.config import Model
+
+        class Tagger:
+            class Config(Model):
+                tag: str
+
+            def __init__(self, ctx):
+                self.tag = ctx.config.tag
+
+            @hookimpl
+            async def before_call(self, call):
+                call.meta["tag"] = self.tag
+
+        plugin = Tagger
+    '''))
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(BASE.format(names="hooks/tagger.py, router, fake") + "tagger: {tag: hello}\n")
+    settings = load_settings(cfg, env={})
+    gw = build_gateway(settings, extra_plugins={"fake": FakeProviderPlugin(FakeProvider())})
+    # kill_switch is essential: added first even though plugins: leaves it out
+    assert [p.name for p in gw.plugins] == ["kill_switch", "tagger", "router", "fake"]
+    assert gw.plugins[1].origin == "file hooks/tagger.py"
+
+    import anyio
+
+    env = anyio.run(gw.route, Request("quick", "hi"))
+    assert env.meta["tag"] == "hello"
+
+
+def test_missing_local_file_is_reported(tmp_path: Path) -> None:
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(BASE.format(names="nope.py, router"))
+    with pytest.raises(PluginError) as err:
+        build_gateway(load_settings(cfg, env={}))
+    assert "nope.py" in str(err.value)
+    assert "not found" in str(err.value)
+
+
+def test_a_plugin_section_is_validated_by_the_plugin(tmp_path: Path) -> None:
+    from llmgw.kernel import ConfigError
+
+    (tmp_path / "h.py").write_text(textwrap.dedent('''
+        from llmgw.kernel.config import Model
+        class H:
+            class Config(Model):
+                limit: int = 3
+            def __init__(self, ctx):
+                pass
+        plugin = H
+    '''))
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(BASE.format(names="h.py, router") + "h: {limit: many}\n")
+    with pytest.raises(ConfigError) as err:
+        build_gateway(load_settings(cfg, env={}))
+    assert "h.limit" in str(err.value)
+    assert "plugin 'h'" in str(err.value)
+
+
+def test_two_plugins_registering_one_provider_name_is_an_error() -> None:
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(
+            BASE.format(names="router, fake, fake_too"), providers=[FakeProvider()],
+            extra_plugins={"fake_too": FakeProviderPlugin(FakeProvider())},
+        )
+    assert "already registered" in str(err.value)
+
+
+def test_unlisted_installed_plugins_are_not_loaded() -> None:
+    gw = gateway_from_yaml(BASE.format(names="router, fake"), providers=[FakeProvider()])
+    names = [p.name for p in gw.plugins]
+    assert "openai" not in names
+    assert "roles" not in names
+
+
+def test_hook_names_are_the_documented_specs() -> None:
+    assert hook_names() == [
+        "register_providers", "register_tools", "resolve_route", "preflight",
+        "before_call", "after_call", "verify", "report_info", "shutdown",
+    ]
