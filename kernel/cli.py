@@ -37,13 +37,15 @@ def _parser() -> argparse.ArgumentParser:
         description="llm-gateway-mcp: an MCP server that routes prompts by task class.",
     )
     p.add_argument("--version", action="version", version=f"llmgw {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
-        "--config", metavar="PATH",
+        "--config",
+        metavar="PATH",
         help="routing.yaml to use (default: $LLM_GATEWAY_CONFIG, else ./routing.yaml)",
     )
     common.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level for the JSON logs on stderr (default: gateway.log_level, else WARNING "
         "for one-shot commands)",
     )
@@ -54,11 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
     s.add_argument(
-        "--allow-remote", action="store_true",
+        "--allow-remote",
+        action="store_true",
         help="allow a non-loopback --host (the bearer token is still required)",
     )
     s.add_argument(
-        "--allowed-origin", action="append", default=[], metavar="ORIGIN",
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
         help="an extra allowed Origin, e.g. https://app.example (repeatable)",
     )
 
@@ -82,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         "plugins", parents=[common], help="every hook with its implementations, in call order"
     )
     pl.add_argument(
-        "--available", action="store_true",
+        "--available",
+        action="store_true",
         help="list installed plugins that plugins: does not enable",
     )
     sub.add_parser("check-config", parents=[common], help="validate routing.yaml and summarise it")
@@ -115,9 +122,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _gateway(args: argparse.Namespace) -> Gateway:
     settings = _settings(args)
-    if not args.log_level and not os.environ.get("LLM_GATEWAY_LOG_LEVEL"):
-        if args.command == "serve":
-            configure_logging(settings.gateway.log_level)
+    explicit = args.log_level or os.environ.get("LLM_GATEWAY_LOG_LEVEL")
+    if not explicit and args.command == "serve":
+        configure_logging(settings.gateway.log_level)
     return build_gateway(settings)
 
 
@@ -134,8 +141,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     try:
         server, run_kwargs = http_server(
-            gateway, token=os.environ.get(TOKEN_ENV), host=args.host, port=args.port,
-            allow_remote=args.allow_remote, extra_origins=args.allowed_origin,
+            gateway,
+            token=os.environ.get(TOKEN_ENV),
+            host=args.host,
+            port=args.port,
+            allow_remote=args.allow_remote,
+            extra_origins=args.allowed_origin,
         )
     except HttpConfigError as exc:
         anyio.run(gateway.aclose)
@@ -152,8 +163,11 @@ def cmd_route(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     gateway = _gateway(args)
     request = Request(
-        task_class=args.task_class, prompt=prompt, system=args.system,
-        max_tokens=args.max_tokens, override_model=args.override_model,
+        task_class=args.task_class,
+        prompt=prompt,
+        system=args.system,
+        max_tokens=args.max_tokens,
+        override_model=args.override_model,
     )
 
     async def run() -> Any:
@@ -266,7 +280,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     async def run() -> int:
         return await run_demo(sys.stdout)
 
-    return anyio.run(run)
+    code: int = anyio.run(run)
+    return code
 
 
 def _print_envelope(env: dict[str, Any], raw: bool, out: TextIO) -> None:

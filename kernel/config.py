@@ -30,7 +30,9 @@ from .errors import ConfigError, ConfigErrors
 
 CONFIG_ENV = "LLM_GATEWAY_CONFIG"
 DEFAULT_CONFIG = "routing.yaml"
-KERNEL_SECTIONS = frozenset({"version", "plugins", "task_classes", "providers", "prices", "gateway"})
+KERNEL_SECTIONS = frozenset(
+    {"version", "plugins", "task_classes", "providers", "prices", "gateway"}
+)
 
 _NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
@@ -66,8 +68,7 @@ class TaskClassSpec(Model):
         if self.members is None:
             if not self.provider or not self.model:
                 raise ValueError(
-                    "a task class needs `provider` and `model`, or a list of `members` "
-                    "for a panel"
+                    "a task class needs `provider` and `model`, or a list of `members` for a panel"
                 )
             if self.quorum is not None:
                 raise ValueError("`quorum` only applies to a panel (a class with `members`)")
@@ -246,7 +247,9 @@ def read_dotenv(path: Path) -> dict[str, str]:
         line = line.removeprefix("export ").strip()
         if "=" not in line:
             raise ConfigError(
-                "a line is not KEY=value", file=str(path), path=f"line {lineno}",
+                "a line is not KEY=value",
+                file=str(path),
+                path=f"line {lineno}",
                 fix="write each variable as NAME=value",
             )
         key, _, value = line.partition("=")
@@ -298,7 +301,8 @@ def _refuse_literal_secrets(node: Any, path: str, file: str) -> None:
             ):
                 raise ConfigError(
                     "a literal secret is not allowed in the config file",
-                    file=file, path=sub,
+                    file=file,
+                    path=sub,
                     fix="put the value in the environment (or .env) and write ${VARIABLE}",
                 )
             _refuse_literal_secrets(value, sub, file)
@@ -310,7 +314,8 @@ def _refuse_literal_secrets(node: Any, path: str, file: str) -> None:
             if pattern.search(node):
                 raise ConfigError(
                     "this looks like a literal API key; keys are read from the environment",
-                    file=file, path=path,
+                    file=file,
+                    path=path,
                     fix="remove it, set the provider's key variable (e.g. OPENAI_API_KEY) "
                     "in the environment or .env",
                 )
@@ -334,7 +339,8 @@ def interpolate(node: Any, env: Mapping[str, str], path: str, file: str) -> Any:
                 return default
             raise ConfigError(
                 f"environment variable {name} is not set",
-                file=file, path=path,
+                file=file,
+                path=path,
                 fix=f"set {name}, or write ${{{name}:-default}} to give a default",
             )
 
@@ -350,7 +356,9 @@ def parse_yaml(text: str, file: str) -> dict[str, Any]:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(
-            f"invalid YAML: {problem}", file=file, path=where,
+            f"invalid YAML: {problem}",
+            file=file,
+            path=where,
             fix="check indentation and quoting near that line",
         ) from None
     if data is None:
@@ -419,7 +427,8 @@ def load_settings(
             text = file_path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(
-                "file not found", file=label,
+                "file not found",
+                file=label,
                 fix=f"pass --config PATH, set {CONFIG_ENV}, or run `llmgw init` to write one",
             ) from None
         except (OSError, UnicodeDecodeError) as exc:

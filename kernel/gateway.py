@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,7 +28,7 @@ import structlog
 
 from .config import Settings
 from .envelope import Envelope
-from .errors import CallRefused, ConfigError, ErrorClass, PluginError, RouteError, default_message
+from .errors import ConfigError, ErrorClass, PluginError, RouteError, default_message
 from .hooks import HookFacade
 from .loader import LoadedPlugin, load_plugins
 from .logs import configure_logging
@@ -41,6 +42,7 @@ from .types import (
     Provider,
     Request,
     Route,
+    Status,
     SystemClock,
     Target,
     Verdict,
@@ -139,18 +141,20 @@ class Gateway:
 
     # --- the main job ----------------------------------------------------------------
 
-    async def route(
-        self, request: Request, *, progress: ProgressFn | None = None
-    ) -> Envelope:
+    async def route(self, request: Request, *, progress: ProgressFn | None = None) -> Envelope:
         """Route one request and return its envelope. Never raises for bad input."""
         started = self.clock.monotonic()
         problem = self._check_request(request)
         if problem is not None:
-            return Envelope.failure(ErrorClass.BAD_ARGUMENT, problem, {"task_class": request.task_class})
+            return Envelope.failure(
+                ErrorClass.BAD_ARGUMENT, problem, {"task_class": request.task_class}
+            )
         try:
             route = self.hooks.resolve_route(request, self.settings)
         except RouteError as exc:
-            return Envelope.failure(exc.error_class, exc.message, {"task_class": request.task_class})
+            return Envelope.failure(
+                exc.error_class, exc.message, {"task_class": request.task_class}
+            )
         if route is None:
             return Envelope.failure(
                 ErrorClass.INTERNAL_ERROR,
@@ -195,7 +199,10 @@ class Gateway:
             return "prompt is empty; pass the text to send"
         if len(request.prompt.encode("utf-8", "surrogatepass")) > g.max_prompt_bytes:
             return f"prompt is larger than {g.max_prompt_bytes} bytes (gateway.max_prompt_bytes)"
-        if request.system is not None and len(request.system.encode("utf-8", "surrogatepass")) > g.max_prompt_bytes:
+        if (
+            request.system is not None
+            and len(request.system.encode("utf-8", "surrogatepass")) > g.max_prompt_bytes
+        ):
             return f"system is larger than {g.max_prompt_bytes} bytes (gateway.max_prompt_bytes)"
         if request.max_tokens is not None and not (1 <= request.max_tokens <= g.max_output_tokens):
             return f"max_tokens must be between 1 and {g.max_output_tokens}"
@@ -276,7 +283,8 @@ class Gateway:
                 continue
             if self.clock.monotonic() >= deadline:
                 last = Outcome.failure(
-                    ErrorClass.DEADLINE_EXCEEDED, default_message(ErrorClass.DEADLINE_EXCEEDED),
+                    ErrorClass.DEADLINE_EXCEEDED,
+                    default_message(ErrorClass.DEADLINE_EXCEEDED),
                     sent=False,
                 )
                 break
@@ -284,13 +292,23 @@ class Gateway:
                 call = first_call
             else:
                 call = self._new_call(
-                    request, route, target, deadline=deadline, index=index, attempt=1,
-                    meta=meta, history=tuple(history), member_index=member_index, panel=panel,
+                    request,
+                    route,
+                    target,
+                    deadline=deadline,
+                    index=index,
+                    attempt=1,
+                    meta=meta,
+                    history=tuple(history),
+                    member_index=member_index,
+                    panel=panel,
                 )
             rejection = await self.hooks.preflight(call)
             if rejection is not None:
                 last = Outcome.failure(
-                    rejection.error_class, rejection.message, sent=False,
+                    rejection.error_class,
+                    rejection.message,
+                    sent=False,
                     details={"rejected_by": rejection.plugin, **rejection.details},
                 )
                 last_target = target
@@ -304,14 +322,16 @@ class Gateway:
             move_on = False
             while True:
                 call.timeout_s = max(0.001, min(call.timeout_s, deadline - self.clock.monotonic()))
-                result = await self.hooks.run_attempt(call, lambda c=call: self._send(c))
+                result = await self.hooks.run_attempt(call, functools.partial(self._send, call))
                 outcome = result.outcome
                 stage = "refused" if result.refusal else "sent" if outcome.sent else "not_sent"
                 attempts.append(Attempt(target, attempt, outcome, stage, result.refused_by))
                 history.append((target, outcome))
                 last, last_target = outcome, target
                 advice = Disposition.combine(result.dispositions)
-                self._log_attempt(call, outcome, advice.action if advice else "none", result.refused_by)
+                self._log_attempt(
+                    call, outcome, advice.action if advice else "none", result.refused_by
+                )
                 if outcome.ok:
                     return ChainResult(
                         outcome, target, attempts, meta, (self.clock.monotonic() - started) * 1000
@@ -334,8 +354,16 @@ class Gateway:
                     await self.clock.sleep(advice.delay_s)
                 attempt += 1
                 call = self._new_call(
-                    request, route, target, deadline=deadline, index=index, attempt=attempt,
-                    meta=meta, history=tuple(history), member_index=member_index, panel=panel,
+                    request,
+                    route,
+                    target,
+                    deadline=deadline,
+                    index=index,
+                    attempt=attempt,
+                    meta=meta,
+                    history=tuple(history),
+                    member_index=member_index,
+                    panel=panel,
                 )
             if not move_on:
                 break
@@ -443,11 +471,17 @@ class Gateway:
             return envelope
         meta = dict(envelope.meta)
         meta["verdicts"] = [
-            {"verdict": v.verdict, "reasons": list(v.reasons), "source": v.source,
-             "parse_error": v.parse_error}
+            {
+                "verdict": v.verdict,
+                "reasons": list(v.reasons),
+                "source": v.source,
+                "parse_error": v.parse_error,
+            }
             for v in verdicts
         ]
-        status = "success" if all(v.verdict == "ACCEPT" for v in verdicts) else "needs_human_review"
+        status: Status = (
+            "success" if all(v.verdict == "ACCEPT" for v in verdicts) else "needs_human_review"
+        )
         return Envelope(status, envelope.text, meta, envelope.error, envelope.data)
 
     # --- panels --------------------------------------------------------------------------
@@ -458,7 +492,10 @@ class Gateway:
         started = self.clock.monotonic()
         members = route.members
         distinct = len({m.targets[0].provider for m in members})
-        base_meta: dict[str, Any] = {"task_class": request.task_class, "request_id": request.request_id}
+        base_meta: dict[str, Any] = {
+            "task_class": request.task_class,
+            "request_id": request.request_id,
+        }
         if distinct < route.min_distinct_providers:
             return Envelope.failure(
                 ErrorClass.POLICY_REFUSED,
@@ -468,14 +505,28 @@ class Gateway:
             )
         panel_meta: dict[str, Any] = {}
         panel_call = Call(
-            request=request, route=route, settings=self.settings, target=None,
-            system=effective_system(request, route), messages=[Message("user", request.prompt)],
-            max_tokens=0, deadline=deadline, meta=panel_meta,
+            request=request,
+            route=route,
+            settings=self.settings,
+            target=None,
+            system=effective_system(request, route),
+            messages=[Message("user", request.prompt)],
+            max_tokens=0,
+            deadline=deadline,
+            meta=panel_meta,
         )
         first_calls = tuple(
             self._new_call(
-                request, m, m.targets[0], deadline=deadline, index=0, attempt=1, meta={},
-                history=(), member_index=i, panel=panel_call,
+                request,
+                m,
+                m.targets[0],
+                deadline=deadline,
+                index=0,
+                attempt=1,
+                meta={},
+                history=(),
+                member_index=i,
+                panel=panel_call,
             )
             for i, m in enumerate(members)
         )
@@ -483,7 +534,9 @@ class Gateway:
         rejection = await self.hooks.preflight(panel_call)
         if rejection is not None:
             meta = {**base_meta, **panel_meta, "rejected_by": rejection.plugin}
-            return Envelope.failure(rejection.error_class, rejection.message + "; nothing was sent", meta)
+            return Envelope.failure(
+                rejection.error_class, rejection.message + "; nothing was sent", meta
+            )
 
         results: list[ChainResult | None] = [None] * len(members)
         claims = _Claims(members)
@@ -493,8 +546,13 @@ class Gateway:
         async def run_member(i: int) -> None:
             nonlocal done
             results[i] = await self._run_chain(
-                request, members[i], deadline, first_call=first_calls[i], member_index=i,
-                panel=panel_call, claims=claims,
+                request,
+                members[i],
+                deadline,
+                first_call=first_calls[i],
+                member_index=i,
+                panel=panel_call,
+                claims=claims,
             )
             done += 1
             if progress is not None:
@@ -581,7 +639,9 @@ class Gateway:
         meta["error_class"] = ErrorClass.PANEL_FAILED.value
         failed = ", ".join(f"member {i + 1}: {c}" for i, c in enumerate(classes) if c)
         return Envelope(
-            "error", None, meta,
+            "error",
+            None,
+            meta,
             error=f"only {ok} of {len(route.members)} panel members succeeded (quorum {quorum}); "
             f"{failed}",
             data=data,
@@ -683,7 +743,10 @@ def build_gateway(
     clock = clock or SystemClock()
     ref: list[Gateway] = []
     pm, loaded = load_plugins(
-        settings, clock=clock, rng=rng or random.Random(), gateway_ref=ref,
+        settings,
+        clock=clock,
+        rng=rng or random.Random(),
+        gateway_ref=ref,
         extra=dict(extra_plugins or {}),
     )
     gateway = Gateway(settings, pm, loaded, clock=clock)
@@ -724,25 +787,29 @@ def build_gateway(
 
 def _check_route_providers(settings: Settings, gateway: Gateway) -> None:
     known = sorted(gateway.providers)
-    hint = (
-        f"registered providers: {', '.join(known)}" if known else "no provider plugin is enabled"
-    )
+    hint = f"registered providers: {', '.join(known)}" if known else "no provider plugin is enabled"
     for name, spec in settings.task_classes.items():
         targets = (
-            [(f"task_classes.{name}.members[{i}].provider", m.provider) for i, m in enumerate(spec.members)]
+            [
+                (f"task_classes.{name}.members[{i}].provider", m.provider)
+                for i, m in enumerate(spec.members)
+            ]
             if spec.members
             else [(f"task_classes.{name}.provider", spec.provider or "")]
         )
         for path, provider in targets:
             if provider not in gateway.providers:
                 raise ConfigError(
-                    f"unknown provider {provider!r}", file=settings.file_label, path=path,
+                    f"unknown provider {provider!r}",
+                    file=settings.file_label,
+                    path=path,
                     fix=f"{hint}; add the provider's plugin to plugins: or fix the name",
                 )
     for name in settings.providers:
         if name not in gateway.providers:
             raise ConfigError(
                 f"settings for provider {name!r}, which no enabled plugin registers",
-                file=settings.file_label, path=f"providers.{name}",
+                file=settings.file_label,
+                path=f"providers.{name}",
                 fix=f"{hint}; enable its plugin or remove the section",
             )

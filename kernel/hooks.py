@@ -62,9 +62,9 @@ class HookFacade:
         self.pm = pm
         self._order: dict[str, list[pluggy.HookImpl]] = {}
         # Config order of every plugin: the layers an attempt passes through.
-        self.plugin_order = order if order is not None else [
-            name for name, _ in reversed(pm.list_name_plugin())
-        ]
+        self.plugin_order = (
+            order if order is not None else [name for name, _ in reversed(pm.list_name_plugin())]
+        )
 
     def impls(self, hook: str) -> list[pluggy.HookImpl]:
         """Implementations in call order (cached; the manager is frozen after loading)."""
@@ -86,7 +86,7 @@ class HookFacade:
         sections: dict[str, Mapping[str, Any]] = {}
         for impl in self.impls("report_info"):
             value = impl.function()
-            if value is not None:
+            if isinstance(value, Mapping):
                 sections[impl.plugin_name] = value
         return sections
 
@@ -206,9 +206,7 @@ class HookFacade:
                 with anyio.CancelScope(shield=True):
                     result.dispositions = await self._after_call(call, result.outcome, ran)
 
-    async def _after_call(
-        self, call: Call, outcome: Outcome, ran: list[str]
-    ) -> list[Disposition]:
+    async def _after_call(self, call: Call, outcome: Outcome, ran: list[str]) -> list[Disposition]:
         done = set(ran)
         advice: list[Disposition] = []
         for impl in reversed(self.impls("after_call")):
@@ -238,7 +236,9 @@ class HookFacade:
                 continue
             if isinstance(value, Verdict):
                 if not value.source:
-                    value = Verdict(value.verdict, value.reasons, impl.plugin_name, value.parse_error)
+                    value = Verdict(
+                        value.verdict, value.reasons, impl.plugin_name, value.parse_error
+                    )
                 verdicts.append(value)
         return verdicts
 

@@ -140,7 +140,9 @@ def _validate_section(name: str, target: Any, settings: Settings) -> Any:
     if model is None or not (isinstance(model, type) and issubclass(model, BaseModel)):
         if section is not None:
             raise ConfigError(
-                f"plugin {name!r} takes no settings", file=label, path=name,
+                f"plugin {name!r} takes no settings",
+                file=label,
+                path=name,
                 fix=f"remove the `{name}:` section",
             )
         return None
@@ -157,7 +159,8 @@ def _instantiate(name: str, target: Any, ctx: PluginContext) -> object:
         return target
     if isinstance(target, type) or inspect.isfunction(target):
         try:
-            return target(ctx)  # type: ignore[no-any-return]
+            built: object = target(ctx)
+            return built
         except (ConfigError, PluginError):
             raise
         except Exception as exc:
@@ -191,7 +194,8 @@ def load_plugins(
             reason = _essential_reason(_target(ep.load()), settings)
         except Exception as exc:
             raise PluginError(
-                ep_name, f"built-in plugin failed to import: {type(exc).__name__}: {exc}",
+                ep_name,
+                f"built-in plugin failed to import: {type(exc).__name__}: {exc}",
                 fix="reinstall llm-gateway-mcp",
             ) from None
         if reason:
@@ -199,7 +203,9 @@ def load_plugins(
     for ep_name, reason in reversed(added):
         names.insert(0, ep_name)
         log.warning(
-            "plugin.essential_added", plugin=ep_name, reason=reason,
+            "plugin.essential_added",
+            plugin=ep_name,
+            reason=reason,
             note="this plugin cannot be removed by config",
         )
 
@@ -220,7 +226,8 @@ def load_plugins(
                 raw = ep.load()
             except Exception as exc:
                 raise PluginError(
-                    entry, f"importing {ep.value} failed: {type(exc).__name__}: {exc}",
+                    entry,
+                    f"importing {ep.value} failed: {type(exc).__name__}: {exc}",
                     fix="reinstall the package that provides it",
                 ) from None
             name = entry
@@ -230,7 +237,8 @@ def load_plugins(
         else:
             choices = ", ".join(describe_entry_point(e) for e in eps.values()) or "none installed"
             raise PluginError(
-                entry, "no such plugin",
+                entry,
+                "no such plugin",
                 fix=f"available plugins: {choices}; or give a path to a .py file",
             )
         if any(p.name == name for p in loaded):
@@ -238,8 +246,13 @@ def load_plugins(
         target = _target(raw)
         config = _validate_section(name, target, settings)
         ctx = PluginContext(
-            name=name, config=config, settings=settings, clock=clock, rng=rng,
-            log=structlog.get_logger(f"llmgw.plugin.{name}"), _gateway=gateway_ref,
+            name=name,
+            config=config,
+            settings=settings,
+            clock=clock,
+            rng=rng,
+            log=structlog.get_logger(f"llmgw.plugin.{name}"),
+            _gateway=gateway_ref,
         )
         obj = _instantiate(name, target, ctx)
         loaded.append(
@@ -256,7 +269,8 @@ def load_plugins(
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(
-            getattr(exc, "plugin_name", "?") or "?", f"{exc}",
+            getattr(exc, "plugin_name", "?") or "?",
+            f"{exc}",
             fix="hook names are listed in docs/plugins.md",
         ) from None
     check_hooks(pm, [p.name for p in loaded])
@@ -281,7 +295,9 @@ def _check_sections(settings: Settings, loaded: set[str], installed: set[str]) -
         fix = f"did you mean `{close[0]}`?" if close else f"known sections: {', '.join(known)}"
         raise ConfigError(
             "unknown section: no kernel setting and no plugin of this name",
-            file=settings.file_label, path=name, fix=fix,
+            file=settings.file_label,
+            path=name,
+            fix=fix,
         )
 
 
@@ -300,15 +316,20 @@ def check_hooks(pm: pluggy.PluginManager, order: list[str]) -> None:
             if hook in hookspecs.ASYNC_HOOKS and not hookspecs_async_ok(impl):
                 raise PluginError(impl.plugin_name, f"{hook} implementation is not callable")
         plain = [
-            i for i in impls
+            i
+            for i in impls
             if not (i.wrapper or i.hookwrapper) and not (hook == "resolve_route" and i.trylast)
         ]
         actual = [i.plugin_name for i in plain]
         expected = [n for n in order if n in set(actual)]
         if actual != expected:
             culprit = next(
-                (i for i in plain if (i.tryfirst or i.trylast) and
-                 actual.index(i.plugin_name) != expected.index(i.plugin_name)),
+                (
+                    i
+                    for i in plain
+                    if (i.tryfirst or i.trylast)
+                    and actual.index(i.plugin_name) != expected.index(i.plugin_name)
+                ),
                 plain[0],
             )
             mark = "tryfirst" if culprit.tryfirst else "trylast"
@@ -327,8 +348,7 @@ def hookspecs_async_ok(impl: pluggy.HookImpl) -> bool:
 
 def _hook_names() -> list[str]:
     return [
-        n for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
-        if hasattr(f, "llmgw_spec")
+        n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "llmgw_spec")
     ]
 
 

@@ -30,7 +30,7 @@ from .tools import ToolSpec
 from .types import Request
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
-TOKEN_ENV = "LLM_GATEWAY_HTTP_TOKEN"
+TOKEN_ENV = "LLM_GATEWAY_HTTP_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 ROUTE_DESCRIPTION = (
     "Send a prompt to the model the gateway assigns to a task class (you never pick the "
@@ -66,7 +66,8 @@ def _progress_of(ctx: Context | None) -> Callable[[float, float, str], Awaitable
 
 
 def _enum(values: list[str], description: str) -> Any:
-    return Field(description=description, json_schema_extra={"enum": values})
+    enum: list[Any] = list(values)
+    return Field(description=description, json_schema_extra={"enum": enum})
 
 
 def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs: Any) -> MCPServer:
@@ -84,8 +85,7 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
         "llm-gateway-mcp",
         version=__version__,
         instructions=(
-            "Route prompts by task class with llm_route; inspect the policy with "
-            "llm_routing_info."
+            "Route prompts by task class with llm_route; inspect the policy with llm_routing_info."
         ),
         lifespan=lifespan,
         **server_kwargs,
@@ -132,7 +132,8 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
 
             structlog.get_logger("llmgw.server").exception("tool.crashed", tool="llm_route")
             envelope = Envelope.failure(
-                ErrorClass.INTERNAL_ERROR, "the gateway failed internally; see its log",
+                ErrorClass.INTERNAL_ERROR,
+                "the gateway failed internally; see its log",
                 {"task_class": task_class},
             )
         return to_result(envelope)
@@ -212,7 +213,7 @@ class StaticTokenVerifier(TokenVerifier):
 
     async def verify_token(self, token: str) -> AccessToken | None:
         if hmac.compare_digest(token.encode("utf-8"), self._token):
-            return AccessToken(token="bearer", client_id="llmgw-client", scopes=[])
+            return AccessToken(token="bearer", client_id="llmgw-client", scopes=[])  # noqa: S106
         return None
 
 

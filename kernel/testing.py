@@ -103,8 +103,9 @@ class FakeProvider:
         self, error_class: ErrorClass, *, sent: bool = True, retry_after_s: float | None = None
     ) -> FakeProvider:
         return self.then(
-            Outcome.failure(error_class, f"fake {error_class.value}", sent=sent,
-                            retry_after_s=retry_after_s)
+            Outcome.failure(
+                error_class, f"fake {error_class.value}", sent=sent, retry_after_s=retry_after_s
+            )
         )
 
     async def complete(self, request: ProviderRequest) -> Outcome:

@@ -128,7 +128,9 @@ def canonical_request(
     }
 
 
-CANONICAL_FORM = "sha256 of json.dumps(obj, sort_keys=True, separators=(',', ':'), ensure_ascii=False)"
+CANONICAL_FORM = (
+    "sha256 of json.dumps(obj, sort_keys=True, separators=(',', ':'), ensure_ascii=False)"
+)
 
 
 def digest(obj: Any) -> str:
@@ -298,9 +300,11 @@ class Disposition:
         rank = {"stop": 0, "retry": 1, "fallback": 2}
         best: Disposition | None = None
         for d in dispositions:
-            if best is None or rank[d.action] < rank[best.action]:
-                best = d
-            elif d.action == best.action == "retry" and d.delay_s > best.delay_s:
+            if (
+                best is None
+                or rank[d.action] < rank[best.action]
+                or (d.action == best.action == "retry" and d.delay_s > best.delay_s)
+            ):
                 best = d
         return best
 

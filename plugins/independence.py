@@ -46,8 +46,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, model_validator
-
 from llmgw.kernel import (
     Call,
     CallRefused,
@@ -63,6 +61,7 @@ from llmgw.kernel import (
     hookimpl,
 )
 from llmgw.kernel.config import Model, Settings
+from pydantic import Field, ValidationInfo, model_validator
 
 from .visibility import (
     CANONICAL_FORM,
@@ -294,8 +293,11 @@ class IndependencePlugin:
             return Rejection(
                 ErrorClass.INDEPENDENCE_VIOLATION,
                 f"panel {call.task_class!r} is not blind ({cert.reasons[0]}"
-                + (f"; {len(cert.reasons) - 1} more in meta.visibility.reasons" if
-                   len(cert.reasons) > 1 else "")
+                + (
+                    f"; {len(cert.reasons) - 1} more in meta.visibility.reasons"
+                    if len(cert.reasons) > 1
+                    else ""
+                )
                 + "); independence enforce: hard refuses it before anything is reserved",
                 details={"reasons": list(cert.reasons)},
             )
@@ -348,9 +350,7 @@ class IndependencePlugin:
         if cert is None:
             return
         if call.is_panel:
-            answered = {
-                s["provider"] for m in cert.members for s in m.sent if s.get("ok")
-            }
+            answered = {s["provider"] for m in cert.members for s in m.sent if s.get("ok")}
             if answered and len(answered) < cert.min_distinct_providers:
                 cert.notes.append(
                     f"answers came from {len(answered)} distinct provider(s), fewer than the "

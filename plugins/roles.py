@@ -1,12 +1,297 @@
-"""PLACEHOLDER: replaced by the real plugin in this session."""
+"""Roles: the ``llm_orchestrate`` tool (planner -> worker -> verifier) and its visibility.
+
+The run itself is :mod:`llmgw.plugins.pipeline`; verdicts are parsed by
+:mod:`llmgw.plugins.verdict`. This module holds the ``roles:`` section, registers the
+tool, and checks each step on the wire: its ``before_call`` refuses an attempt whose
+system prompt, messages or access set differ from what the pipeline composed for that
+role (``independence_violation``, nothing sent), and its ``after_call`` records the
+digest of the request the kernel actually sent. List ``roles`` after any plugin that
+rewrites requests, so its check runs innermost.
+
+What ``meta.visibility`` certifies for a run: every request sent for every step (each
+retry and fallback included) carried exactly the step's composed content, built only
+from the inputs its role may see (``contract``), and each step's ``sent`` entries are the
+digests of what the provider received.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from llmgw.kernel import PluginError
+from llmgw.kernel import (
+    Call,
+    CallRefused,
+    ConfigError,
+    Envelope,
+    ErrorClass,
+    Message,
+    Outcome,
+    PluginContext,
+    ProviderRequest,
+    ToolSpec,
+    hookimpl,
+)
+from llmgw.kernel.config import Model
+from llmgw.kernel.gateway import ProgressFn
+from pydantic import Field, PositiveInt, model_validator
+
+from .pipeline import Orchestration, StepWatch
+from .visibility import CANONICAL_FORM, CONTENT_FORM, REQUEST_FORM, call_request_sha256
+from .visibility import content_sha256 as _content_sha256
+
+Step = Literal["plan", "work", "verify"]
+ROLES = ("planner", "worker", "verifier")
+ORDER: tuple[Step, ...] = ("plan", "work", "verify")
+
+CONTRACT = {
+    "planner": ["task", "verifier reasons (on a re-plan)"],
+    "worker": ["task", "plan", "verifier reasons (on a later round)"],
+    "verifier": ["task", "artifact"],
+}
+CLAIM = (
+    "every request sent for every step (retries and fallbacks included) carried exactly "
+    "the content composed for its role from the inputs that role may see (contract); the "
+    "verifier never received the plan"
+)
+
+
+class Candidate(Model):
+    """A provider and model a role may use."""
+
+    provider: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    model: str = Field(min_length=1)
+
+
+class Candidates(Model):
+    """Ordered candidates per role; the ones after the first are fallbacks."""
+
+    planner: list[Candidate] = Field(min_length=1)
+    worker: list[Candidate] = Field(min_length=1)
+    verifier: list[Candidate] = Field(min_length=1)
+
+
+class RoleTokens(Model):
+    """``max_tokens`` per role."""
+
+    planner: PositiveInt = 1024
+    worker: PositiveInt = 2048
+    verifier: PositiveInt = 512
+
+
+class Instructions(Model):
+    """The system prompt of each role."""
+
+    planner: str = Field(
+        default="You are the Thinker. Write a short numbered plan for the task below. "
+        "Do not do the task itself.",
+        min_length=1,
+    )
+    worker: str = Field(
+        default="You are the Worker. Carry out the task following the plan. "
+        "Return only the result.",
+        min_length=1,
+    )
+    verifier: str = Field(
+        default="You are the Verifier. Judge whether the artifact fully and correctly does "
+        "the task. You have not seen how it was made. Answer with JSON only: "
+        '{"verdict": "ACCEPT" or "REVISE", "reasons": ["..."]}',
+        min_length=1,
+    )
+
+
+def _default_depths() -> dict[str, list[Step]]:
+    return {
+        "trivial": ["work"],
+        "standard": ["work", "verify"],
+        "complex": ["plan", "work", "verify"],
+    }
 
 
 class RolesPlugin:
-    def __init__(self, ctx: Any) -> None:
-        raise PluginError(ctx.name, "not built yet")
+    """Registers ``llm_orchestrate`` and guards what each role's requests carry."""
+
+    class Config(Model):
+        """The ``roles:`` section."""
+
+        candidates: Candidates
+        max_tokens: RoleTokens = Field(default_factory=RoleTokens)
+        instructions: Instructions = Field(default_factory=Instructions)
+        depth: dict[str, list[Step]] = Field(default_factory=_default_depths)
+        default_depth: str = "standard"
+        max_replans: int = Field(default=1, ge=0, le=5)
+        budget_usd: float | None = Field(default=None, gt=0)
+
+        @model_validator(mode="after")
+        def _depths(self) -> RolesPlugin.Config:
+            if not self.depth:
+                raise ValueError("depth: define at least one depth, e.g. trivial: [work]")
+            for name, steps in self.depth.items():
+                shape = [s for s in ORDER if s in steps]
+                if "work" not in steps or len(set(steps)) != len(steps) or shape != steps:
+                    raise ValueError(
+                        f"depth.{name}: {steps} is not a pipeline; use steps in the order "
+                        "plan, work, verify, each at most once, with work always present "
+                        "(e.g. [work], [work, verify], [plan, work, verify])"
+                    )
+            if self.default_depth not in self.depth:
+                raise ValueError(
+                    f"default_depth {self.default_depth!r} is not a defined depth "
+                    f"({', '.join(self.depth)})"
+                )
+            return self
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+        self.cfg: RolesPlugin.Config = ctx.config
+        # Steps in flight, by the request id of their gateway call.
+        self.watches: dict[str, StepWatch] = {}
+
+    # --- the tool --------------------------------------------------------------------
+
+    @hookimpl
+    def register_tools(self, register: Any) -> None:
+        self._check_providers()
+        depths = list(self.cfg.depth)
+        register(
+            ToolSpec(
+                name="llm_orchestrate",
+                description=(
+                    "Run a task through a plan -> execute -> verify pipeline across several "
+                    f"models. depth: {', '.join(f'{d} = {self.cfg.depth[d]}' for d in depths)}"
+                    f" (default {self.cfg.default_depth}). The verifier never sees the plan; "
+                    "meta.steps lists each step's model, cost and request digest."
+                ),
+                fn=self.orchestrate,
+                choices={"depth": depths},
+            )
+        )
+
+    def _check_providers(self) -> None:
+        known = self.ctx.gateway().providers
+        for role in ROLES:
+            for i, c in enumerate(getattr(self.cfg.candidates, role)):
+                if c.provider not in known:
+                    raise ConfigError(
+                        f"unknown provider {c.provider!r} (plugin 'roles')",
+                        file=self.ctx.settings.file_label,
+                        path=f"roles.candidates.{role}[{i}].provider",
+                        fix=f"registered providers: {', '.join(sorted(known)) or 'none'}; "
+                        "enable the provider's plugin or fix the name",
+                    )
+
+    async def orchestrate(
+        self, task: str, depth: str | None = None, progress: ProgressFn | None = None
+    ) -> Envelope:
+        """Plan, execute and verify ``task`` at ``depth`` (default from ``roles:``)."""
+        chosen = depth or self.cfg.default_depth
+        meta = {"task_class": "orchestrate", "depth": chosen}
+        if chosen not in self.cfg.depth:
+            return Envelope.failure(
+                ErrorClass.BAD_ARGUMENT,
+                f"unknown depth {chosen!r}; valid depths: {', '.join(self.cfg.depth)}",
+                meta,
+            )
+        limit = self.ctx.settings.gateway.max_prompt_bytes
+        if not isinstance(task, str) or not task.strip():
+            return Envelope.failure(ErrorClass.BAD_ARGUMENT, "task is empty; pass the task", meta)
+        try:
+            size = len(task.encode("utf-8"))
+        except UnicodeEncodeError:
+            return Envelope.failure(
+                ErrorClass.BAD_ARGUMENT, "task contains invalid unicode (lone surrogates)", meta
+            )
+        if size > limit:
+            return Envelope.failure(
+                ErrorClass.BAD_ARGUMENT,
+                f"task is larger than {limit} bytes (gateway.max_prompt_bytes)",
+                meta,
+            )
+        return await Orchestration(self, progress).run(task, chosen)
+
+    def certificate(self, violations: list[str], notes: list[str]) -> dict[str, Any]:
+        """``meta.visibility`` of a run."""
+        out: dict[str, Any] = {
+            "mode": "roles",
+            "contract": CONTRACT,
+            "certified": not violations,
+            "claim": CLAIM,
+            "canonical_form": CANONICAL_FORM,
+            "request_form": REQUEST_FORM,
+            "content_form": CONTENT_FORM,
+        }
+        if violations:
+            out["reasons"] = list(violations)
+        if notes:
+            out["notes"] = list(notes)
+        return out
+
+    # --- checks on the wire ----------------------------------------------------------
+
+    @hookimpl
+    def before_call(self, call: Call) -> None:
+        watch = self.watches.get(call.request.request_id)
+        if watch is None or call.is_panel:
+            return
+        problems = []
+        if call.system != watch.system:
+            problems.append("its system prompt is not the role's instruction")
+        if list(call.messages) != [Message("user", watch.prompt)]:
+            problems.append("its messages are not exactly the prompt composed for the role")
+        if tuple(call.access) != watch.access:
+            problems.append(f"its access set {list(call.access)} is not {list(watch.access)}")
+        call.stash[self.ctx.name] = call_request_sha256(call)
+        if problems:
+            target = call.target.key if call.target else "?"
+            found = [f"{watch.role} ({target}): {p}" for p in problems]
+            watch.violations.extend(found)
+            raise CallRefused(
+                ErrorClass.INDEPENDENCE_VIOLATION,
+                f"the {watch.role} step was not sent: {problems[0]} (changed by a plugin "
+                "before sending)",
+                details={"reasons": found},
+            )
+
+    @hookimpl
+    def after_call(self, call: Call, outcome: Outcome) -> None:
+        watch = self.watches.get(call.request.request_id)
+        if watch is None or call.is_panel:
+            return
+        sent = call.stash.get("kernel.sent_request")
+        if not isinstance(sent, ProviderRequest):
+            return
+        sha = sent.sha256()
+        content = _content_sha256(sent.system, sent.messages)
+        watch.sent.append(
+            {
+                "provider": sent.provider,
+                "model": sent.model,
+                "max_tokens": sent.max_tokens,
+                "request_sha256": sha,
+                "content_sha256": content,
+                "attempt": call.attempt,
+                "sent": outcome.sent,
+                "ok": outcome.ok,
+            }
+        )
+        if sha != call.stash.get(self.ctx.name) or content != watch.content_sha256:
+            watch.violations.append(
+                f"{watch.role} ({sent.provider}/{sent.model}): the request sent differs from "
+                "the one checked (a plugin listed after roles rewrote it); list roles after "
+                "every plugin that rewrites requests"
+            )
+
+    @hookimpl
+    def report_info(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "candidates": {
+                role: [f"{x.provider}/{x.model}" for x in getattr(c.candidates, role)]
+                for role in ROLES
+            },
+            "max_tokens": c.max_tokens.model_dump(),
+            "depths": {name: list(steps) for name, steps in c.depth.items()},
+            "default_depth": c.default_depth,
+            "max_replans": c.max_replans,
+            "budget_usd": c.budget_usd,
+            "visibility": {"contract": CONTRACT, "claim": CLAIM},
+        }

@@ -5,7 +5,16 @@ It is ``trylast``, so any plugin listed in ``plugins:`` may route a request firs
 
 from __future__ import annotations
 
-from llmgw.kernel import ErrorClass, PluginContext, Request, Route, RouteError, Settings, Target, hookimpl
+from llmgw.kernel import (
+    ErrorClass,
+    PluginContext,
+    Request,
+    Route,
+    RouteError,
+    Settings,
+    Target,
+    hookimpl,
+)
 
 
 class RouterPlugin:

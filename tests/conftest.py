@@ -8,8 +8,15 @@ import pytest
 @pytest.fixture(autouse=True)
 def _no_real_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (
-        "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "DEEPSEEK_API_KEY",
-        "LLM_GATEWAY_DISABLED", "LLM_GATEWAY_EXPENSIVE_DISABLED", "LLM_GATEWAY_CONFIG",
-        "LLM_GATEWAY_CAP_TOTAL_MONTHLY", "LLM_GATEWAY_LEDGER", "LLM_GATEWAY_LEDGER_PATH",
+        "OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        "GEMINI_API_KEY",
+        "DEEPSEEK_API_KEY",
+        "LLM_GATEWAY_DISABLED",
+        "LLM_GATEWAY_EXPENSIVE_DISABLED",
+        "LLM_GATEWAY_CONFIG",
+        "LLM_GATEWAY_CAP_TOTAL_MONTHLY",
+        "LLM_GATEWAY_LEDGER",
+        "LLM_GATEWAY_LEDGER_PATH",
     ):
         monkeypatch.delenv(name, raising=False)

@@ -1,12 +1,260 @@
-"""PLACEHOLDER: replaced by the real plugin in this session."""
+"""Fallback chains per task class: other targets to try when the primary fails.
+
+``resolve_route`` is a sync ``wrapper=True`` hook: it takes the route the router built
+and appends the class's chain (``fallback.chains.<task_class>`` in routing.yaml) as
+targets labelled ``fallback[i]``. For a panel it appends the chain to each member,
+skipping models already in the panel (the kernel also keeps two members from landing
+on the same fallback at runtime). Without this plugin a route has only its primary.
+
+``after_call`` advises ``fallback`` for the classes that allow it
+(``errors.FALLBACK_OK``); ``content_refused`` only with ``on_content_refused: true``;
+``context_length_exceeded`` only when a later target of the route is listed in
+``larger_context`` (and then ``preflight`` skips the targets in between). The kernel
+ranks ``retry`` over ``fallback``, so the retry plugin wins while attempts remain.
+
+Within one request, after a provider answered ``quota_exhausted`` or ``auth_error``,
+later targets of the same provider are skipped: they share the account and the key.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from dataclasses import replace
 from typing import Any
 
-from llmgw.kernel import PluginError
+from pydantic import Field, ValidationInfo, model_validator
+
+from llmgw.kernel import (
+    FALLBACK_OK,
+    Call,
+    ConfigError,
+    Disposition,
+    ErrorClass,
+    Outcome,
+    PluginContext,
+    Rejection,
+    Request,
+    Route,
+    Settings,
+    Target,
+    hookimpl,
+)
+from llmgw.kernel.config import Model
+
+#: Provider-wide failures: the next target of the same provider would fail the same way.
+_PROVIDER_WIDE = {
+    ErrorClass.QUOTA_EXHAUSTED: "has no quota left",
+    ErrorClass.AUTH_ERROR: "rejected the API key",
+}
+
+
+class ChainEntry(Model):
+    """One fallback target."""
+
+    provider: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}/{self.model}"
 
 
 class FallbackPlugin:
-    def __init__(self, ctx: Any) -> None:
-        raise PluginError(ctx.name, "not built yet")
+    """Appends fallback targets to routes and advises the kernel to use them."""
+
+    class Config(Model):
+        """The ``fallback:`` section."""
+
+        chains: dict[str, list[ChainEntry]] = Field(default_factory=dict)
+        on_content_refused: bool = False
+        """Fall back when a model refuses or a provider filters the content."""
+        larger_context: list[str] = Field(default_factory=list)
+        """``provider/model`` keys worth trying after ``context_length_exceeded``."""
+
+        @model_validator(mode="after")
+        def _check(self, info: ValidationInfo) -> FallbackPlugin.Config:
+            settings = (info.context or {}).get("settings")
+            check_chains(self, settings if isinstance(settings, Settings) else None)
+            return self
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+        self.cfg: FallbackPlugin.Config = ctx.config or FallbackPlugin.Config()
+        self.larger_context = frozenset(self.cfg.larger_context)
+        self._warned: set[str] = set()
+
+    # --- routes -------------------------------------------------------------------------
+
+    @hookimpl(wrapper=True)
+    def resolve_route(
+        self, request: Request, settings: Settings
+    ) -> Generator[None, Route | None, Route | None]:
+        route = yield
+        if route is None:
+            return None
+        return self.amend(route, request)
+
+    def amend(self, route: Route, request: Request | None = None) -> Route:
+        """``route`` with its class's chain appended (to each member, for a panel)."""
+        chain = self.cfg.chains.get(route.task_class)
+        if not chain:
+            return route
+        explicit = request.max_tokens if request is not None else None
+        if not route.is_panel:
+            return replace(route, targets=self._extend(route.targets, chain, explicit, set()))
+        panel_keys = {t.key for m in route.members for t in m.targets}
+        members = tuple(
+            replace(m, targets=self._extend(m.targets, chain, explicit, panel_keys))
+            for m in route.members
+        )
+        return replace(route, members=members)
+
+    def _extend(
+        self,
+        targets: tuple[Target, ...],
+        chain: list[ChainEntry],
+        explicit_max_tokens: int | None,
+        skip: set[str],
+    ) -> tuple[Target, ...]:
+        if not targets:
+            return targets
+        primary = targets[0]
+        taken = skip | {t.key for t in targets}
+        registered = self._registered()
+        added: list[Target] = []
+        for i, entry in enumerate(chain):
+            if entry.key in taken:
+                continue
+            if registered is not None and entry.provider not in registered:
+                self._warn_inactive(entry)
+                continue
+            taken.add(entry.key)
+            max_tokens = explicit_max_tokens or entry.max_tokens or primary.max_tokens
+            added.append(Target(entry.provider, entry.model, max_tokens, label=f"fallback[{i}]"))
+        return (*targets, *added)
+
+    def _registered(self) -> set[str] | None:
+        try:
+            return set(self.ctx.gateway().providers)
+        except RuntimeError:
+            return None
+
+    def _warn_inactive(self, entry: ChainEntry) -> None:
+        if entry.key not in self._warned:
+            self._warned.add(entry.key)
+            self.ctx.log.warning(
+                "fallback.inactive_target", target=entry.key,
+                why=f"provider {entry.provider!r} is not enabled in plugins:; skipped",
+            )
+
+    # --- per attempt --------------------------------------------------------------------
+
+    @hookimpl
+    def preflight(self, call: Call) -> Rejection | None:
+        target = call.target
+        if target is None or not call.history:
+            return None
+        for earlier, outcome in call.history:
+            why = _PROVIDER_WIDE.get(outcome.error_class) if outcome.error_class else None
+            if why and earlier.provider == target.provider:
+                return Rejection(
+                    outcome.error_class or ErrorClass.PROVIDER_UNAVAILABLE,
+                    f"skipped {target.key}: provider {target.provider} {why} "
+                    "earlier in this request",
+                    fallback=True,
+                )
+        overflowed = any(
+            o.error_class is ErrorClass.CONTEXT_LENGTH_EXCEEDED for _, o in call.history
+        )
+        if overflowed and target.key not in self.larger_context:
+            return Rejection(
+                ErrorClass.CONTEXT_LENGTH_EXCEEDED,
+                f"skipped {target.key}: not listed in fallback.larger_context",
+                fallback=True,
+            )
+        return None
+
+    @hookimpl
+    def after_call(self, call: Call, outcome: Outcome) -> Disposition | None:
+        if call.target is None or outcome.ok or outcome.error_class is None:
+            return None
+        cls = outcome.error_class
+        if cls in FALLBACK_OK:
+            return Disposition("fallback", reason=cls.value)
+        if cls is ErrorClass.CONTENT_REFUSED and self.cfg.on_content_refused:
+            return Disposition("fallback", reason="content refused; on_content_refused is on")
+        if cls is ErrorClass.CONTEXT_LENGTH_EXCEEDED and any(
+            t.key in self.larger_context for t in call.route.targets[call.target_index + 1 :]
+        ):
+            return Disposition("fallback", reason="context too long; a larger window follows")
+        return None
+
+    @hookimpl
+    def report_info(self) -> dict[str, Any]:
+        registered = self._registered()
+        chains = {
+            name: [
+                {
+                    "target": e.key,
+                    **({"max_tokens": e.max_tokens} if e.max_tokens else {}),
+                    **(
+                        {"inactive": "provider not enabled"}
+                        if registered is not None and e.provider not in registered
+                        else {}
+                    ),
+                }
+                for e in chain
+            ]
+            for name, chain in sorted(self.cfg.chains.items())
+        }
+        return {
+            "chains": chains,
+            "on_content_refused": self.cfg.on_content_refused,
+            "larger_context": sorted(self.larger_context),
+        }
+
+
+def check_chains(cfg: FallbackPlugin.Config, settings: Settings | None) -> None:
+    """Refuse unknown task classes, repeated entries and entries equal to a primary.
+
+    Raised as :class:`ConfigError` (pydantic lets it through) so the message names the
+    exact entry, e.g. ``fallback.chains.quick_answer[1]``.
+    """
+    file = settings.file_label if settings is not None else None
+    for key in cfg.larger_context:
+        if key.count("/") != 1:
+            raise ConfigError(
+                f"{key!r} is not a provider/model key", file=file,
+                path="fallback.larger_context", fix="write entries as provider/model",
+            )
+    for name, chain in cfg.chains.items():
+        base = f"fallback.chains.{name}"
+        primaries: set[str] = set()
+        if settings is not None:
+            spec = settings.task_classes.get(name)
+            if spec is None:
+                valid = ", ".join(sorted(settings.task_classes))
+                raise ConfigError(
+                    f"unknown task class {name!r}", file=file, path=base,
+                    fix=f"use one of the task classes: {valid}",
+                )
+            if spec.members:
+                primaries = {f"{m.provider}/{m.model}" for m in spec.members}
+            else:
+                primaries = {f"{spec.provider}/{spec.model}"}
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(chain):
+            path = f"{base}[{i}]"
+            if entry.key in primaries:
+                what = "a member of this panel" if len(primaries) > 1 else "the class's primary"
+                raise ConfigError(
+                    f"{entry.key} is {what}; a chain that falls back to it is a cycle",
+                    file=file, path=path, fix="remove this entry or pick another model",
+                )
+            if entry.key in seen:
+                raise ConfigError(
+                    f"{entry.key} is listed twice in this chain (first at [{seen[entry.key]}])",
+                    file=file, path=path, fix="remove the repeated entry",
+                )
+            seen[entry.key] = i

@@ -22,66 +22,116 @@ task_classes:
 # (name, yaml, expected path fragment, expected words in the message)
 INVALID = [
     ("missing task_classes", "plugins: [router]\n", "task_classes", "Field required"),
-    ("missing plugins", "task_classes:\n  q: {provider: fake, model: m}\n", "plugins",
-     "Field required"),
-    ("negative max_tokens",
-     "plugins: [router, fake]\ntask_classes:\n  quick_answer: {provider: fake, model: m, "
-     "max_tokens: -5}\n",
-     "task_classes.quick_answer.max_tokens", "greater than 0"),
-    ("max_tokens not a number",
-     "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m, max_tokens: lots}\n",
-     "task_classes.q.max_tokens", "integer"),
-    ("unknown provider",
-     "plugins: [router, fake]\ntask_classes:\n  q: {provider: nosuch, model: m}\n",
-     "task_classes.q.provider", "unknown provider 'nosuch'"),
-    ("misspelled key",
-     "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, modle: m}\n",
-     "task_classes.q.modle", "unknown key"),
-    ("literal api key",
-     "plugins: [router, fake]\nproviders:\n  fake: {base_url: 'http://x', api_key: abcdefgh12345}\n"
-     "task_classes:\n  q: {provider: fake, model: m}\n",
-     "providers.fake.api_key", "literal secret"),
-    ("key-shaped literal anywhere",
-     "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m, "
-     "description: 'sk-proj-ABCDEFGHIJKLMNOPQRSTUV'}\n",
-     "task_classes.q.description", "literal API key"),
-    ("panel of one",
-     "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: m}]\n",
-     "task_classes.p", "at least 2 members"),
-    ("quorum above members",
-     "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: a}, "
-     "{provider: fake, model: b}]\n    quorum: 3\n",
-     "task_classes.p", "quorum 3 is larger"),
-    ("too few distinct providers",
-     "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: a}, "
-     "{provider: fake, model: b}]\n    min_distinct_providers: 2\n",
-     "task_classes.p", "min_distinct_providers is 2"),
-    ("unset variable",
-     "plugins: [router, fake]\nproviders:\n  fake: {base_url: '${NOPE_URL}'}\n"
-     "task_classes:\n  q: {provider: fake, model: m}\n",
-     "providers.fake.base_url", "NOPE_URL is not set"),
-    ("yaml syntax",
-     "plugins: [router, fake\ntask_classes: {}\n", "line", "invalid YAML"),
+    (
+        "missing plugins",
+        "task_classes:\n  q: {provider: fake, model: m}\n",
+        "plugins",
+        "Field required",
+    ),
+    (
+        "negative max_tokens",
+        "plugins: [router, fake]\ntask_classes:\n  quick_answer: {provider: fake, model: m, "
+        "max_tokens: -5}\n",
+        "task_classes.quick_answer.max_tokens",
+        "greater than 0",
+    ),
+    (
+        "max_tokens not a number",
+        "plugins: [router, fake]\ntask_classes:\n"
+        "  q: {provider: fake, model: m, max_tokens: lots}\n",
+        "task_classes.q.max_tokens",
+        "integer",
+    ),
+    (
+        "unknown provider",
+        "plugins: [router, fake]\ntask_classes:\n  q: {provider: nosuch, model: m}\n",
+        "task_classes.q.provider",
+        "unknown provider 'nosuch'",
+    ),
+    (
+        "misspelled key",
+        "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, modle: m}\n",
+        "task_classes.q.modle",
+        "unknown key",
+    ),
+    (
+        "literal api key",
+        "plugins: [router, fake]\nproviders:\n"
+        "  fake: {base_url: 'http://x', api_key: abcdefgh12345}\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
+        "providers.fake.api_key",
+        "literal secret",
+    ),
+    (
+        "key-shaped literal anywhere",
+        "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m, "
+        "description: 'sk-proj-ABCDEFGHIJKLMNOPQRSTUV'}\n",
+        "task_classes.q.description",
+        "literal API key",
+    ),
+    (
+        "panel of one",
+        "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: m}]\n",
+        "task_classes.p",
+        "at least 2 members",
+    ),
+    (
+        "quorum above members",
+        "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: a}, "
+        "{provider: fake, model: b}]\n    quorum: 3\n",
+        "task_classes.p",
+        "quorum 3 is larger",
+    ),
+    (
+        "too few distinct providers",
+        "plugins: [router, fake]\ntask_classes:\n  p:\n    members: [{provider: fake, model: a}, "
+        "{provider: fake, model: b}]\n    min_distinct_providers: 2\n",
+        "task_classes.p",
+        "min_distinct_providers is 2",
+    ),
+    (
+        "unset variable",
+        "plugins: [router, fake]\nproviders:\n  fake: {base_url: '${NOPE_URL}'}\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
+        "providers.fake.base_url",
+        "NOPE_URL is not set",
+    ),
+    ("yaml syntax", "plugins: [router, fake\ntask_classes: {}\n", "line", "invalid YAML"),
     ("top level list", "- a\n- b\n", "", "top level must be a mapping"),
-    ("unknown section",
-     "plugins: [router, fake]\ntask_clases:\n  q: {provider: fake, model: m}\n"
-     "task_classes:\n  q: {provider: fake, model: m}\n",
-     "task_clases", "unknown section"),
-    ("zero deadline",
-     "plugins: [router, fake]\ngateway: {deadline_s: 0}\n"
-     "task_classes:\n  q: {provider: fake, model: m}\n",
-     "gateway.deadline_s", "greater than 0"),
-    ("plugin listed twice",
-     "plugins: [router, fake, router]\ntask_classes:\n  q: {provider: fake, model: m}\n",
-     "plugins", "more than once"),
-    ("bad price key",
-     "plugins: [router, fake]\nprices:\n  m1: {input_per_mtok: 1, output_per_mtok: 2}\n"
-     "task_classes:\n  q: {provider: fake, model: m}\n",
-     "prices", "'provider/model'"),
-    ("settings for an unregistered provider",
-     "plugins: [router, fake]\nproviders:\n  opanai: {timeout_s: 5}\n"
-     "task_classes:\n  q: {provider: fake, model: m}\n",
-     "providers.opanai", "no enabled plugin registers"),
+    (
+        "unknown section",
+        "plugins: [router, fake]\ntask_clases:\n  q: {provider: fake, model: m}\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
+        "task_clases",
+        "unknown section",
+    ),
+    (
+        "zero deadline",
+        "plugins: [router, fake]\ngateway: {deadline_s: 0}\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
+        "gateway.deadline_s",
+        "greater than 0",
+    ),
+    (
+        "plugin listed twice",
+        "plugins: [router, fake, router]\ntask_classes:\n  q: {provider: fake, model: m}\n",
+        "plugins",
+        "more than once",
+    ),
+    (
+        "bad price key",
+        "plugins: [router, fake]\nprices:\n  m1: {input_per_mtok: 1, output_per_mtok: 2}\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
+        "prices",
+        "'provider/model'",
+    ),
+    (
+        "settings for an unregistered provider",
+        "plugins: [router, fake]\nproviders:\n  opanai: {timeout_s: 5}\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
+        "providers.opanai",
+        "no enabled plugin registers",
+    ),
     ("empty file", "", "", "the file is empty"),
 ]
 
@@ -122,8 +172,9 @@ def test_check_config_exits_2_with_the_error_and_no_traceback(
     assert "configuration error" in err
 
 
-def test_unknown_plugin_via_cli_lists_available(tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_plugin_via_cli_lists_available(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "routing.yaml"
     cfg.write_text("plugins: [router, nosuch]\ntask_classes:\n  q: {provider: x, model: m}\n")
     assert main(["check-config", "--config", str(cfg)]) == 2
@@ -137,13 +188,15 @@ def test_interpolation_and_dotenv_beside_the_config(tmp_path: Path) -> None:
         "# comment\nexport FAKE_URL='http://127.0.0.1:9/v1'\nSET_BOTH=from-dotenv\n"
     )
     cfg = tmp_path / "routing.yaml"
-    cfg.write_text(textwrap.dedent("""
+    cfg.write_text(
+        textwrap.dedent("""
         plugins: [router, fake]
         providers:
           fake: {base_url: '${FAKE_URL}', timeout_s: '${TIMEOUT:-7}'}
         task_classes:
           q: {provider: fake, model: m, description: '${SET_BOTH}'}
-    """))
+    """)
+    )
     settings = load_settings(cfg, env={"SET_BOTH": "from-env"})
     assert settings.providers["fake"].base_url == "http://127.0.0.1:9/v1"
     assert settings.providers["fake"].timeout_s == 7
@@ -161,8 +214,15 @@ def test_config_path_precedence() -> None:
 def test_shipped_routing_yaml_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     settings = load_settings(root / "routing.yaml", env={})
-    assert {"quick_answer", "general_reasoning", "long_context", "deep_audit",
-            "batch_classification", "dual_opinion", "triple_review"} <= set(settings.task_classes)
+    assert {
+        "quick_answer",
+        "general_reasoning",
+        "long_context",
+        "deep_audit",
+        "batch_classification",
+        "dual_opinion",
+        "triple_review",
+    } <= set(settings.task_classes)
     gw = build_gateway(settings)
     assert set(gw.providers) >= {"openai", "anthropic", "gemini", "deepseek"}
     for provider in gw.providers.values():

@@ -28,9 +28,16 @@ task_classes:
 class Recorder:
     """A plugin that logs each hook it sees into a shared list."""
 
-    def __init__(self, name: str, log: list[str], *, reject: bool = False,
-                 refuse: bool = False, advice: Disposition | None = None,
-                 crash_after: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        log: list[str],
+        *,
+        reject: bool = False,
+        refuse: bool = False,
+        advice: Disposition | None = None,
+        crash_after: bool = False,
+    ) -> None:
         self.name, self.log, self.reject, self.refuse = name, log, reject, refuse
         self.advice, self.crash_after = advice, crash_after
 
@@ -69,9 +76,15 @@ async def test_config_order_is_call_order_and_after_call_unwinds_in_reverse() ->
     env = await gw.route(Request("quick", "hi"))
     assert env.status == "success"
     assert log == [
-        "preflight:a", "preflight:b", "preflight:c",
-        "before:a", "before:b", "before:c",
-        "after:c:ok", "after:b:ok", "after:a:ok",
+        "preflight:a",
+        "preflight:b",
+        "preflight:c",
+        "before:a",
+        "before:b",
+        "before:c",
+        "after:c:ok",
+        "after:b:ok",
+        "after:a:ok",
     ]
 
 
@@ -88,8 +101,9 @@ async def test_reordering_plugins_reorders_calls() -> None:
 async def test_first_rejection_wins_and_later_preflights_are_not_called() -> None:
     log: list[str] = []
     provider = FakeProvider()
-    gw = build(log, provider, a=Recorder("a", log), b=Recorder("b", log, reject=True),
-               c=Recorder("c", log))
+    gw = build(
+        log, provider, a=Recorder("a", log), b=Recorder("b", log, reject=True), c=Recorder("c", log)
+    )
     env = await gw.route(Request("quick", "hi"))
     assert env.status == "error"
     assert env.meta["error_class"] == "policy_refused"
@@ -102,8 +116,9 @@ async def test_first_rejection_wins_and_later_preflights_are_not_called() -> Non
 async def test_refusal_unwinds_only_plugins_whose_before_call_completed() -> None:
     log: list[str] = []
     provider = FakeProvider()
-    gw = build(log, provider, a=Recorder("a", log), b=Recorder("b", log, refuse=True),
-               c=Recorder("c", log))
+    gw = build(
+        log, provider, a=Recorder("a", log), b=Recorder("b", log, refuse=True), c=Recorder("c", log)
+    )
     env = await gw.route(Request("quick", "hi"))
     assert env.meta["error_class"] == "budget_exceeded"
     assert provider.received == []
@@ -156,18 +171,20 @@ async def test_cancellation_unwinds_after_call_in_reverse() -> None:
 
 @pytest.mark.anyio
 async def test_dispositions_stop_beats_retry_beats_fallback() -> None:
-    assert Disposition.combine([Disposition("fallback"), Disposition("retry", 1.0)]) == \
-        Disposition("retry", 1.0)
-    assert Disposition.combine([Disposition("retry", 1.0), Disposition("retry", 3.0)]) == \
-        Disposition("retry", 3.0)
-    assert Disposition.combine([Disposition("retry", 9.0), Disposition("stop")]) == \
-        Disposition("stop")
+    assert Disposition.combine([Disposition("fallback"), Disposition("retry", 1.0)]) == Disposition(
+        "retry", 1.0
+    )
+    assert Disposition.combine(
+        [Disposition("retry", 1.0), Disposition("retry", 3.0)]
+    ) == Disposition("retry", 3.0)
+    assert Disposition.combine([Disposition("retry", 9.0), Disposition("stop")]) == Disposition(
+        "stop"
+    )
     assert Disposition.combine([]) is None
 
 
 @pytest.mark.anyio
 async def test_retry_disposition_drives_the_kernel_loop() -> None:
-    log: list[str] = []
     provider = FakeProvider().fail_with(ErrorClass.SERVER_ERROR).fail_with(ErrorClass.SERVER_ERROR)
 
     class RetryTwice:
@@ -177,8 +194,9 @@ async def test_retry_disposition_drives_the_kernel_loop() -> None:
                 return Disposition("retry", 0.0)
             return None
 
-    gw = gateway_from_yaml(YAML.format(names="r"), providers=[provider],
-                           extra_plugins={"r": RetryTwice()})
+    gw = gateway_from_yaml(
+        YAML.format(names="r"), providers=[provider], extra_plugins={"r": RetryTwice()}
+    )
     env = await gw.route(Request("quick", "hi"))
     assert env.status == "success"
     assert [a["attempt"] for a in env.meta["attempts"]] == [1, 2, 3]
@@ -198,7 +216,8 @@ async def test_sync_and_async_hook_implementations_are_both_supported() -> None:
         async def before_call(self, call: Any) -> None:
             seen.append("async-before")
 
-    gw = gateway_from_yaml(YAML.format(names="m"), providers=[FakeProvider()],
-                           extra_plugins={"m": Mixed()})
+    gw = gateway_from_yaml(
+        YAML.format(names="m"), providers=[FakeProvider()], extra_plugins={"m": Mixed()}
+    )
     assert (await gw.route(Request("quick", "hi"))).ok
     assert seen == ["sync-preflight", "async-before"]

@@ -22,8 +22,9 @@ task_classes:
 
 def test_unknown_plugin_lists_available_names_and_distributions() -> None:
     with pytest.raises(PluginError) as err:
-        gateway_from_yaml(BASE.format(names="router, fake, no_such_plugin"),
-                          providers=[FakeProvider()])
+        gateway_from_yaml(
+            BASE.format(names="router, fake, no_such_plugin"), providers=[FakeProvider()]
+        )
     text = str(err.value)
     assert "'no_such_plugin'" in text
     assert "no such plugin" in text
@@ -42,9 +43,11 @@ def test_tryfirst_that_contradicts_the_list_fails_naming_the_plugin() -> None:
             return None
 
     with pytest.raises(PluginError) as err:
-        gateway_from_yaml(BASE.format(names="plain, eager, router, fake"),
-                          providers=[FakeProvider()],
-                          extra_plugins={"plain": Plain(), "eager": Eager()})
+        gateway_from_yaml(
+            BASE.format(names="plain, eager, router, fake"),
+            providers=[FakeProvider()],
+            extra_plugins={"plain": Plain(), "eager": Eager()},
+        )
     assert "'eager'" in str(err.value)
     assert "tryfirst" in str(err.value)
     assert "contradicts" in str(err.value)
@@ -56,9 +59,12 @@ def test_tryfirst_that_agrees_with_the_list_is_accepted() -> None:
         async def before_call(self, call: Any) -> None:
             return None
 
-    gw = gateway_from_yaml(BASE.format(names="eager, kill_switch, router, fake"),
-                           providers=[FakeProvider()], extra_plugins={"eager": Eager()})
-    assert [i.plugin_name for i in gw.hooks.impls("before_call")][0] == "eager"
+    gw = gateway_from_yaml(
+        BASE.format(names="eager, kill_switch, router, fake"),
+        providers=[FakeProvider()],
+        extra_plugins={"eager": Eager()},
+    )
+    assert gw.hooks.impls("before_call")[0].plugin_name == "eager"
 
 
 def test_wrapper_on_an_async_hook_is_refused() -> None:
@@ -68,8 +74,11 @@ def test_wrapper_on_an_async_hook_is_refused() -> None:
             return (yield)
 
     with pytest.raises(PluginError) as err:
-        gateway_from_yaml(BASE.format(names="w, router, fake"), providers=[FakeProvider()],
-                          extra_plugins={"w": Wrapper()})
+        gateway_from_yaml(
+            BASE.format(names="w, router, fake"),
+            providers=[FakeProvider()],
+            extra_plugins={"w": Wrapper()},
+        )
     assert "cannot be a wrapper" in str(err.value)
 
 
@@ -80,14 +89,18 @@ def test_misspelled_hook_argument_is_a_plugin_error() -> None:
             return None
 
     with pytest.raises(PluginError) as err:
-        gateway_from_yaml(BASE.format(names="t, router, fake"), providers=[FakeProvider()],
-                          extra_plugins={"t": Typo()})
+        gateway_from_yaml(
+            BASE.format(names="t, router, fake"),
+            providers=[FakeProvider()],
+            extra_plugins={"t": Typo()},
+        )
     assert "'t'" in str(err.value)
 
 
 def test_local_file_hook_is_loaded_by_path_and_configured(tmp_path: Path) -> None:
     (tmp_path / "hooks").mkdir()
-    (tmp_path / "hooks" / "tagger.py").write_text(textwrap.dedent('''
+    (tmp_path / "hooks" / "tagger.py").write_text(
+        textwrap.dedent("""
         from llmgw.kernel import hookimpl
         from llmgw.kernel.config import Model
 
@@ -103,7 +116,8 @@ def test_local_file_hook_is_loaded_by_path_and_configured(tmp_path: Path) -> Non
                 call.meta["tag"] = self.tag
 
         plugin = Tagger
-    '''))
+    """)
+    )
     cfg = tmp_path / "routing.yaml"
     cfg.write_text(BASE.format(names="hooks/tagger.py, router, fake") + "tagger: {tag: hello}\n")
     settings = load_settings(cfg, env={})
@@ -130,7 +144,8 @@ def test_missing_local_file_is_reported(tmp_path: Path) -> None:
 def test_a_plugin_section_is_validated_by_the_plugin(tmp_path: Path) -> None:
     from llmgw.kernel import ConfigError
 
-    (tmp_path / "h.py").write_text(textwrap.dedent('''
+    (tmp_path / "h.py").write_text(
+        textwrap.dedent("""
         from llmgw.kernel.config import Model
         class H:
             class Config(Model):
@@ -138,7 +153,8 @@ def test_a_plugin_section_is_validated_by_the_plugin(tmp_path: Path) -> None:
             def __init__(self, ctx):
                 pass
         plugin = H
-    '''))
+    """)
+    )
     cfg = tmp_path / "routing.yaml"
     cfg.write_text(BASE.format(names="h.py, router") + "h: {limit: many}\n")
     with pytest.raises(ConfigError) as err:
@@ -150,7 +166,8 @@ def test_a_plugin_section_is_validated_by_the_plugin(tmp_path: Path) -> None:
 def test_two_plugins_registering_one_provider_name_is_an_error() -> None:
     with pytest.raises(PluginError) as err:
         gateway_from_yaml(
-            BASE.format(names="router, fake, fake_too"), providers=[FakeProvider()],
+            BASE.format(names="router, fake, fake_too"),
+            providers=[FakeProvider()],
             extra_plugins={"fake_too": FakeProviderPlugin(FakeProvider())},
         )
     assert "already registered" in str(err.value)
@@ -165,6 +182,13 @@ def test_unlisted_installed_plugins_are_not_loaded() -> None:
 
 def test_hook_names_are_the_documented_specs() -> None:
     assert hook_names() == [
-        "register_providers", "register_tools", "resolve_route", "preflight",
-        "before_call", "after_call", "verify", "report_info", "shutdown",
+        "register_providers",
+        "register_tools",
+        "resolve_route",
+        "preflight",
+        "before_call",
+        "after_call",
+        "verify",
+        "report_info",
+        "shutdown",
     ]

@@ -1,0 +1,355 @@
+"""One ``llm_orchestrate`` run: plan -> work -> verify, with failure-gated re-planning.
+
+Every step is an ordinary gateway call (:meth:`Gateway.run_route`), so every policy
+(kill switch, cost, ledger, breaker, retry) applies to it; the candidates after the first
+of a role are that step's fallback targets. What each role may read is fixed here, by
+composition, and checked on the wire by :class:`~llmgw.plugins.roles.RolesPlugin`:
+
+- planner: the task (on a re-plan, also the verifier's reasons);
+- worker: the task and the plan (on a later round, also the verifier's reasons);
+- verifier: the task and the artifact, never the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmgw.kernel import Envelope, ErrorClass, Message, Request, Route, Target
+from llmgw.kernel.types import input_token_bound, micro_to_usd
+
+from .verdict import ParsedVerdict, parse_verdict
+from .visibility import content_sha256
+
+if TYPE_CHECKING:
+    from llmgw.kernel.gateway import ProgressFn
+
+    from .roles import Candidate, RolesPlugin
+
+STEP_ROLE = {"plan": "planner", "work": "worker", "verify": "verifier"}
+
+
+def _bullets(reasons: Sequence[str]) -> str:
+    return "\n".join(f"- {r}" for r in reasons) or "- (no reasons given)"
+
+
+def compose_plan(task: str, reasons: Sequence[str] | None) -> str:
+    text = f"Task:\n{task}"
+    if reasons is not None:
+        text += (
+            "\n\nA result made from an earlier plan was rejected by a reviewer for these "
+            f"reasons:\n{_bullets(reasons)}\n\nWrite a new plan that addresses them."
+        )
+    return text
+
+
+def compose_work(task: str, plan: str | None, reasons: Sequence[str] | None) -> str:
+    text = f"Task:\n{task}"
+    if plan is not None:
+        text += f"\n\nPlan:\n{plan}"
+    if reasons is not None:
+        text += (
+            f"\n\nAn earlier result was rejected for these reasons; address them:\n"
+            f"{_bullets(reasons)}"
+        )
+    return text
+
+
+def compose_verify(task: str, artifact: str) -> str:
+    return f"Task:\n{task}\n\nArtifact to judge:\n{artifact}"
+
+
+@dataclass
+class StepWatch:
+    """What one step may send (its content and access set) and what it did send."""
+
+    role: str
+    system: str
+    prompt: str
+    access: tuple[str, ...]
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def content_sha256(self) -> str:
+        return content_sha256(self.system, [Message("user", self.prompt)])
+
+
+class StopRun(Exception):
+    """Ends the run early with a finished envelope (a failed step, the budget)."""
+
+    def __init__(self, envelope: Envelope) -> None:
+        super().__init__(envelope.status)
+        self.envelope = envelope
+
+
+class Orchestration:
+    """The state of one run; :meth:`run` returns its envelope."""
+
+    def __init__(self, plugin: RolesPlugin, progress: ProgressFn | None) -> None:
+        self.plugin = plugin
+        self.cfg = plugin.cfg
+        self.gateway = plugin.ctx.gateway()
+        self.clock = plugin.ctx.clock
+        self.progress = progress
+        self.started = self.clock.monotonic()
+        self.steps: list[dict[str, Any]] = []
+        self.spent_micro = 0
+        self.total_steps = 0
+        self.rounds = 0
+        self.plan: str | None = None
+        self.artifact: str | None = None
+        self.verdict: ParsedVerdict | None = None
+        self.worker_target: Target | None = None
+        self.violations: list[str] = []
+        self.notes: list[str] = []
+        self.depth = ""
+
+    # --- the loop --------------------------------------------------------------------
+
+    async def run(self, task: str, depth: str) -> Envelope:
+        self.depth = depth
+        try:
+            return await self._loop(task, self.cfg.depth[depth])
+        except StopRun as stop:
+            return stop.envelope
+
+    async def _loop(self, task: str, steps: Sequence[str]) -> Envelope:
+        verifying = "verify" in steps
+        rounds = 1 + (self.cfg.max_replans if verifying else 0)
+        workers = list(self.cfg.candidates.worker)
+        reasons: tuple[str, ...] | None = None
+        for n in range(1, rounds + 1):
+            self.rounds = n
+            self.total_steps += len(steps)
+            if "plan" in steps:
+                env = await self._step(
+                    n,
+                    "plan",
+                    compose_plan(task, reasons),
+                    ("verdict",) if reasons is not None else (),
+                    self.cfg.candidates.planner,
+                )
+                self.plan = env.text or ""
+            if n > 1:
+                workers = rotate_away(workers, self.worker_target)
+            access = (("plan",) if "plan" in steps else ()) + (("verdict",) if reasons else ())
+            env = await self._step(
+                n, "work", compose_work(task, self.plan, reasons), access, workers
+            )
+            self.artifact = env.text or ""
+            self.worker_target = Target(env.meta["provider"], env.meta["model"], 0)
+            if not verifying:
+                return self._finish("success", verified=False)
+            if self.plan and self.plan.strip() in self.artifact:
+                self.notes.append(
+                    f"round {n}: the artifact quotes the plan verbatim, so the "
+                    "verifier read the plan through the artifact"
+                )
+            env = await self._step(
+                n,
+                "verify",
+                compose_verify(task, self.artifact),
+                ("artifact",),
+                prefer_other(self.cfg.candidates.verifier, self.worker_target),
+            )
+            self.verdict = parse_verdict(env.text, source="verifier")
+            self.steps[-1]["verdict"] = self.verdict.to_dict()
+            if self.verdict.accepted:
+                return self._finish("success", verified=True)
+            reasons = self.verdict.verdict.reasons
+        return self._finish(
+            "needs_human_review",
+            verified=False,
+            why=f"the verifier did not accept the artifact in {self.rounds} round(s) "
+            f"(max_replans {self.cfg.max_replans})",
+        )
+
+    async def _step(
+        self,
+        n: int,
+        step: str,
+        prompt: str,
+        access: tuple[str, ...],
+        candidates: Sequence[Candidate],
+    ) -> Envelope:
+        role = STEP_ROLE[step]
+        bound = getattr(self.cfg.max_tokens, role)
+        system: str = getattr(self.cfg.instructions, role)
+        targets = tuple(Target(c.provider, c.model, bound, label=role) for c in candidates)
+        self._check_budget(role, targets, system, prompt)
+        request = Request(
+            task_class=f"orchestrate:{role}",
+            prompt=prompt,
+            system=system,
+            max_tokens=bound,
+            access=access,
+        )
+        watch = StepWatch(role, system, prompt, access)
+        self.plugin.watches[request.request_id] = watch
+        try:
+            env = await self.gateway.run_route(
+                request, Route(request.task_class, targets=targets), started=self.started
+            )
+        finally:
+            self.plugin.watches.pop(request.request_id, None)
+        self.steps.append(self._step_meta(n, step, env, watch))
+        self.violations += watch.violations
+        self.spent_micro += round((env.meta.get("cost_usd_approx") or 0) * 1_000_000)
+        await self._report(n, role, env)
+        if env.status == "error":
+            raise StopRun(self._failed(n, role, env))
+        if env.status != "success":
+            raise StopRun(
+                self._finish(
+                    "needs_human_review",
+                    verified=False,
+                    why=f"round {n}: the {role} step was flagged for review by a verify plugin",
+                )
+            )
+        return env
+
+    # --- pieces ------------------------------------------------------------------------
+
+    def _check_budget(
+        self, role: str, targets: tuple[Target, ...], system: str, prompt: str
+    ) -> None:
+        budget = self.cfg.budget_usd
+        if budget is None:
+            return
+        bound = input_token_bound(system, [Message("user", prompt)])
+        worst = 0
+        for t in targets:
+            provider = self.gateway.providers.get(t.provider)
+            price = provider.price(t.model) if provider is not None else None
+            if price is None:
+                why = (
+                    f"the {role} step cannot be bounded: no price for {t.key}, so "
+                    "roles.budget_usd cannot be kept"
+                )
+                break
+            worst = max(worst, price.worst_case_micro_usd(bound, t.max_tokens))
+        else:
+            if self.spent_micro + worst <= round(budget * 1_000_000):
+                return
+            why = (
+                f"the {role} step could cost up to ${worst / 1e6:.6f}; with "
+                f"${self.spent_micro / 1e6:.6f} spent it would pass roles.budget_usd "
+                f"(${budget})"
+            )
+        if self.artifact is None:
+            env = self._envelope("error", ErrorClass.BUDGET_EXCEEDED, why + "; nothing was sent")
+            raise StopRun(env)
+        raise StopRun(self._finish("needs_human_review", verified=False, why=why))
+
+    def _step_meta(self, n: int, step: str, env: Envelope, watch: StepWatch) -> dict[str, Any]:
+        meta = env.meta
+        sent = [s for s in watch.sent if s["sent"]]
+        entry: dict[str, Any] = {
+            "round": n,
+            "step": step,
+            "role": watch.role,
+            "status": env.status,
+            "provider": meta.get("provider"),
+            "model": meta.get("model"),
+            "tokens": meta.get("tokens"),
+            "cost_usd": meta.get("cost_usd_approx"),
+            "latency_ms": meta.get("latency_ms"),
+            "access": list(watch.access),
+            "content_sha256": watch.content_sha256,
+            "request_sha256": sent[-1]["request_sha256"] if sent else None,
+            "sent": watch.sent,
+        }
+        if env.error_class:
+            entry["error_class"] = env.error_class
+        if "fallback_from" in meta:
+            entry["fallback_from"] = meta["fallback_from"]
+        return entry
+
+    async def _report(self, n: int, role: str, env: Envelope) -> None:
+        if self.progress is None:
+            return
+        who = f"{env.meta.get('provider')}/{env.meta.get('model')}"
+        state = "done" if env.ok else env.status
+        try:
+            await self.progress(
+                len(self.steps), self.total_steps, f"round {n}: {role} {state} ({who})"
+            )
+        except Exception:
+            self.plugin.ctx.log.warning("progress.failed")
+
+    def _failed(self, n: int, role: str, env: Envelope) -> Envelope:
+        error_class = ErrorClass(env.error_class or ErrorClass.INTERNAL_ERROR.value)
+        message = f"the {role} step (round {n}) failed: {env.error or error_class.value}"
+        return self._envelope(
+            "error", error_class, message, {"failed_step": {"round": n, "role": role}}
+        )
+
+    def _finish(self, status: str, *, verified: bool, why: str | None = None) -> Envelope:
+        if status == "success" and self.violations:
+            status, verified = "needs_human_review", False
+            why = "a step's request was changed after it was checked; see meta.visibility"
+        return self._envelope(status, None, why, {"verified": verified})
+
+    def _envelope(
+        self,
+        status: str,
+        error_class: ErrorClass | None,
+        why: str | None,
+        extra: dict[str, Any] | None = None,
+    ) -> Envelope:
+        tokens_in = sum((s["tokens"] or {}).get("input", 0) for s in self.steps)
+        tokens_out = sum((s["tokens"] or {}).get("output", 0) for s in self.steps)
+        meta: dict[str, Any] = {
+            "provider": self.worker_target.provider if self.worker_target else None,
+            "model": self.worker_target.model if self.worker_target else None,
+            "latency_ms": round((self.clock.monotonic() - self.started) * 1000, 2),
+            "tokens": {"input": tokens_in, "output": tokens_out, "total": tokens_in + tokens_out},
+            "cost_usd_approx": micro_to_usd(self.spent_micro),
+            "task_class": "orchestrate",
+            "depth": self.depth,
+            "rounds": self.rounds,
+            "max_replans": self.cfg.max_replans,
+            "steps": self.steps,
+            "visibility": self.plugin.certificate(self.violations, self.notes),
+            **(extra or {}),
+        }
+        data = {
+            "artifact": self.artifact,
+            "plan": self.plan,
+            "verdict": self.verdict.to_dict() if self.verdict else None,
+        }
+        if error_class is not None:
+            meta["error_class"] = error_class.value
+            return Envelope("error", None, meta, error=why, data=data)
+        if why:
+            meta["review_reason"] = why
+        return Envelope(status, self.artifact, meta, data=data)  # type: ignore[arg-type]
+
+
+def rotate_away(candidates: list[Candidate], current: Target | None) -> list[Candidate]:
+    """Candidates reordered to start at the next one of another vendor than ``current``."""
+    if current is None:
+        return candidates
+    keys = [(c.provider, c.model) for c in candidates]
+    start = (
+        keys.index((current.provider, current.model))
+        if ((current.provider, current.model) in keys)
+        else -1
+    )
+    n = len(candidates)
+    for k in range(1, n + 1):
+        j = (start + k) % n
+        if candidates[j].provider != current.provider:
+            return candidates[j:] + candidates[:j]
+    return candidates
+
+
+def prefer_other(candidates: Sequence[Candidate], worker: Target | None) -> list[Candidate]:
+    """Verifier candidates of another vendor than the worker first (stable order)."""
+    if worker is None:
+        return list(candidates)
+    other = [c for c in candidates if c.provider != worker.provider]
+    same = [c for c in candidates if c.provider == worker.provider]
+    return other + same

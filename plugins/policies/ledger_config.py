@@ -1,0 +1,189 @@
+"""The ``ledger`` section of routing.yaml and the environment variables that override it.
+
+Kept apart from the plugin so that ``llmgw spend`` and the loader's ``essential`` check
+can resolve the path and caps without building a gateway.
+
+- ``LLM_GATEWAY_LEDGER``: 1/true/yes/on (default) or 0/false/no/off.
+- ``LLM_GATEWAY_LEDGER_PATH`` > ``ledger.path`` (relative to routing.yaml) >
+  ``platformdirs.user_data_dir("llm-gateway-mcp")/ledger.db``.
+- ``LLM_GATEWAY_CAP_TOTAL_MONTHLY`` > ``ledger.caps.total_monthly_usd``;
+  ``LLM_GATEWAY_CAP_<PROVIDER>_MONTHLY`` > ``ledger.caps.providers.<provider>``
+  (``<PROVIDER>`` is the provider name upper-cased, other characters as ``_``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from llmgw.kernel import ConfigError, Settings
+from llmgw.kernel.config import Model
+
+from .ledger_store import Caps
+
+APP_NAME = "llm-gateway-mcp"
+LEDGER_ENV = "LLM_GATEWAY_LEDGER"
+PATH_ENV = "LLM_GATEWAY_LEDGER_PATH"
+TOTAL_CAP_ENV = "LLM_GATEWAY_CAP_TOTAL_MONTHLY"
+_CAP_ENV = re.compile(r"^LLM_GATEWAY_CAP_([A-Z0-9_]+)_MONTHLY$")
+_ON = frozenset({"1", "true", "yes", "on"})
+_OFF = frozenset({"0", "false", "no", "off"})
+MICRO = 1_000_000
+
+
+def env_name(provider: str) -> str:
+    """``LLM_GATEWAY_CAP_<PROVIDER>_MONTHLY`` for a provider name."""
+    return f"LLM_GATEWAY_CAP_{re.sub(r'[^A-Z0-9]', '_', provider.upper())}_MONTHLY"
+
+
+def known_providers(settings: Settings) -> set[str]:
+    """Every provider named in the file (task classes, providers:, prices:, sections)."""
+    return {p for p, _ in settings.declared_models()} | set(settings.providers)
+
+
+class CapsConfig(Model):
+    """``ledger.caps``: monthly caps in USD (UTC months)."""
+
+    total_monthly_usd: Decimal | None = Field(default=None, ge=0)
+    providers: dict[str, Decimal] = Field(default_factory=dict)
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, caps: dict[str, Decimal], info: ValidationInfo) -> dict[str, Decimal]:
+        for name, cap in caps.items():
+            if cap < 0:
+                raise ValueError(f"providers.{name} must be >= 0, got {cap}")
+        settings = (info.context or {}).get("settings")
+        if settings is not None:
+            known = known_providers(settings)
+            for name in caps:
+                if name not in known:
+                    raise ValueError(
+                        f"caps.providers names {name!r}, which no task class or provider "
+                        f"section uses; known providers: {', '.join(sorted(known))}"
+                    )
+        return caps
+
+
+class LedgerConfig(Model):
+    """Section ``ledger`` of routing.yaml."""
+
+    path: str | None = None
+    caps: CapsConfig = Field(default_factory=CapsConfig)
+    lease_s: float = Field(default=600.0, gt=0)
+    busy_timeout_s: float = Field(default=5.0, gt=0, le=120)
+
+    @field_validator("lease_s")
+    @classmethod
+    def _lease(cls, lease: float, info: ValidationInfo) -> float:
+        settings = (info.context or {}).get("settings")
+        if settings is not None and lease <= settings.gateway.deadline_s:
+            raise ValueError(
+                f"lease_s ({lease}) must be longer than gateway.deadline_s "
+                f"({settings.gateway.deadline_s}): a live call's reservation must not expire"
+            )
+        return lease
+
+
+def ledger_enabled(env: Mapping[str, str]) -> bool:
+    """``LLM_GATEWAY_LEDGER``; raises :class:`ConfigError` on a value it cannot read."""
+    raw = env.get(LEDGER_ENV, "").strip().lower()
+    if not raw or raw in _ON:
+        return True
+    if raw in _OFF:
+        return False
+    raise ConfigError(
+        f"{LEDGER_ENV}={env[LEDGER_ENV]!r} is not understood", file="environment",
+        path=LEDGER_ENV,
+        fix="use 1 (ledger on, the default) or 0 (off)",
+    )
+
+
+def ledger_path(settings: Settings, config: LedgerConfig | None) -> Path:
+    """Where the ledger lives (see the module docstring for the order)."""
+    raw = settings.env.get(PATH_ENV, "").strip()
+    if raw:
+        return Path(raw).expanduser()
+    if config is not None and config.path:
+        p = Path(config.path).expanduser()
+        return p if p.is_absolute() else settings.base_dir / p
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir(APP_NAME)) / "ledger.db"
+
+
+def _usd_env(env: Mapping[str, str], var: str) -> int | None:
+    raw = env.get(var, "").strip()
+    if not raw:
+        return None
+    try:
+        value = Decimal(raw.removeprefix("$"))
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite() or value < 0:
+        raise ConfigError(
+            f"{var}={raw!r} is not a dollar amount", file="environment", path=var,
+            fix=f"set {var} to a number of US dollars >= 0 (e.g. 25 or 12.50), or unset it",
+        )
+    return int(value * MICRO)
+
+
+def resolve_caps(settings: Settings, config: LedgerConfig | None) -> tuple[Caps, dict[str, str]]:
+    """The caps in force (env over config) and, per scope, where each came from.
+
+    Raises :class:`ConfigError` naming the variable for an unreadable value or a
+    variable naming no configured provider (a typo must not leave a cap unenforced).
+    """
+    env = settings.env
+    caps_cfg = config.caps if config is not None else CapsConfig()
+    origin: dict[str, str] = {}
+    total = _usd_env(env, TOTAL_CAP_ENV)
+    if total is not None:
+        origin["total"] = TOTAL_CAP_ENV
+    elif caps_cfg.total_monthly_usd is not None:
+        total = int(caps_cfg.total_monthly_usd * MICRO)
+        origin["total"] = "ledger.caps.total_monthly_usd"
+    providers: dict[str, int] = {}
+    for name, cap in caps_cfg.providers.items():
+        providers[name] = int(cap * MICRO)
+        origin[f"provider:{name}"] = f"ledger.caps.providers.{name}"
+    known = known_providers(settings)
+    by_env = {env_name(p): p for p in known}
+    for var in sorted(env):
+        m = _CAP_ENV.match(var)
+        if m is None or var == TOTAL_CAP_ENV:
+            continue
+        value = _usd_env(env, var)
+        if value is None:
+            continue
+        name = by_env.get(var)
+        if name is None:
+            raise ConfigError(
+                f"{var} sets a cap for provider {m.group(1).lower()!r}, which routing.yaml "
+                "does not use", file="environment", path=var,
+                fix="fix the provider part of the name (known: "
+                + ", ".join(env_name(p) for p in sorted(known)) + ") or unset it",
+            )
+        providers[name] = value
+        origin[f"provider:{name}"] = var
+    return Caps(total, providers), origin
+
+
+def caps_hint(settings: Settings, raw_section: Any) -> str | None:
+    """A reason when any cap is set, without raising (for the loader's essential check)."""
+    env = settings.env
+    for var, value in env.items():
+        if _CAP_ENV.match(var) and value.strip():
+            return f"a monthly spend cap is set ({var})"
+    caps = raw_section.get("caps") if isinstance(raw_section, Mapping) else None
+    if isinstance(caps, Mapping):
+        if caps.get("total_monthly_usd") is not None:
+            return "a monthly spend cap is set (ledger.caps.total_monthly_usd)"
+        if caps.get("providers"):
+            return "a monthly spend cap is set (ledger.caps.providers)"
+    return None

@@ -1,0 +1,160 @@
+"""Month-to-date spend from the ledger: by provider, model and task class, against caps.
+
+Used by ``llmgw spend`` (through :func:`spend_report`, no gateway needed) and by the
+ledger plugin's ``report_info`` in ``llm_routing_info``. Months are UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from llmgw.kernel import Settings
+from llmgw.kernel.config import pydantic_errors
+
+from .ledger_config import LedgerConfig, ledger_enabled, ledger_path, resolve_caps
+from .ledger_store import TOTAL, Caps, LedgerError, LedgerStore, ScopeUse, month_of
+
+MICRO = 1_000_000
+
+
+def _usd(micro: int | None) -> float | None:
+    return None if micro is None else micro / MICRO
+
+
+def _scope_dict(use: ScopeUse, cap: int | None, source: str | None) -> dict[str, Any]:
+    return {
+        "settled_usd": _usd(use.settled_micro),
+        "unknown_usd": _usd(use.unknown_micro),
+        "reserved_usd": _usd(use.reserved_micro),
+        "committed_usd": _usd(use.used_micro),
+        "overage_usd": _usd(use.overage_micro),
+        "cap_usd": _usd(cap),
+        "cap_source": source,
+        "headroom_usd": None if cap is None else _usd(max(0, cap - use.used_micro)),
+    }
+
+
+def build_report(
+    store: LedgerStore | None,
+    caps: Caps,
+    origin: dict[str, str],
+    *,
+    month: str,
+    path: str,
+    enabled: bool,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The spend report of ``month`` from an open store (or an empty one if None)."""
+    scopes = store.scopes(month) if store is not None else {}
+    rows = store.breakdown(month) if store is not None else []
+    total = scopes.get(TOTAL, ScopeUse(TOTAL))
+    providers: dict[str, Any] = {}
+    names = {s.removeprefix("provider:") for s in scopes if s != TOTAL} | set(caps.providers)
+    for name in sorted(names):
+        scope = f"provider:{name}"
+        providers[name] = _scope_dict(
+            scopes.get(scope, ScopeUse(scope)), caps.providers.get(name), origin.get(scope)
+        )
+    by_model: dict[str, dict[str, Any]] = {}
+    by_class: dict[str, dict[str, Any]] = {}
+    unpriced = 0
+    for r in rows:
+        unpriced += r["unpriced"] or 0
+        for key, table in ((f"{r['provider']}/{r['model']}", by_model),
+                           (r["task_class"], by_class)):
+            slot = table.setdefault(
+                key, {"settled_usd": 0.0, "unknown_usd": 0.0, "reserved_usd": 0.0,
+                      "attempts": 0, "released": 0},
+            )
+            if r["state"] == "released":
+                slot["released"] += r["count"]
+            else:
+                slot[f"{r['state']}_usd"] += (r["micro"] or 0) / MICRO
+            slot["attempts"] += r["count"]
+    return {
+        "enabled": enabled,
+        "path": path,
+        "month": month,
+        "error": error,
+        "total": _scope_dict(total, caps.total, origin.get(TOTAL)),
+        "providers": providers,
+        "by_model": by_model,
+        "by_task_class": by_class,
+        "unpriced_attempts": unpriced,
+    }
+
+
+def spend_report(settings: Settings, *, now: datetime | None = None) -> dict[str, Any]:
+    """Month-to-date spend for ``llmgw spend``: reads the ledger the config points at.
+
+    Never creates a ledger: with no file yet the report is all zeros. Raises
+    :class:`llmgw.kernel.ConfigError` for an invalid ``ledger`` section or cap variable.
+    """
+    try:
+        config = LedgerConfig.model_validate(
+            settings.section("ledger") or {}, context={"settings": settings}
+        )
+    except ValidationError as exc:
+        raise pydantic_errors(exc, file=settings.file_label, prefix="ledger",
+                              plugin="ledger") from None
+    caps, origin = resolve_caps(settings, config)
+    path = ledger_path(settings, config)
+    month = month_of(now or datetime.now(UTC))
+    enabled = ledger_enabled(settings.env)
+    if not path.exists():
+        return build_report(None, caps, origin, month=month, path=str(path), enabled=enabled)
+    store = LedgerStore(path, busy_timeout_s=config.busy_timeout_s)
+    try:
+        store.open()
+        return build_report(store, caps, origin, month=month, path=str(path), enabled=enabled)
+    except LedgerError as exc:
+        return build_report(None, caps, origin, month=month, path=str(path), enabled=enabled,
+                            error=str(exc))
+    finally:
+        store.close()
+
+
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.4f}"
+
+
+def format_spend(report: dict[str, Any]) -> str:
+    """The report as a short text table for a terminal."""
+    lines = [
+        f"spend ledger: {report['path']}" + ("" if report["enabled"] else "  (ledger is OFF)"),
+        f"month (UTC): {report['month']}",
+    ]
+    if report.get("error"):
+        lines.append(f"error: {report['error']}")
+    head = f"{'scope':<24}{'settled':>12}{'unknown':>12}{'reserved':>12}{'cap':>12}{'headroom':>12}"
+    lines += ["", head, "-" * len(head)]
+    scopes = [("total", report["total"])] + [
+        (f"provider {n}", s) for n, s in report["providers"].items()
+    ]
+    for label, s in scopes:
+        lines.append(
+            f"{label:<24}{_money(s['settled_usd']):>12}{_money(s['unknown_usd']):>12}"
+            f"{_money(s['reserved_usd']):>12}{_money(s['cap_usd']):>12}"
+            f"{_money(s['headroom_usd']):>12}"
+        )
+        if s.get("overage_usd"):
+            lines.append(f"{'':<24}overage above reservations: {_money(s['overage_usd'])}")
+    for title, table in (("model", report["by_model"]), ("task class", report["by_task_class"])):
+        if not table:
+            continue
+        lines += ["", f"{'by ' + title:<32}{'settled':>12}{'unknown':>12}{'reserved':>12}"
+                  f"{'attempts':>10}"]
+        for key, s in sorted(table.items()):
+            lines.append(
+                f"{key:<32}{_money(s['settled_usd']):>12}{_money(s['unknown_usd']):>12}"
+                f"{_money(s['reserved_usd']):>12}{s['attempts']:>10}"
+            )
+    if report.get("unpriced_attempts"):
+        lines.append(f"\n{report['unpriced_attempts']} attempt(s) had no known price "
+                     "(not counted in dollars)")
+    lines.append("\nunknown = sent but no usage came back (timeout, reset, crash): "
+                 "charged at the reserved worst case")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""What every provider shares: key, base URL, timeouts, prices, status and report.
+
+A concrete provider implements :meth:`BaseProvider._send` and :meth:`BaseProvider._close`;
+:meth:`BaseProvider.complete` refuses to send without a key and turns any exception that
+escapes ``_send`` into a classified outcome, so ``complete`` never raises for upstream
+trouble.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx2
+import structlog
+from pydantic import SecretStr
+
+from llmgw.kernel import ErrorClass, Outcome, PluginContext, Price, ProviderRequest, ProviderStatus
+from llmgw.kernel.config import ProviderSpec
+from llmgw.kernel.logs import REDACTOR
+
+from .http_errors import failure, find_cause, missing_key, transport_class
+from .pricing import PriceBook, PriceInfo, price_dict
+
+log = structlog.get_logger("llmgw.providers")
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how to reach a provider; the key is a ``SecretStr`` (repr shows ``****``)."""
+
+    name: str
+    base_url: str
+    key_env: str | None
+    key: SecretStr | None
+    timeout_s: float
+    connect_timeout_s: float
+    base_url_from: str
+
+    @property
+    def key_value(self) -> str:
+        return self.key.get_secret_value() if self.key is not None else ""
+
+    def timeout(self, request_timeout_s: float) -> httpx2.Timeout:
+        """The smaller of the configured timeout and the request's remaining deadline."""
+        total = max(0.001, min(self.timeout_s, request_timeout_s))
+        return httpx2.Timeout(total, connect=min(self.connect_timeout_s, total))
+
+
+def safe_url(url: str) -> str:
+    """A base URL for display: no user:password, no query string."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def resolve_connection(
+    name: str,
+    ctx: PluginContext,
+    *,
+    default_key_env: str | None,
+    default_base_url: str,
+    base_url_env: str | None,
+    spec: ProviderSpec | None = None,
+    base_url: str | None = None,
+) -> Connection:
+    """Read a provider's connection settings: routing.yaml first, then the environment.
+
+    The key value is registered with the log redactor at once, so no log line can carry
+    it from then on.
+    """
+    env: Mapping[str, str] = ctx.env
+    spec = spec if spec is not None else ctx.settings.providers.get(name)
+    key_env = (spec.key_env if spec and spec.key_env else None) or default_key_env
+    raw_key = env.get(key_env, "").strip() if key_env else ""
+    key = SecretStr(raw_key) if raw_key else None
+    if raw_key:
+        REDACTOR.add(raw_key)
+    if spec is not None and spec.base_url:
+        url, source = spec.base_url, f"routing.yaml providers.{name}.base_url"
+    elif base_url:
+        url, source = base_url, "routing.yaml"
+    elif base_url_env and env.get(base_url_env):
+        url, source = env[base_url_env], base_url_env
+    else:
+        url, source = default_base_url, "default"
+    return Connection(
+        name=name,
+        base_url=url.rstrip("/"),
+        key_env=key_env,
+        key=key,
+        timeout_s=spec.timeout_s if spec else 60.0,
+        connect_timeout_s=spec.connect_timeout_s if spec else 10.0,
+        base_url_from=source,
+    )
+
+
+class BaseProvider:
+    """The provider protocol's common half; subclasses speak one wire format."""
+
+    #: Whether a call without a key is refused (an OpenAI-compatible endpoint may need none).
+    key_required = True
+
+    def __init__(self, conn: Connection, prices: PriceBook, models: list[str]) -> None:
+        self.name = conn.name
+        self.conn = conn
+        self.prices = prices
+        self.models = models
+
+    # --- the Provider protocol ------------------------------------------------------------
+
+    def status(self) -> ProviderStatus:
+        if self.key_required and self.conn.key is None:
+            return ProviderStatus(
+                False,
+                f"{self.conn.key_env} is not set; export it or add it to .env",
+                key_env=self.conn.key_env,
+                base_url=safe_url(self.conn.base_url),
+            )
+        return ProviderStatus(True, key_env=self.conn.key_env, base_url=safe_url(self.conn.base_url))
+
+    def price(self, model: str) -> Price | None:
+        return self.prices.price(model)
+
+    async def complete(self, request: ProviderRequest) -> Outcome:
+        if self.key_required and self.conn.key is None:
+            return missing_key(self.name, self.conn.key_env or f"{self.name.upper()}_API_KEY")
+        try:
+            return await self._send(request)
+        except Exception as exc:
+            return self._unexpected(request, exc)
+
+    async def aclose(self) -> None:
+        await self._close()
+
+    # --- for subclasses ----------------------------------------------------------------------
+
+    async def _send(self, request: ProviderRequest) -> Outcome:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        return None
+
+    def _unexpected(self, request: ProviderRequest, exc: Exception) -> Outcome:
+        """An exception that escaped the wire code: classify by its transport cause."""
+        cause = find_cause(exc, (httpx2.HTTPError, TimeoutError))
+        if cause is not None:
+            cls, sent = transport_class(cause)
+            return failure(self.name, request.model, cls, sent=sent)
+        if find_cause(exc, (ValueError, KeyError, TypeError, AttributeError)) is not None:
+            # A body that did not parse or had the wrong shape; never log its text.
+            log.warning("provider.malformed", provider=self.name, model=request.model,
+                        error_type=type(exc).__name__)
+            return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True)
+        log.error("provider.unexpected", provider=self.name, model=request.model,
+                  error_type=type(exc).__name__)
+        return failure(self.name, request.model, ErrorClass.INTERNAL_ERROR, sent=True)
+
+    # --- report_info ---------------------------------------------------------------------------
+
+    def known_models(self) -> list[str]:
+        """Models named for this provider anywhere in routing.yaml, plus configured ones."""
+        found = {m for p, m in self.prices.settings.declared_models() if p == self.name}
+        found.update(self.models)
+        return sorted(found)
+
+    def report(self) -> dict[str, Any]:
+        """This provider's section of report_info: availability, URL, models, prices."""
+        st = self.status()
+        models: list[dict[str, Any]] = []
+        for model in self.known_models():
+            info: PriceInfo | None = self.prices.info(model)
+            models.append({"model": model, **price_dict(info)})
+        return {
+            "available": st.available,
+            "reason": st.reason or None,
+            "key_env": self.conn.key_env,
+            "key_present": self.conn.key is not None,
+            "base_url": safe_url(self.conn.base_url),
+            "base_url_from": self.conn.base_url_from,
+            "timeout_s": self.conn.timeout_s,
+            "models": models,
+        }

@@ -1,0 +1,196 @@
+"""The Chat Completions wire format over one long-lived ``httpx2.AsyncClient``.
+
+Shared by the ``openai``, ``deepseek`` and ``openai_compatible`` plugins; they differ only
+in the :class:`Dialect` (output-bound field name, reasoning field, how a 402 reads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+
+from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Usage
+
+from .base import BaseProvider, Connection
+from .http_errors import (
+    failure,
+    finish_outcome,
+    refine_invalid,
+    retry_hint,
+    status_class,
+    transport_class,
+)
+from .pricing import PriceBook
+
+_REFUSED_CODES = {"content_filter", "content_policy_violation"}
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between Chat Completions upstreams."""
+
+    max_tokens_field: str = "max_tokens"
+    #: A message field holding reasoning text to keep out of the answer (DeepSeek).
+    reasoning_field: str | None = None
+    #: Finish reasons that mean the upstream had no capacity (DeepSeek).
+    overloaded_finish: frozenset[str] = frozenset()
+
+
+OPENAI = Dialect(max_tokens_field="max_completion_tokens")
+DEEPSEEK = Dialect(
+    reasoning_field="reasoning_content",
+    overloaded_finish=frozenset({"insufficient_system_resource"}),
+)
+GENERIC = Dialect()
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class ChatCompletionsProvider(BaseProvider):
+    """``POST {base_url}/chat/completions``; the key only in the Authorization header."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        prices: PriceBook,
+        models: list[str],
+        *,
+        dialect: Dialect,
+        key_required: bool = True,
+    ) -> None:
+        super().__init__(conn, prices, models)
+        self.dialect = dialect
+        self.key_required = key_required
+        self._client: httpx2.AsyncClient | None = None
+
+    def client(self) -> httpx2.AsyncClient:
+        """The provider's one HTTP client, made on first use and kept until ``aclose``."""
+        if self._client is None:
+            self._client = httpx2.AsyncClient(
+                timeout=httpx2.Timeout(self.conn.timeout_s, connect=self.conn.connect_timeout_s),
+                limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20),
+                follow_redirects=False,
+            )
+        return self._client
+
+    async def _close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def body(self, request: ProviderRequest) -> dict[str, Any]:
+        messages: list[dict[str, str]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.extend({"role": m.role, "content": m.content} for m in request.messages)
+        return {
+            "model": request.model,
+            "messages": messages,
+            self.dialect.max_tokens_field: request.max_tokens,
+            "stream": False,
+        }
+
+    async def _send(self, request: ProviderRequest) -> Outcome:
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if self.conn.key is not None:
+            headers["authorization"] = f"Bearer {self.conn.key_value}"
+        try:
+            resp = await self.client().post(
+                f"{self.conn.base_url}/chat/completions",
+                json=self.body(request),
+                headers=headers,
+                timeout=self.conn.timeout(request.timeout_s),
+            )
+        except httpx2.HTTPError as exc:
+            cls, sent = transport_class(exc)
+            return failure(self.name, request.model, cls, sent=sent)
+        if not 200 <= resp.status_code < 300:
+            return self.http_error(request.model, resp)
+        try:
+            data = resp.json()
+        except ValueError:
+            return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True,
+                           status=resp.status_code, reason="not_json")
+        return self.parse(request.model, data)
+
+    def http_error(self, model: str, resp: httpx2.Response) -> Outcome:
+        status = resp.status_code
+        cls = status_class(status)
+        reason: str | None = None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            code, kind = str(err.get("code") or ""), str(err.get("type") or "")
+            message = str(err.get("message") or "")
+            if "insufficient_quota" in {code, kind}:
+                cls, reason = ErrorClass.QUOTA_EXHAUSTED, "insufficient_quota"
+            elif code == "context_length_exceeded":
+                cls, reason = ErrorClass.CONTEXT_LENGTH_EXCEEDED, "context_length"
+            elif code in _REFUSED_CODES:
+                cls, reason = ErrorClass.CONTENT_REFUSED, "content_filter"
+            elif code == "model_not_found":
+                cls, reason = ErrorClass.MODEL_NOT_FOUND, "model_not_found"
+            else:
+                cls, reason = refine_invalid(cls, message)
+        if status == 402:
+            reason = "payment_required"
+        hint = retry_hint(resp.headers) if cls != ErrorClass.QUOTA_EXHAUSTED else None
+        return failure(self.name, model, cls, sent=True, status=status, retry_after_s=hint,
+                       reason=reason)
+
+    def parse(self, model: str, data: Any) -> Outcome:
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
+                           reason="no_choices", usage=self.usage(data, None))
+        choice = choices[0]
+        message = choice.get("message")
+        if not isinstance(message, dict):
+            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
+                           reason="no_message", usage=self.usage(data, None))
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
+                           reason="content_not_text", usage=self.usage(data, None))
+        text = content or ""
+        finish = str(choice.get("finish_reason") or "stop")
+        usage = self.usage(data, message)
+        if message.get("refusal") or finish == "content_filter":
+            return failure(self.name, model, ErrorClass.CONTENT_REFUSED, sent=True, usage=usage,
+                           finish_reason=finish, reason="content_filter")
+        if finish in self.dialect.overloaded_finish:
+            return failure(self.name, model, ErrorClass.OVERLOADED, sent=True, usage=usage,
+                           finish_reason=finish, reason=finish)
+        return finish_outcome(self.name, model, text, usage, finish, truncated=finish == "length")
+
+    def usage(self, data: Any, message: dict[str, Any] | None) -> Usage | None:
+        raw = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(raw, dict):
+            return None
+        prompt_details = raw.get("prompt_tokens_details")
+        cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+        cached = cached or _int(raw.get("prompt_cache_hit_tokens"))  # DeepSeek's name
+        out_details = raw.get("completion_tokens_details")
+        reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+        output = _int(raw.get("completion_tokens"))
+        field = self.dialect.reasoning_field
+        thought = message.get(field) if (field and message) else None
+        if not reasoning and isinstance(thought, str) and thought:
+            # Reasoning text without a reported count: bound it like the tokenizer does
+            # (at most a token per UTF-8 byte would overcount; ~4 bytes a token is typical).
+            reasoning = math.ceil(len(thought.encode("utf-8")) / 4)
+            output = max(output, reasoning)
+        return Usage(
+            input_tokens=_int(raw.get("prompt_tokens")),
+            output_tokens=output,
+            cached_input_tokens=cached,
+            reasoning_tokens=reasoning,
+        )

@@ -1,0 +1,230 @@
+"""Turning what an upstream said into the error taxonomy: status, body, hints, ``sent``.
+
+Every provider uses these helpers so the same HTTP status means the same class
+everywhere. Upstream text is read here only to classify (is this a context-length
+error?); it never leaves this module: :func:`failure` builds the message a user sees
+from the class and safe fields (provider, model, status, retry hint).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx2
+
+from llmgw.kernel import ErrorClass, Outcome, Usage
+from llmgw.kernel.errors import default_message
+
+# Upstream wording of a context-window overflow, per provider (OpenAI and DeepSeek
+# "maximum context length", Anthropic "prompt is too long", Gemini "input token count").
+_CONTEXT = re.compile(
+    r"maximum context length|context[ _]length|context window|prompt is too long|"
+    r"input token count|too many (?:input )?tokens",
+    re.I,
+)
+_CREDIT = re.compile(r"credit balance|insufficient[ _]balance|billing", re.I)
+
+
+def status_class(status: int) -> ErrorClass:
+    """The class an HTTP status means by itself (bodies may refine it)."""
+    if status == 429:
+        return ErrorClass.RATE_LIMITED
+    if status in {401, 403}:
+        return ErrorClass.AUTH_ERROR
+    if status == 402:
+        return ErrorClass.QUOTA_EXHAUSTED
+    if status == 404:
+        return ErrorClass.MODEL_NOT_FOUND
+    if status == 413:
+        return ErrorClass.REQUEST_TOO_LARGE
+    if status in {408, 504}:
+        return ErrorClass.TIMEOUT
+    if status in {503, 529}:
+        return ErrorClass.OVERLOADED
+    if status >= 500 or status == 409:
+        return ErrorClass.SERVER_ERROR
+    if 400 <= status < 500:
+        return ErrorClass.INVALID_REQUEST
+    return ErrorClass.MALFORMED_RESPONSE  # 1xx/3xx where an answer was expected
+
+
+def refine_invalid(cls: ErrorClass, message: str) -> tuple[ErrorClass, str | None]:
+    """A 400-class error whose text says context overflow or billing; else unchanged."""
+    if cls in {ErrorClass.INVALID_REQUEST, ErrorClass.REQUEST_TOO_LARGE} and _CONTEXT.search(
+        message
+    ):
+        return ErrorClass.CONTEXT_LENGTH_EXCEEDED, "context_length"
+    if cls == ErrorClass.INVALID_REQUEST and _CREDIT.search(message):
+        return ErrorClass.QUOTA_EXHAUSTED, "billing"
+    return cls, None
+
+
+# --- retry hints ----------------------------------------------------------------------------
+
+_MAX_HINT_S = 24 * 3600.0
+
+
+def retry_hint(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, else ``Retry-After`` (seconds or HTTP date)."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = -1.0
+        if 0 <= value <= _MAX_HINT_S:
+            return value
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    ra = ra.strip()
+    try:
+        value = float(ra)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(ra)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        value = when.timestamp() - (time.time() if now is None else now)
+        value = max(0.0, value)
+    return value if 0 <= value <= _MAX_HINT_S else None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+def gemini_retry_delay(body: Any) -> float | None:
+    """``RetryInfo.retryDelay`` ("4s", "0.5s") from a Google RPC error body's details."""
+    err = body.get("error", body) if isinstance(body, dict) else None
+    details = err.get("details") if isinstance(err, dict) else None
+    if not isinstance(details, list):
+        return None
+    for item in details:
+        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
+            m = _DURATION.match(str(item.get("retryDelay", "")))
+            if m:
+                value = float(m.group(1))
+                return value if value <= _MAX_HINT_S else None
+    return None
+
+
+# --- transport errors -------------------------------------------------------------------
+
+# Failures that happen before the request can have reached the upstream.
+_NOT_SENT: tuple[type[BaseException], ...] = (
+    httpx2.ConnectError,
+    httpx2.ConnectTimeout,
+    httpx2.PoolTimeout,
+    httpx2.LocalProtocolError,
+    httpx2.UnsupportedProtocol,
+)
+
+
+def transport_class(exc: BaseException) -> tuple[ErrorClass, bool]:
+    """(class, sent) for an exception raised while talking to the upstream.
+
+    Connection refused, connect timeout and pool timeout happen before any byte of the
+    request left: ``sent`` is False. A read/write timeout or a reset after the request
+    went out may be billed: ``sent`` is True.
+    """
+    sent = not isinstance(exc, _NOT_SENT)
+    if isinstance(exc, httpx2.TimeoutException | TimeoutError):
+        return ErrorClass.TIMEOUT, sent
+    if isinstance(exc, httpx2.DecodingError):
+        return ErrorClass.MALFORMED_RESPONSE, True
+    return ErrorClass.CONNECTION_ERROR, sent
+
+
+def find_cause(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``'s cause/context chain (SDKs wrap them)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, kinds):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+# --- outcomes ------------------------------------------------------------------------------
+
+
+def failure(
+    provider: str,
+    model: str,
+    error_class: ErrorClass,
+    *,
+    sent: bool,
+    status: int | None = None,
+    retry_after_s: float | None = None,
+    reason: str | None = None,
+    usage: Usage | None = None,
+    finish_reason: str | None = None,
+) -> Outcome:
+    """A failed outcome whose message is built only from safe fields, never upstream text."""
+    parts = [f"{provider}/{model}: {default_message(error_class)}"]
+    extra = []
+    if status is not None:
+        extra.append(f"HTTP {status}")
+    if retry_after_s is not None:
+        extra.append(f"retry after {retry_after_s:.1f} s")
+    if extra:
+        parts.append(f" ({'; '.join(extra)})")
+    details: dict[str, Any] = {}
+    if reason:
+        details["reason"] = reason
+    if status is not None:
+        details["status"] = status
+    return Outcome.failure(
+        error_class, "".join(parts), sent=sent, status_code=status, retry_after_s=retry_after_s,
+        usage=usage, finish_reason=finish_reason, details=details,
+    )
+
+
+def missing_key(provider: str, key_env: str) -> Outcome:
+    """The outcome of a call to a provider whose key variable is unset: nothing is sent."""
+    return Outcome.failure(
+        ErrorClass.AUTH_ERROR,
+        f"{key_env} is not set; export it (or put it in .env beside routing.yaml) to use "
+        f"provider {provider!r}",
+        sent=False,
+        details={"reason": "missing_key", "key_env": key_env},
+    )
+
+
+def finish_outcome(
+    provider: str,
+    model: str,
+    text: str,
+    usage: Usage | None,
+    finish_reason: str,
+    *,
+    truncated: bool,
+) -> Outcome:
+    """Success, or ``truncated_output`` when the answer was cut at max_tokens with no text.
+
+    Our choice: an answer cut at ``max_tokens`` that has text is a SUCCESS with
+    ``finish_reason="length"`` and ``details={"truncated": True}`` (the caller asked for
+    that bound and partial text is useful); only an empty cut answer (e.g. all tokens
+    spent on reasoning) is the error ``truncated_output``.
+    """
+    if truncated:
+        if not text.strip():
+            return failure(
+                provider, model, ErrorClass.TRUNCATED_OUTPUT, sent=True, usage=usage,
+                finish_reason="length", reason="empty_at_max_tokens",
+            )
+        return Outcome.success(text, usage, finish_reason="length", details={"truncated": True})
+    return Outcome.success(text, usage, finish_reason=finish_reason)
+
+
+Classifier = Callable[[int, Any], tuple[ErrorClass, str | None]]

@@ -1,0 +1,316 @@
+"""The MCP surface through a real MCP client: in memory, over stdio and over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client, StdioServerParameters
+
+from llmgw.kernel.testing import FakeProvider, gateway_from_yaml, mcp_session
+
+YAML = """
+plugins: [router, fake]
+task_classes:
+  quick_answer: {provider: fake, model: m1, max_tokens: 100, description: Short answers}
+  dual_opinion:
+    members:
+      - {provider: fake, model: m1}
+      - {provider: fake2, model: m2}
+"""
+
+
+def _gateway() -> Any:
+    return gateway_from_yaml(YAML, providers=[FakeProvider(), FakeProvider(name="fake2")])
+
+
+@pytest.mark.anyio
+async def test_tools_and_schemas_are_generated_from_the_config() -> None:
+    async with mcp_session(_gateway()) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert set(tools) == {"llm_route", "llm_routing_info"}  # no roles plugin: no orchestrate
+        props = tools["llm_route"].input_schema["properties"]
+        assert props["task_class"]["enum"] == ["dual_opinion", "quick_answer"]
+        assert "Short answers" in props["task_class"]["description"]
+        assert set(props) == {"task_class", "prompt", "system", "max_tokens", "override_model"}
+        assert tools["llm_route"].input_schema["required"] == ["task_class", "prompt"]
+
+
+@pytest.mark.anyio
+async def test_llm_route_returns_the_envelope() -> None:
+    async with mcp_session(_gateway()) as client:
+        r = await client.call_tool("llm_route", {"task_class": "quick_answer", "prompt": "hi"})
+        assert not r.is_error
+        env = r.structured_content
+        assert env == json.loads(r.content[0].text)
+        assert env["status"] == "success"
+        assert env["data"]["text"] == "echo[m1]: hi"
+        meta = env["meta"]
+        for key in ("provider", "model", "latency_ms", "tokens", "cost_usd_approx", "task_class"):
+            assert key in meta
+        assert set(meta["tokens"]) >= {"input", "output", "total"}
+
+
+@pytest.mark.anyio
+async def test_panel_reports_progress_per_member() -> None:
+    got: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(p: float, total: float | None, msg: str | None) -> None:
+        got.append((p, total, msg))
+
+    async with mcp_session(_gateway()) as client:
+        r = await client.call_tool(
+            "llm_route",
+            {"task_class": "dual_opinion", "prompt": "hi"},
+            progress_callback=on_progress,
+        )
+        assert r.structured_content["status"] == "success"
+        assert len(r.structured_content["data"]["members"]) == 2
+    assert [g[0] for g in got] == [1, 2]
+    assert all(g[1] == 2 for g in got)
+
+
+@pytest.mark.anyio
+async def test_bad_calls_get_errors_and_the_server_keeps_serving() -> None:
+    async with mcp_session(_gateway()) as client:
+        r = await client.call_tool("llm_route", {"task_class": "nope", "prompt": "hi"})
+        assert r.is_error
+        env = r.structured_content
+        assert env["meta"]["error_class"] == "unknown_task_class"
+        assert "dual_opinion, quick_answer" in env["error"]
+        for bad in (
+            {"task_class": "quick_answer"},
+            {"task_class": "quick_answer", "prompt": "x", "max_tokens": -1},
+            {"task_class": "quick_answer", "prompt": "x", "max_tokens": "many"},
+            {"task_class": 7, "prompt": None},
+            {"task_class": "quick_answer", "prompt": "   "},
+            {"task_class": "quick_answer", "prompt": "x", "override_model": "gpt-9"},
+        ):
+            r = await client.call_tool("llm_route", bad)
+            assert r.is_error, bad
+        r = await client.call_tool("no_such_tool", {})
+        assert r.is_error
+        r = await client.call_tool("llm_route", {"task_class": "quick_answer", "prompt": "ok"})
+        assert r.structured_content["status"] == "success"
+
+
+@pytest.mark.anyio
+async def test_routing_info_lists_classes_providers_and_plugins() -> None:
+    async with mcp_session(_gateway()) as client:
+        r = await client.call_tool("llm_routing_info", {})
+        info = r.structured_content["data"]
+        assert set(info["task_classes"]) == {"quick_answer", "dual_opinion"}
+        assert info["panels"] == ["dual_opinion"]
+        assert info["providers"]["fake"]["available"] is True
+        assert "router" in info["plugins"]
+        assert info["version"]
+
+
+# --- real transports ------------------------------------------------------------------
+
+HOOK = """
+from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin
+plugin = lambda ctx: FakeProviderPlugin(FakeProvider(), FakeProvider(name="fake2"))
+"""
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path) -> Path:
+    (tmp_path / "fakes.py").write_text(HOOK)
+    (tmp_path / "routing.yaml").write_text(textwrap.dedent(YAML).replace("fake]", "fakes.py]"))
+    return tmp_path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.anyio
+async def test_stdio_serve_subprocess(config_dir: Path) -> None:
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "llmgw.kernel.cli", "serve", "--config", str(config_dir / "routing.yaml")],
+        env=_env(),
+    )
+    async with Client(params) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert names == {"llm_route", "llm_routing_info"}
+        r = await client.call_tool("llm_route", {"task_class": "quick_answer", "prompt": "hi"})
+        assert r.structured_content["data"]["text"] == "echo[m1]: hi"
+        r = await client.call_tool("llm_route", {"task_class": "bad", "prompt": "hi"})
+        assert r.is_error
+        r = await client.call_tool("llm_route", {"task_class": "dual_opinion", "prompt": "x"})
+        assert r.structured_content["status"] == "success"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+@pytest.fixture
+def http_server(config_dir: Path) -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmgw.kernel.cli",
+            "serve",
+            "--http",
+            "--port",
+            str(port),
+            "--config",
+            str(config_dir / "routing.yaml"),
+        ],
+        env=_env(LLM_GATEWAY_HTTP_TOKEN=TOKEN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    proc.stderr.read().decode() if proc.stderr else "exited"
+                ) from None
+            time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+ACCEPT = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
+
+def test_http_refuses_what_it_must(http_server: str) -> None:
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    with httpx2.Client(timeout=10) as c:
+        r = c.post(http_server, json=INIT, headers=ACCEPT)
+        assert r.status_code == 401
+        r = c.post(http_server, json=INIT, headers={**ACCEPT, "authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = c.post(
+            http_server, json=INIT, headers={**ACCEPT, **auth, "origin": "http://evil.example"}
+        )
+        assert r.status_code == 403
+        r = c.post(http_server, json=INIT, headers={**ACCEPT, **auth, "host": "evil.example"})
+        assert r.status_code == 421
+        big = json.dumps({**INIT, "pad": "x" * (5 * 1024 * 1024)})
+        r = c.post(http_server, content=big, headers={**ACCEPT, **auth})
+        assert r.status_code == 413
+        r = c.post(http_server, json=INIT, headers={**ACCEPT, **auth})
+        assert r.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_http_client_session_and_duplicate_ids(http_server: str) -> None:
+    from mcp.client.streamable_http import streamable_http_client
+
+    hc = httpx2.AsyncClient(headers={"authorization": f"Bearer {TOKEN}"}, timeout=20)
+    async with Client(streamable_http_client(http_server, http_client=hc)) as client:
+        r = await client.call_tool(
+            "llm_route", {"task_class": "quick_answer", "prompt": "over http"}
+        )
+        assert r.structured_content["data"]["text"] == "echo[m1]: over http"
+
+    # Two raw calls with the same JSON-RPC id at once each get their own answer.
+    def call(prompt: str) -> dict[str, Any]:
+        body = {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "tools/call",
+            "params": {
+                "name": "llm_route",
+                "arguments": {"task_class": "quick_answer", "prompt": prompt},
+            },
+        }
+        headers = {
+            **ACCEPT,
+            "authorization": f"Bearer {TOKEN}",
+            "mcp-protocol-version": "2025-11-25",
+        }
+        with httpx2.Client(timeout=20) as c:
+            r = c.post(http_server, json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        for line in r.text.splitlines():
+            if line.startswith("data:"):
+                return json.loads(line[5:])  # type: ignore[no-any-return]
+        return json.loads(r.text)  # type: ignore[no-any-return]
+
+    results: dict[str, dict[str, Any]] = {}
+
+    async def run(prompt: str) -> None:
+        results[prompt] = await anyio.to_thread.run_sync(call, prompt)
+
+    async with anyio.create_task_group() as tg:
+        for p in ("alpha", "beta", "gamma"):
+            tg.start_soon(run, p)
+    for p, msg in results.items():
+        text = msg["result"]["structuredContent"]["data"]["text"]
+        assert text == f"echo[m1]: {p}"
+    await hc.aclose()
+
+
+def test_http_refuses_to_start_without_token_or_on_a_public_bind(config_dir: Path) -> None:
+    cfg = str(config_dir / "routing.yaml")
+    r = subprocess.run(
+        [sys.executable, "-m", "llmgw.kernel.cli", "serve", "--http", "--config", cfg],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "LLM_GATEWAY_HTTP_TOKEN is not set" in r.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmgw.kernel.cli",
+            "serve",
+            "--http",
+            "--host",
+            "0.0.0.0",
+            "--config",
+            cfg,
+        ],
+        env=_env(LLM_GATEWAY_HTTP_TOKEN=TOKEN),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "not a loopback address" in r.stderr

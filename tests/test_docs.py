@@ -1,0 +1,38 @@
+"""Meta-tests: every hook is documented in docs/plugins.md and exercised by a test."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from llmgw.kernel.loader import hook_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_has_a_section_in_the_plugin_guide(hook: str) -> None:
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    assert f"### {hook}\n" in guide, f"docs/plugins.md has no section for hook {hook!r}"
+    assert re.search(rf"def {hook}\(", guide), f"docs/plugins.md shows no signature of {hook!r}"
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_is_implemented_by_some_test(hook: str) -> None:
+    pattern = re.compile(rf"def {hook}\(")
+    for path in (ROOT / "tests").rglob("*.py"):
+        if path.name == "test_docs.py":
+            continue
+        if pattern.search(path.read_text()):
+            return
+    pytest.fail(f"no test implements hook {hook!r}")
+
+
+def test_the_guide_documents_no_hook_that_does_not_exist() -> None:
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    section_names = set(re.findall(r"^### (\w+)\n", guide, flags=re.M))
+    hooks = set(hook_names())
+    assert section_names & hooks == hooks
+    assert not {n for n in section_names - hooks if n.islower() and "_" in n}
