@@ -36,3 +36,19 @@ def test_the_guide_documents_no_hook_that_does_not_exist() -> None:
     hooks = set(hook_names())
     assert section_names & hooks == hooks
     assert not {n for n in section_names - hooks if n.islower() and "_" in n}
+
+
+def _readme_block_after(marker: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    after = readme.split(marker, 1)[1]
+    return after.split("```sh\n", 1)[1].split("\n```", 1)[0].strip()
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    command = _readme_block_after("**Run the tests**")
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci == command
+
+
+def test_readme_demo_command_runs_llmgw_demo() -> None:
+    assert _readme_block_after("**Run the gateway's main job offline**").endswith("llmgw demo")

@@ -119,7 +119,7 @@ class CircuitBreaker:
             elif result == "failure":
                 self._trip(now)
             return
-        if self._open or result == "ignored":
+        if self._open or ticket.generation != self.generation or result == "ignored":
             return
         failed = result == "failure"
         self.consecutive = self.consecutive + 1 if failed else 0

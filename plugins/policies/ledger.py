@@ -4,8 +4,8 @@ Invariant, per UTC month and scope (the total, each provider):
 ``settled + reserved + unknown <= cap``, also under concurrency and across processes
 sharing the ledger file. How:
 
-- ``before_call`` reserves the attempt's true upper bound (input bound × input price +
-  ``max_tokens`` × output price) in one ``BEGIN IMMEDIATE`` transaction across all scopes
+- ``before_call`` reserves the attempt's true upper bound (input bound x input price +
+  ``max_tokens`` x output price) in one ``BEGIN IMMEDIATE`` transaction across all scopes
   (:mod:`.ledger_store`), before any byte leaves the process. Every retry and fallback
   attempt reserves for itself. A panel reserves all its members at once, all or nothing,
   and hands each member's first attempt its reservation.
@@ -122,8 +122,10 @@ class LedgerPlugin:
         loop = asyncio.get_running_loop()
         if self._limiter is None or self._limiter[0] is not loop:
             self._limiter = (loop, anyio.CapacityLimiter(1))
+        limiter = self._limiter[1]
         with anyio.CancelScope(shield=True):
-            return await anyio.to_thread.run_sync(fn, limiter=self._limiter[1])
+            result = await anyio.to_thread.run_sync(fn, limiter=limiter)
+        return result
 
     # --- before_call: reserve --------------------------------------------------------
 
@@ -247,7 +249,7 @@ class LedgerPlugin:
         mine = call.stash.get(self.ctx.name)
         if mine is None or mine.get("reservation") is None or mine.get("settled"):
             return
-        rid: str = mine["reservation"]
+        rid = str(mine["reservation"])
         error = outcome.error_class.value if outcome.error_class else None
         self._check_growth(call, mine["amount"])
         if outcome.usage is not None:

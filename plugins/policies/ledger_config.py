@@ -161,16 +161,16 @@ def resolve_caps(settings: Settings, config: LedgerConfig | None) -> tuple[Caps,
         value = _usd_env(env, var)
         if value is None:
             continue
-        name = by_env.get(var)
-        if name is None:
+        provider = by_env.get(var)
+        if provider is None:
             raise ConfigError(
                 f"{var} sets a cap for provider {m.group(1).lower()!r}, which routing.yaml "
                 "does not use", file="environment", path=var,
                 fix="fix the provider part of the name (known: "
                 + ", ".join(env_name(p) for p in sorted(known)) + ") or unset it",
             )
-        providers[name] = value
-        origin[f"provider:{name}"] = var
+        providers[provider] = value
+        origin[f"provider:{provider}"] = var
     return Caps(total, providers), origin
 
 

@@ -119,7 +119,7 @@ class Breach:
         return max(0, self.cap_micro - self.use.used_micro)
 
 
-class CapExceeded(Exception):  # noqa: N818 - a refusal, not a failure of the store
+class CapExceeded(Exception):
     """A reservation was refused: it would put one or more scopes over their cap."""
 
     def __init__(self, breaches: Sequence[Breach]) -> None:
@@ -434,8 +434,9 @@ def _read_scopes(db: sqlite3.Connection, month: str, scopes: list[str]) -> dict[
     )
     marks = ",".join("?" * len(scopes))
     rows = db.execute(
-        "SELECT scope, settled_micro, overage_micro, reserved_micro, unknown_micro, cap_micro "
-        f"FROM totals WHERE month = ? AND scope IN ({marks})",  # noqa: S608 - only '?' marks
+        # Only '?' marks are formatted in: the values are bound parameters.
+        "SELECT scope, settled_micro, overage_micro, reserved_micro, unknown_micro, cap_micro "  # noqa: S608
+        f"FROM totals WHERE month = ? AND scope IN ({marks})",
         (month, *scopes),
     ).fetchall()
     return {r[0]: ScopeUse(*r) for r in rows}

@@ -1,12 +1,198 @@
-"""PLACEHOLDER: replaced by the real plugin in this session."""
+"""The ``anthropic`` plugin: the Messages API through the official SDK (``AsyncAnthropic``).
+
+The SDK is imported on the first call (importing it costs ~0.8 s), in a worker thread so
+the event loop keeps serving; importing this module or building the plugin does not
+import it. One client per provider, SDK retries off (``max_retries=0``). The SDK sends
+the key in a header only. We ask for the raw HTTP response and read the JSON ourselves:
+the same defensive parsing as the other providers, no model validation surprises.
+
+Key from ``ANTHROPIC_API_KEY``; base URL from ``providers.anthropic.base_url``, else
+``ANTHROPIC_BASE_URL``, else https://api.anthropic.com (the SDK's form, without /v1).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import json
+from collections.abc import Callable
 from typing import Any
 
-from llmgw.kernel import PluginError
+import httpx2
+
+from llmgw.kernel import ErrorClass, Outcome, PluginContext, Provider, ProviderRequest, Usage, hookimpl
+
+from .base import BaseProvider, Connection, resolve_connection
+from .http_errors import (
+    failure,
+    finish_outcome,
+    find_cause,
+    refine_invalid,
+    retry_hint,
+    status_class,
+    transport_class,
+)
+from .pricing import PriceBook
+
+NAME = "anthropic"
+
+# Anthropic's error.type values (https://docs.anthropic.com/en/api/errors).
+_TYPES: dict[str, ErrorClass] = {
+    "rate_limit_error": ErrorClass.RATE_LIMITED,
+    "overloaded_error": ErrorClass.OVERLOADED,
+    "api_error": ErrorClass.SERVER_ERROR,
+    "timeout_error": ErrorClass.TIMEOUT,
+    "authentication_error": ErrorClass.AUTH_ERROR,
+    "permission_error": ErrorClass.AUTH_ERROR,
+    "billing_error": ErrorClass.QUOTA_EXHAUSTED,
+    "not_found_error": ErrorClass.MODEL_NOT_FOUND,
+    "request_too_large": ErrorClass.REQUEST_TOO_LARGE,
+}
+_TRUNCATED = {"max_tokens", "model_context_window_exceeded"}
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class AnthropicProvider(BaseProvider):
+    """Claude models over ``AsyncAnthropic(...).messages.create``."""
+
+    def __init__(self, conn: Connection, prices: PriceBook, models: list[str]) -> None:
+        super().__init__(conn, prices, models)
+        self._sdk: Any = None
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    async def client(self) -> Any:
+        """The one SDK client, built on first use (importing the SDK then)."""
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    sdk = await asyncio.to_thread(importlib.import_module, "anthropic")
+                    self._sdk = sdk
+                    self._client = sdk.AsyncAnthropic(
+                        api_key=self.conn.key_value,
+                        base_url=self.conn.base_url,
+                        max_retries=0,
+                        timeout=httpx2.Timeout(
+                            self.conn.timeout_s, connect=self.conn.connect_timeout_s
+                        ),
+                    )
+        return self._client
+
+    async def _close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    def params(self, request: ProviderRequest) -> dict[str, Any]:
+        system = request.system or ""
+        messages: list[dict[str, str]] = []
+        for m in request.messages:
+            if m.role == "system":  # the Messages API takes the system prompt apart
+                system = f"{system}\n\n{m.content}" if system else m.content
+            else:
+                messages.append({"role": m.role, "content": m.content})
+        params: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": messages,
+        }
+        if system:
+            params["system"] = system
+        return params
+
+    async def _send(self, request: ProviderRequest) -> Outcome:
+        client = await self.client()
+        sdk = self._sdk
+        try:
+            raw = await client.messages.with_raw_response.create(
+                **self.params(request), timeout=self.conn.timeout(request.timeout_s)
+            )
+            content = await raw.http_response.aread()
+        except sdk.APIStatusError as exc:
+            return self.status_error(request.model, exc)
+        except sdk.APIConnectionError as exc:
+            cause = find_cause(exc, (httpx2.HTTPError,))
+            if cause is not None:
+                cls, sent = transport_class(cause)
+            elif isinstance(exc, sdk.APITimeoutError):
+                cls, sent = ErrorClass.TIMEOUT, True
+            else:
+                cls, sent = ErrorClass.CONNECTION_ERROR, True
+            return failure(self.name, request.model, cls, sent=sent)
+        except sdk.APIResponseValidationError:
+            return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True)
+        try:
+            data = json.loads(content)
+        except ValueError:
+            return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True,
+                           reason="not_json")
+        return self.parse(request.model, data)
+
+    def status_error(self, model: str, exc: Any) -> Outcome:
+        status = int(exc.status_code)
+        body = exc.body if isinstance(exc.body, dict) else None
+        err = body.get("error") if body else None
+        kind = str(err.get("type") or "") if isinstance(err, dict) else ""
+        message = str(err.get("message") or "") if isinstance(err, dict) else ""
+        cls = _TYPES.get(kind) or status_class(status)
+        reason = kind if kind in _TYPES else None
+        if cls in {ErrorClass.INVALID_REQUEST, ErrorClass.REQUEST_TOO_LARGE}:
+            cls, refined = refine_invalid(cls, message)
+            reason = refined or reason
+        headers = exc.response.headers if getattr(exc, "response", None) is not None else None
+        hint = retry_hint(headers) if cls != ErrorClass.QUOTA_EXHAUSTED else None
+        return failure(self.name, model, cls, sent=True, status=status, retry_after_s=hint,
+                       reason=reason)
+
+    def parse(self, model: str, data: Any) -> Outcome:
+        if not isinstance(data, dict) or not isinstance(data.get("content"), list):
+            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
+                           reason="no_content")
+        raw_usage = data.get("usage")
+        usage = None
+        if isinstance(raw_usage, dict):
+            cache_read = _int(raw_usage.get("cache_read_input_tokens"))
+            cache_write = _int(raw_usage.get("cache_creation_input_tokens"))
+            # Anthropic's input_tokens excludes cache reads and writes; ours is the total.
+            usage = Usage(
+                input_tokens=_int(raw_usage.get("input_tokens")) + cache_read + cache_write,
+                output_tokens=_int(raw_usage.get("output_tokens")),
+                cached_input_tokens=cache_read,
+            )
+        # Only "text" blocks are the answer; "thinking" blocks stay out of it.
+        text = "".join(
+            b["text"] for b in data["content"]
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        )
+        stop = str(data.get("stop_reason") or "end_turn")
+        if stop == "refusal":
+            return failure(self.name, model, ErrorClass.CONTENT_REFUSED, sent=True, usage=usage,
+                           finish_reason="refusal", reason="refusal")
+        return finish_outcome(self.name, model, text, usage, stop, truncated=stop in _TRUNCATED)
 
 
 class AnthropicPlugin:
-    def __init__(self, ctx: Any) -> None:
-        raise PluginError(ctx.name, "not built yet")
+    """Registers the ``anthropic`` provider (the SDK is imported on its first call)."""
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+        conn = resolve_connection(
+            NAME, ctx, default_key_env="ANTHROPIC_API_KEY",
+            default_base_url="https://api.anthropic.com", base_url_env="ANTHROPIC_BASE_URL",
+        )
+        spec = ctx.settings.providers.get(NAME)
+        self.provider = AnthropicProvider(
+            conn, PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="anthropic"),
+            list(spec.models) if spec else [],
+        )
+
+    @hookimpl
+    def register_providers(self, register: Callable[[Provider], None]) -> None:
+        register(self.provider)
+
+    @hookimpl
+    def report_info(self) -> dict[str, Any]:
+        return self.provider.report()

@@ -1,12 +1,240 @@
-"""PLACEHOLDER: replaced by the real plugin in this session."""
+"""The ``gemini`` plugin: Gemini through ``google-genai`` with an API key (not Vertex).
+
+Only the SDK's async client (``client.aio``) is used, never the sync client in a thread.
+``google.genai`` is imported on the first call, in a worker thread; importing this module
+or building the plugin does not import it. We hand the SDK our own ``httpx2.AsyncClient``
+(one per provider, closed in ``aclose``), turn its retries off
+(``HttpRetryOptions(attempts=1)``) and pin ``api_version="v1beta"``. The key travels in
+the ``x-goog-api-key`` header, never in the URL.
+
+Key from ``GEMINI_API_KEY``; base URL from ``providers.gemini.base_url``, else
+``GEMINI_BASE_URL``, else https://generativelanguage.googleapis.com (the SDK's form).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import json
+from collections.abc import Callable
 from typing import Any
 
-from llmgw.kernel import PluginError
+import httpx2
+
+from llmgw.kernel import ErrorClass, Outcome, PluginContext, Provider, ProviderRequest, Usage, hookimpl
+
+from .base import BaseProvider, Connection, resolve_connection
+from .http_errors import (
+    failure,
+    finish_outcome,
+    find_cause,
+    gemini_retry_delay,
+    refine_invalid,
+    retry_hint,
+    status_class,
+    transport_class,
+)
+from .pricing import PriceBook
+
+NAME = "gemini"
+
+# Finish and block reasons that mean the content was filtered.
+_REFUSED = {
+    "SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT", "MODEL_ARMOR", "JAILBREAK", "LANGUAGE", "OTHER",
+}
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _name(value: Any) -> str:
+    """An SDK enum member or a plain string, as its upper-case name."""
+    if value is None:
+        return ""
+    return str(getattr(value, "name", value)).upper()
+
+
+class GeminiProvider(BaseProvider):
+    """Gemini models over ``client.aio.models.generate_content``."""
+
+    def __init__(self, conn: Connection, prices: PriceBook, models: list[str]) -> None:
+        super().__init__(conn, prices, models)
+        self._genai: Any = None
+        self._types: Any = None
+        self._errors: Any = None
+        self._client: Any = None
+        self._http: httpx2.AsyncClient | None = None
+        self._lock = asyncio.Lock()
+
+    async def client(self) -> Any:
+        """The one SDK client, built on first use (importing google.genai then)."""
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    await asyncio.to_thread(importlib.import_module, "google.genai")
+                    genai = importlib.import_module("google.genai")
+                    types = importlib.import_module("google.genai.types")
+                    self._errors = importlib.import_module("google.genai.errors")
+                    self._types = types
+                    self._http = httpx2.AsyncClient(
+                        timeout=httpx2.Timeout(
+                            self.conn.timeout_s, connect=self.conn.connect_timeout_s
+                        ),
+                        follow_redirects=False,
+                    )
+                    self._client = genai.Client(
+                        api_key=self.conn.key_value,
+                        vertexai=False,
+                        http_options=types.HttpOptions(
+                            base_url=self.conn.base_url,
+                            api_version="v1beta",
+                            timeout=int(self.conn.timeout_s * 1000),
+                            retry_options=types.HttpRetryOptions(attempts=1),
+                            httpx_async_client=self._http,
+                        ),
+                    )
+        return self._client
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        http, self._http = self._http, None
+        if client is not None:
+            await client.aio.aclose()
+        if http is not None:
+            await http.aclose()
+
+    def call_args(self, request: ProviderRequest) -> dict[str, Any]:
+        types = self._types
+        system = request.system or ""
+        contents = []
+        for m in request.messages:
+            if m.role == "system":
+                system = f"{system}\n\n{m.content}" if system else m.content
+                continue
+            role = "model" if m.role == "assistant" else "user"
+            contents.append(types.Content(role=role, parts=[types.Part(text=m.content)]))
+        timeout = self.conn.timeout(request.timeout_s)
+        config = types.GenerateContentConfig(
+            system_instruction=system or None,
+            max_output_tokens=request.max_tokens,
+            # Per request: the remaining deadline when it is shorter (milliseconds).
+            http_options=types.HttpOptions(timeout=max(1, int((timeout.read or 1) * 1000))),
+        )
+        return {"model": request.model, "contents": contents, "config": config}
+
+    async def _send(self, request: ProviderRequest) -> Outcome:
+        client = await self.client()
+        try:
+            response = await client.aio.models.generate_content(**self.call_args(request))
+        except self._errors.APIError as exc:
+            return self.api_error(request.model, exc)
+        except httpx2.HTTPError as exc:
+            cls, sent = transport_class(exc)
+            return failure(self.name, request.model, cls, sent=sent)
+        except (ValueError, TypeError) as exc:  # JSONDecodeError, pydantic ValidationError
+            cause = find_cause(exc, (httpx2.HTTPError,))
+            if cause is not None:
+                cls, sent = transport_class(cause)
+                return failure(self.name, request.model, cls, sent=sent)
+            return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True,
+                           reason="not_json" if isinstance(exc, json.JSONDecodeError) else None)
+        return self.parse(request.model, response)
+
+    def api_error(self, model: str, exc: Any) -> Outcome:
+        status = int(exc.code or 0)
+        body = exc.details if isinstance(exc.details, dict) else {}
+        err = body.get("error", body)
+        err = err if isinstance(err, dict) else {}
+        gstatus = str(err.get("status") or exc.status or "")
+        message = str(err.get("message") or "")
+        details = err.get("details") if isinstance(err.get("details"), list) else []
+        reasons = {str(d.get("reason")) for d in details if isinstance(d, dict)}
+        quota_ids = [
+            str(v.get("quotaId", ""))
+            for d in details if isinstance(d, dict) and str(d.get("@type", "")).endswith("QuotaFailure")
+            for v in (d.get("violations") or []) if isinstance(v, dict)
+        ]
+        cls = status_class(status) if status else ErrorClass.SERVER_ERROR
+        reason: str | None = None
+        if "API_KEY_INVALID" in reasons or gstatus in {"UNAUTHENTICATED", "PERMISSION_DENIED"}:
+            cls, reason = ErrorClass.AUTH_ERROR, "api_key_invalid"
+        elif status == 429 and any("PerDay" in q for q in quota_ids):
+            # A daily quota will not come back within any deadline: exhausted, not throttled.
+            cls, reason = ErrorClass.QUOTA_EXHAUSTED, "daily_quota"
+        elif gstatus == "DEADLINE_EXCEEDED":
+            cls = ErrorClass.TIMEOUT
+        else:
+            cls, reason = refine_invalid(cls, message)
+        hint = None
+        if cls != ErrorClass.QUOTA_EXHAUSTED:
+            response = getattr(exc, "response", None)
+            headers = getattr(response, "headers", None)
+            hint = retry_hint(headers)
+            if hint is None:
+                hint = gemini_retry_delay(body)
+        return failure(self.name, model, cls, sent=True, status=status or None,
+                       retry_after_s=hint, reason=reason)
+
+    def parse(self, model: str, r: Any) -> Outcome:
+        meta = getattr(r, "usage_metadata", None)
+        usage = None
+        if meta is not None:
+            candidates_n = _int(getattr(meta, "candidates_token_count", None))
+            thoughts = _int(getattr(meta, "thoughts_token_count", None))
+            # Thinking tokens are billed as output but reported apart: add them.
+            usage = Usage(
+                input_tokens=_int(getattr(meta, "prompt_token_count", None)),
+                output_tokens=candidates_n + thoughts,
+                cached_input_tokens=_int(getattr(meta, "cached_content_token_count", None)),
+                reasoning_tokens=thoughts,
+            )
+        feedback = getattr(r, "prompt_feedback", None)
+        block = _name(getattr(feedback, "block_reason", None)) if feedback is not None else ""
+        if block and block != "BLOCKED_REASON_UNSPECIFIED":
+            return failure(self.name, model, ErrorClass.CONTENT_REFUSED, sent=True, usage=usage,
+                           finish_reason=block.lower(), reason="prompt_blocked")
+        candidates = getattr(r, "candidates", None) or []
+        if not candidates:
+            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
+                           usage=usage, reason="no_candidates")
+        cand = candidates[0]
+        finish = _name(getattr(cand, "finish_reason", None)) or "STOP"
+        content = getattr(cand, "content", None)
+        parts = getattr(content, "parts", None) or []
+        # Thought summaries (part.thought) are not the answer.
+        text = "".join(
+            p.text for p in parts if isinstance(getattr(p, "text", None), str)
+            and not getattr(p, "thought", False)
+        )
+        if finish in _REFUSED:
+            return failure(self.name, model, ErrorClass.CONTENT_REFUSED, sent=True, usage=usage,
+                           finish_reason=finish.lower(), reason=finish.lower())
+        return finish_outcome(self.name, model, text, usage, finish.lower(),
+                              truncated=finish == "MAX_TOKENS")
 
 
 class GeminiPlugin:
-    def __init__(self, ctx: Any) -> None:
-        raise PluginError(ctx.name, "not built yet")
+    """Registers the ``gemini`` provider (google.genai is imported on its first call)."""
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+        conn = resolve_connection(
+            NAME, ctx, default_key_env="GEMINI_API_KEY",
+            default_base_url="https://generativelanguage.googleapis.com",
+            base_url_env="GEMINI_BASE_URL",
+        )
+        spec = ctx.settings.providers.get(NAME)
+        self.provider = GeminiProvider(
+            conn, PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="google"),
+            list(spec.models) if spec else [],
+        )
+
+    @hookimpl
+    def register_providers(self, register: Callable[[Provider], None]) -> None:
+        register(self.provider)
+
+    @hookimpl
+    def report_info(self) -> dict[str, Any]:
+        return self.provider.report()
