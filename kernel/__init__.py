@@ -12,6 +12,7 @@ if __name__ != "llmgw.kernel":  # pragma: no cover - guard against a bare `impor
         "not as a bare `kernel`"
     )
 
+from .build import build_gateway
 from .config import Settings, load_settings
 from .envelope import Envelope
 from .errors import (
@@ -25,7 +26,7 @@ from .errors import (
     PluginError,
     RouteError,
 )
-from .gateway import Gateway, build_gateway
+from .gateway import Gateway
 from .hookspecs import hookimpl
 from .loader import PluginContext
 from .tools import ToolSpec

@@ -16,9 +16,10 @@ from typing import Any, TextIO
 import anyio
 
 from . import __version__
+from .build import build_gateway
 from .config import Settings, config_path, load_settings
 from .errors import ConfigError, PluginError
-from .gateway import Gateway, build_gateway
+from .gateway import Gateway
 from .logs import configure_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2

@@ -14,13 +14,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pluggy
@@ -28,10 +26,9 @@ import structlog
 
 from .config import Settings
 from .envelope import Envelope
-from .errors import ConfigError, ErrorClass, PluginError, RouteError, default_message
+from .errors import ErrorClass, RouteError, default_message
 from .hooks import HookFacade
-from .loader import LoadedPlugin, load_plugins
-from .logs import configure_logging
+from .loader import LoadedPlugin
 from .tools import ToolSpec
 from .types import (
     Call,
@@ -43,11 +40,13 @@ from .types import (
     Request,
     Route,
     Status,
-    SystemClock,
     Target,
     Verdict,
     micro_to_usd,
 )
+
+if TYPE_CHECKING:
+    from .panel import Claims
 
 ProgressFn = Callable[[float, float, str], Awaitable[None]]
 
@@ -269,7 +268,7 @@ class Gateway:
         first_call: Call | None = None,
         member_index: int | None = None,
         panel: Call | None = None,
-        claims: _Claims | None = None,
+        claims: Claims | None = None,
     ) -> ChainResult:
         started = self.clock.monotonic()
         meta: dict[str, Any] = first_call.meta if first_call is not None else {}
@@ -484,170 +483,14 @@ class Gateway:
         )
         return Envelope(status, envelope.text, meta, envelope.error, envelope.data)
 
-    # --- panels --------------------------------------------------------------------------
+    # --- panels ------------------------------------------------------------------
 
     async def _run_panel(
         self, request: Request, route: Route, deadline: float, progress: ProgressFn | None
     ) -> Envelope:
-        started = self.clock.monotonic()
-        members = route.members
-        distinct = len({m.targets[0].provider for m in members})
-        base_meta: dict[str, Any] = {
-            "task_class": request.task_class,
-            "request_id": request.request_id,
-        }
-        if distinct < route.min_distinct_providers:
-            return Envelope.failure(
-                ErrorClass.POLICY_REFUSED,
-                f"this panel needs {route.min_distinct_providers} distinct providers but its "
-                f"members use {distinct}; nothing was sent",
-                base_meta,
-            )
-        panel_meta: dict[str, Any] = {}
-        panel_call = Call(
-            request=request,
-            route=route,
-            settings=self.settings,
-            target=None,
-            system=effective_system(request, route),
-            messages=[Message("user", request.prompt)],
-            max_tokens=0,
-            deadline=deadline,
-            meta=panel_meta,
-        )
-        first_calls = tuple(
-            self._new_call(
-                request,
-                m,
-                m.targets[0],
-                deadline=deadline,
-                index=0,
-                attempt=1,
-                meta={},
-                history=(),
-                member_index=i,
-                panel=panel_call,
-            )
-            for i, m in enumerate(members)
-        )
-        panel_call.members = first_calls
-        rejection = await self.hooks.preflight(panel_call)
-        if rejection is not None:
-            meta = {**base_meta, **panel_meta, "rejected_by": rejection.plugin}
-            return Envelope.failure(
-                rejection.error_class, rejection.message + "; nothing was sent", meta
-            )
+        from .panel import run_panel
 
-        results: list[ChainResult | None] = [None] * len(members)
-        claims = _Claims(members)
-        quorum = route.quorum or len(members)
-        done = 0
-
-        async def run_member(i: int) -> None:
-            nonlocal done
-            results[i] = await self._run_chain(
-                request,
-                members[i],
-                deadline,
-                first_call=first_calls[i],
-                member_index=i,
-                panel=panel_call,
-                claims=claims,
-            )
-            done += 1
-            if progress is not None:
-                r = results[i]
-                state = "ok" if r and r.outcome.ok else "failed"
-                await _safe_progress(progress, done, len(members), f"member {i + 1} {state}")
-
-        async def send_all() -> Outcome:
-            async with asyncio.TaskGroup() as tg:
-                for i in range(len(members)):
-                    tg.create_task(run_member(i))
-            ok = sum(1 for r in results if r is not None and r.outcome.ok)
-            if ok >= quorum:
-                return Outcome.success("", None)
-            return Outcome.failure(
-                ErrorClass.PANEL_FAILED, f"{ok} of {len(members)} members succeeded", sent=True
-            )
-
-        attempt = await self.hooks.run_attempt(panel_call, send_all)
-        if attempt.refusal is not None:
-            meta = {**base_meta, **panel_meta, "refused_by": attempt.refused_by}
-            return Envelope.failure(
-                attempt.refusal.error_class, attempt.refusal.message + "; nothing was sent", meta
-            )
-        return self._panel_envelope(request, route, results, panel_meta, quorum, started)
-
-    def _panel_envelope(
-        self,
-        request: Request,
-        route: Route,
-        results: list[ChainResult | None],
-        panel_meta: dict[str, Any],
-        quorum: int,
-        started: float,
-    ) -> Envelope:
-        member_envs: list[dict[str, Any]] = []
-        tokens_in = tokens_out = 0
-        cost = 0
-        unknown = False
-        ok = 0
-        classes: list[str | None] = []
-        for member, result in zip(route.members, results, strict=True):
-            assert result is not None
-            env = self._chain_envelope(request, member, result)
-            member_envs.append(env.to_dict())
-            tokens_in += env.meta["tokens"]["input"]
-            tokens_out += env.meta["tokens"]["output"]
-            cost_usd = env.meta.get("cost_usd_approx")
-            if cost_usd is None:
-                cost_usd = env.meta.get("cost_usd_known")
-            cost += round((cost_usd or 0) * 1_000_000)
-            unknown = unknown or "cost_note" in env.meta
-            if env.ok:
-                ok += 1
-            classes.append(env.error_class)
-        meta: dict[str, Any] = {
-            "provider": None,
-            "model": None,
-            "latency_ms": round((self.clock.monotonic() - started) * 1000, 2),
-            "tokens": {"input": tokens_in, "output": tokens_out, "total": tokens_in + tokens_out},
-            "cost_usd_approx": micro_to_usd(cost),
-            "task_class": request.task_class,
-            "request_id": request.request_id,
-            "panel": {
-                "members": len(route.members),
-                "succeeded": ok,
-                "quorum": quorum,
-                "member_error_classes": classes,
-            },
-        }
-        if unknown:
-            meta["cost_usd_known"] = meta["cost_usd_approx"]
-            meta["cost_usd_approx"] = None
-            meta["cost_note"] = "cost unknown for some members; cost_usd_known is the known part"
-        meta.update(panel_meta)
-        texts = [
-            f"[{m['meta']['provider']}/{m['meta']['model']}]\n{m['data']['text']}"
-            for m in member_envs
-            if m["status"] == "success"
-        ]
-        data = {"members": member_envs}
-        if ok >= quorum:
-            return Envelope("success", "\n\n".join(texts), meta, data=data)
-        meta["error_class"] = ErrorClass.PANEL_FAILED.value
-        failed = ", ".join(f"member {i + 1}: {c}" for i, c in enumerate(classes) if c)
-        return Envelope(
-            "error",
-            None,
-            meta,
-            error=f"only {ok} of {len(route.members)} panel members succeeded (quorum {quorum}); "
-            f"{failed}",
-            data=data,
-        )
-
-    # --- introspection ------------------------------------------------------------------
+        return await run_panel(self, request, route, deadline, progress)
 
     def routing_info(self) -> dict[str, Any]:
         """What ``llm_routing_info`` returns: classes, providers, plugins, their sections."""
@@ -691,28 +534,6 @@ class Gateway:
         }
 
 
-class _Claims:
-    """Which (provider, model) each panel member uses, so fallbacks never collide."""
-
-    def __init__(self, members: tuple[Route, ...]) -> None:
-        self._owner: dict[str, int] = {
-            m.targets[0].key: i for i, m in enumerate(members) if m.targets
-        }
-
-    def claim(self, member: int | None, target: Target) -> bool:
-        if member is None:
-            return True
-        owner = self._owner.setdefault(target.key, member)
-        return owner == member
-
-
-async def _safe_progress(progress: ProgressFn, done: float, total: float, msg: str) -> None:
-    try:
-        await progress(done, total, msg)
-    except Exception:
-        log.warning("progress.failed")
-
-
 def effective_system(request: Request, route: Route) -> str | None:
     """The caller's system prompt, else the task class default carried by the route."""
     return request.system if request.system is not None else route.system
@@ -722,94 +543,3 @@ def _replace(outcome: Outcome, **changes: Any) -> Outcome:
     from dataclasses import replace
 
     return replace(outcome, **changes)
-
-
-def build_gateway(
-    settings: Settings,
-    *,
-    clock: Clock | None = None,
-    rng: random.Random | None = None,
-    extra_plugins: Mapping[str, object] | None = None,
-) -> Gateway:
-    """Load the configured plugins, register their providers, check the routes.
-
-    Raises :class:`ConfigError` or :class:`PluginError` with a message that names the
-    file, the path and the fix.
-    """
-    if not structlog.is_configured():
-        # Library use: never let the default structlog config print to stdout, which
-        # belongs to the MCP stdio protocol.
-        configure_logging(settings.gateway.log_level)
-    clock = clock or SystemClock()
-    ref: list[Gateway] = []
-    pm, loaded = load_plugins(
-        settings,
-        clock=clock,
-        rng=rng or random.Random(),
-        gateway_ref=ref,
-        extra=dict(extra_plugins or {}),
-    )
-    gateway = Gateway(settings, pm, loaded, clock=clock)
-    ref.append(gateway)
-
-    current: list[str] = []
-
-    def register(provider: Provider) -> None:
-        name = getattr(provider, "name", None)
-        if not isinstance(name, str) or not name:
-            raise PluginError(current[0], "registered a provider without a name")
-        if name in gateway.providers:
-            raise PluginError(
-                current[0],
-                f"registers provider {name!r}, already registered by "
-                f"{gateway.provider_origin[name]!r}",
-                fix="remove one of the two plugins from plugins:",
-            )
-        gateway.providers[name] = provider
-        gateway.provider_origin[name] = current[0]
-
-    for impl in gateway.hooks.impls("register_providers"):
-        current[:] = [impl.plugin_name]
-        impl.function(register=register)
-
-    def register_tool(tool: ToolSpec) -> None:
-        if any(t.name == tool.name for t in gateway.tools):
-            raise PluginError(current[0], f"registers tool {tool.name!r} twice")
-        gateway.tools.append(tool)
-
-    for impl in gateway.hooks.impls("register_tools"):
-        current[:] = [impl.plugin_name]
-        impl.function(register=register_tool)
-
-    _check_route_providers(settings, gateway)
-    return gateway
-
-
-def _check_route_providers(settings: Settings, gateway: Gateway) -> None:
-    known = sorted(gateway.providers)
-    hint = f"registered providers: {', '.join(known)}" if known else "no provider plugin is enabled"
-    for name, spec in settings.task_classes.items():
-        targets = (
-            [
-                (f"task_classes.{name}.members[{i}].provider", m.provider)
-                for i, m in enumerate(spec.members)
-            ]
-            if spec.members
-            else [(f"task_classes.{name}.provider", spec.provider or "")]
-        )
-        for path, provider in targets:
-            if provider not in gateway.providers:
-                raise ConfigError(
-                    f"unknown provider {provider!r}",
-                    file=settings.file_label,
-                    path=path,
-                    fix=f"{hint}; add the provider's plugin to plugins: or fix the name",
-                )
-    for name in settings.providers:
-        if name not in gateway.providers:
-            raise ConfigError(
-                f"settings for provider {name!r}, which no enabled plugin registers",
-                file=settings.file_label,
-                path=f"providers.{name}",
-                fix=f"{hint}; enable its plugin or remove the section",
-            )

@@ -29,9 +29,10 @@ from typing import Any
 
 import pytest
 
+from .build import build_gateway
 from .config import load_settings
 from .errors import ErrorClass
-from .gateway import Gateway, build_gateway
+from .gateway import Gateway
 from .hookspecs import hookimpl
 from .types import Outcome, Price, ProviderRequest, ProviderStatus, Usage
 

@@ -19,7 +19,11 @@ from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+import structlog
+
 from llmgw.kernel import Clock, Price, Settings
+
+log = structlog.get_logger("llmgw.providers.pricing")
 
 OVERRIDE_SOURCE = "routing.yaml prices"
 
@@ -72,7 +76,12 @@ class PriceBook:
             return None
         # The largest input bound a request can have: system and prompt at the byte cap.
         max_input = 16 + 2 * (self.settings.gateway.max_prompt_bytes + 8)
-        return genai_price(model, self.genai_provider, self.clock.now(), max_input)
+        try:
+            return genai_price(model, self.genai_provider, self.clock.now(), max_input)
+        except Exception as exc:  # bad bundled data must not break routing: price unknown
+            log.warning("pricing.lookup_failed", provider=self.provider, model=model,
+                        error_type=type(exc).__name__)
+            return None
 
 
 def genai_price(model: str, provider_id: str, now: datetime, max_input_tokens: int) -> PriceInfo | None:
@@ -135,8 +144,8 @@ def _day_prices(info: Any, types_mod: Any, now: datetime) -> list[Any]:
     return found
 
 
-def _key(mp: Any) -> tuple[Any, ...]:
-    return (getattr(mp, "input_mtok", None), getattr(mp, "output_mtok", None))
+def _key(mp: Any) -> str:
+    return repr((getattr(mp, "input_mtok", None), getattr(mp, "output_mtok", None)))
 
 
 def price_dict(info: PriceInfo | None) -> dict[str, Any]:

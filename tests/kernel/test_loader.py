@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from llmgw.kernel import PluginError, Request, hookimpl, load_settings
-from llmgw.kernel.gateway import build_gateway
+from llmgw.kernel.build import build_gateway
 from llmgw.kernel.loader import hook_names
 from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin, gateway_from_yaml
 

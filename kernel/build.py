@@ -1,0 +1,107 @@
+"""Building a gateway: load the plugins, register providers and tools, check routes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+import structlog
+
+from .config import Settings
+from .errors import ConfigError, PluginError
+from .gateway import Gateway
+from .loader import load_plugins
+from .logs import configure_logging
+from .tools import ToolSpec
+from .types import Clock, Provider, SystemClock
+
+
+def build_gateway(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+    extra_plugins: Mapping[str, object] | None = None,
+) -> Gateway:
+    """Load the configured plugins, register their providers, check the routes.
+
+    Raises :class:`ConfigError` or :class:`PluginError` with a message that names the
+    file, the path and the fix.
+    """
+    if not structlog.is_configured():
+        # Library use: never let the default structlog config print to stdout, which
+        # belongs to the MCP stdio protocol.
+        configure_logging(settings.gateway.log_level)
+    clock = clock or SystemClock()
+    ref: list[Gateway] = []
+    pm, loaded = load_plugins(
+        settings,
+        clock=clock,
+        rng=rng or random.Random(),
+        gateway_ref=ref,
+        extra=dict(extra_plugins or {}),
+    )
+    gateway = Gateway(settings, pm, loaded, clock=clock)
+    ref.append(gateway)
+
+    current: list[str] = []
+
+    def register(provider: Provider) -> None:
+        name = getattr(provider, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(current[0], "registered a provider without a name")
+        if name in gateway.providers:
+            raise PluginError(
+                current[0],
+                f"registers provider {name!r}, already registered by "
+                f"{gateway.provider_origin[name]!r}",
+                fix="remove one of the two plugins from plugins:",
+            )
+        gateway.providers[name] = provider
+        gateway.provider_origin[name] = current[0]
+
+    for impl in gateway.hooks.impls("register_providers"):
+        current[:] = [impl.plugin_name]
+        impl.function(register=register)
+
+    def register_tool(tool: ToolSpec) -> None:
+        if any(t.name == tool.name for t in gateway.tools):
+            raise PluginError(current[0], f"registers tool {tool.name!r} twice")
+        gateway.tools.append(tool)
+
+    for impl in gateway.hooks.impls("register_tools"):
+        current[:] = [impl.plugin_name]
+        impl.function(register=register_tool)
+
+    _check_route_providers(settings, gateway)
+    return gateway
+
+
+def _check_route_providers(settings: Settings, gateway: Gateway) -> None:
+    known = sorted(gateway.providers)
+    hint = f"registered providers: {', '.join(known)}" if known else "no provider plugin is enabled"
+    for name, spec in settings.task_classes.items():
+        targets = (
+            [
+                (f"task_classes.{name}.members[{i}].provider", m.provider)
+                for i, m in enumerate(spec.members)
+            ]
+            if spec.members
+            else [(f"task_classes.{name}.provider", spec.provider or "")]
+        )
+        for path, provider in targets:
+            if provider not in gateway.providers:
+                raise ConfigError(
+                    f"unknown provider {provider!r}",
+                    file=settings.file_label,
+                    path=path,
+                    fix=f"{hint}; add the provider's plugin to plugins: or fix the name",
+                )
+    for name in settings.providers:
+        if name not in gateway.providers:
+            raise ConfigError(
+                f"settings for provider {name!r}, which no enabled plugin registers",
+                file=settings.file_label,
+                path=f"providers.{name}",
+                fix=f"{hint}; enable its plugin or remove the section",
+            )

@@ -1,0 +1,212 @@
+"""Panels: every member's request is final and preflighted before any is dispatched.
+
+The panel-level call goes through ``preflight`` and ``before_call`` like any attempt
+(a plugin sees the whole panel there: independence certifies it, the ledger reserves it
+all or nothing); then each member runs the gateway's chain concurrently, and
+``after_call`` closes the panel-level call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .envelope import Envelope
+from .errors import ErrorClass
+from .gateway import effective_system
+from .types import Call, Message, Outcome, Request, Route, Target, micro_to_usd
+
+if TYPE_CHECKING:
+    from .gateway import ChainResult, Gateway, ProgressFn
+
+log = structlog.get_logger("llmgw.panel")
+
+
+async def run_panel(
+    gw: Gateway, request: Request, route: Route, deadline: float, progress: ProgressFn | None
+) -> Envelope:
+    started = gw.clock.monotonic()
+    members = route.members
+    distinct = len({m.targets[0].provider for m in members})
+    base_meta: dict[str, Any] = {
+        "task_class": request.task_class,
+        "request_id": request.request_id,
+    }
+    if distinct < route.min_distinct_providers:
+        return Envelope.failure(
+            ErrorClass.POLICY_REFUSED,
+            f"this panel needs {route.min_distinct_providers} distinct providers but its "
+            f"members use {distinct}; nothing was sent",
+            base_meta,
+        )
+    panel_meta: dict[str, Any] = {}
+    panel_call = Call(
+        request=request,
+        route=route,
+        settings=gw.settings,
+        target=None,
+        system=effective_system(request, route),
+        messages=[Message("user", request.prompt)],
+        max_tokens=0,
+        deadline=deadline,
+        meta=panel_meta,
+    )
+    first_calls = tuple(
+        gw._new_call(
+            request,
+            m,
+            m.targets[0],
+            deadline=deadline,
+            index=0,
+            attempt=1,
+            meta={},
+            history=(),
+            member_index=i,
+            panel=panel_call,
+        )
+        for i, m in enumerate(members)
+    )
+    panel_call.members = first_calls
+    rejection = await gw.hooks.preflight(panel_call)
+    if rejection is not None:
+        meta = {**base_meta, **panel_meta, "rejected_by": rejection.plugin}
+        return Envelope.failure(
+            rejection.error_class, rejection.message + "; nothing was sent", meta
+        )
+
+    results: list[ChainResult | None] = [None] * len(members)
+    claims = Claims(members)
+    quorum = route.quorum or len(members)
+    done = 0
+
+    async def run_member(i: int) -> None:
+        nonlocal done
+        results[i] = await gw._run_chain(
+            request,
+            members[i],
+            deadline,
+            first_call=first_calls[i],
+            member_index=i,
+            panel=panel_call,
+            claims=claims,
+        )
+        done += 1
+        if progress is not None:
+            r = results[i]
+            state = "ok" if r and r.outcome.ok else "failed"
+            await _safe_progress(progress, done, len(members), f"member {i + 1} {state}")
+
+    async def send_all() -> Outcome:
+        async with asyncio.TaskGroup() as tg:
+            for i in range(len(members)):
+                tg.create_task(run_member(i))
+        ok = sum(1 for r in results if r is not None and r.outcome.ok)
+        if ok >= quorum:
+            return Outcome.success("", None)
+        return Outcome.failure(
+            ErrorClass.PANEL_FAILED, f"{ok} of {len(members)} members succeeded", sent=True
+        )
+
+    attempt = await gw.hooks.run_attempt(panel_call, send_all)
+    if attempt.refusal is not None:
+        meta = {**base_meta, **panel_meta, "refused_by": attempt.refused_by}
+        return Envelope.failure(
+            attempt.refusal.error_class, attempt.refusal.message + "; nothing was sent", meta
+        )
+    return panel_envelope(gw, request, route, results, panel_meta, quorum, started)
+
+
+def panel_envelope(
+    gw: Gateway,
+    request: Request,
+    route: Route,
+    results: list[ChainResult | None],
+    panel_meta: dict[str, Any],
+    quorum: int,
+    started: float,
+) -> Envelope:
+    member_envs: list[dict[str, Any]] = []
+    tokens_in = tokens_out = 0
+    cost = 0
+    unknown = False
+    ok = 0
+    classes: list[str | None] = []
+    for member, result in zip(route.members, results, strict=True):
+        assert result is not None
+        env = gw._chain_envelope(request, member, result)
+        member_envs.append(env.to_dict())
+        tokens_in += env.meta["tokens"]["input"]
+        tokens_out += env.meta["tokens"]["output"]
+        cost_usd = env.meta.get("cost_usd_approx")
+        if cost_usd is None:
+            cost_usd = env.meta.get("cost_usd_known")
+        cost += round((cost_usd or 0) * 1_000_000)
+        unknown = unknown or "cost_note" in env.meta
+        if env.ok:
+            ok += 1
+        classes.append(env.error_class)
+    meta: dict[str, Any] = {
+        "provider": None,
+        "model": None,
+        "latency_ms": round((gw.clock.monotonic() - started) * 1000, 2),
+        "tokens": {"input": tokens_in, "output": tokens_out, "total": tokens_in + tokens_out},
+        "cost_usd_approx": micro_to_usd(cost),
+        "task_class": request.task_class,
+        "request_id": request.request_id,
+        "panel": {
+            "members": len(route.members),
+            "succeeded": ok,
+            "quorum": quorum,
+            "member_error_classes": classes,
+        },
+    }
+    if unknown:
+        meta["cost_usd_known"] = meta["cost_usd_approx"]
+        meta["cost_usd_approx"] = None
+        meta["cost_note"] = "cost unknown for some members; cost_usd_known is the known part"
+    meta.update(panel_meta)
+    texts = [
+        f"[{m['meta']['provider']}/{m['meta']['model']}]\n{m['data']['text']}"
+        for m in member_envs
+        if m["status"] == "success"
+    ]
+    data = {"members": member_envs}
+    if ok >= quorum:
+        return Envelope("success", "\n\n".join(texts), meta, data=data)
+    meta["error_class"] = ErrorClass.PANEL_FAILED.value
+    failed = ", ".join(f"member {i + 1}: {c}" for i, c in enumerate(classes) if c)
+    return Envelope(
+        "error",
+        None,
+        meta,
+        error=f"only {ok} of {len(route.members)} panel members succeeded (quorum {quorum}); "
+        f"{failed}",
+        data=data,
+    )
+
+
+# --- introspection ------------------------------------------------------------------
+
+
+class Claims:
+    """Which (provider, model) each panel member uses, so fallbacks never collide."""
+
+    def __init__(self, members: tuple[Route, ...]) -> None:
+        self._owner: dict[str, int] = {
+            m.targets[0].key: i for i, m in enumerate(members) if m.targets
+        }
+
+    def claim(self, member: int | None, target: Target) -> bool:
+        if member is None:
+            return True
+        owner = self._owner.setdefault(target.key, member)
+        return owner == member
+
+
+async def _safe_progress(progress: ProgressFn, done: float, total: float, msg: str) -> None:
+    try:
+        await progress(done, total, msg)
+    except Exception:
+        log.warning("progress.failed")

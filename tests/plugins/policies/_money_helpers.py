@@ -1,0 +1,100 @@
+"""Shared helpers for the kill switch, cost and ledger tests (not a test module)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from llmgw.kernel import Disposition, Outcome, ProviderRequest, Request, Route, Target, hookimpl
+from llmgw.kernel.testing import FakeProvider, flat_price
+from llmgw.kernel.types import input_token_bound
+from llmgw.plugins.policies.ledger_store import LedgerStore
+
+#: $10 per million input tokens, $100 per million output tokens: 100 output tokens = $0.01.
+PRICE = flat_price("10", "100")
+
+
+def worst_micro(prompt: str, max_tokens: int, system: str | None = None) -> int:
+    """The worst case the kernel computes for a one-message request at :data:`PRICE`."""
+    from llmgw.kernel import Message
+
+    return PRICE.worst_case_micro_usd(
+        input_token_bound(system, [Message("user", prompt)]), max_tokens
+    )
+
+
+def fake(name: str = "fake", models: tuple[str, ...] = ("m1", "m2"), **kw: Any) -> FakeProvider:
+    return FakeProvider(name=name, prices=dict.fromkeys(models, PRICE), **kw)
+
+
+class Chain:
+    """A ``resolve_route`` plugin: class ``chain`` goes to the given targets in order."""
+
+    def __init__(self, *targets: Target) -> None:
+        self.targets = targets
+
+    @hookimpl
+    def resolve_route(self, request: Request) -> Route | None:
+        if request.task_class != "chain":
+            return None
+        return Route("chain", targets=self.targets)
+
+
+class Advise:
+    """An ``after_call`` plugin advising ``action`` after every failed attempt."""
+
+    def __init__(self, action: str = "fallback") -> None:
+        self.action = action
+
+    @hookimpl
+    def after_call(self, outcome: Outcome) -> Disposition | None:
+        return None if outcome.ok else Disposition(self.action)  # type: ignore[arg-type]
+
+
+class GatedProvider(FakeProvider):
+    """A fake provider whose ``complete`` waits (so calls overlap or can be cancelled)."""
+
+    def __init__(self, *args: Any, delay: Callable[[], float] | None = None,
+                 hang: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+        self.hang = hang
+        self.entered = anyio.Event()
+
+    async def complete(self, request: ProviderRequest) -> Outcome:
+        self.entered.set()
+        if self.hang:
+            await anyio.sleep_forever()
+        if self.delay is not None:
+            await anyio.sleep(self.delay())
+        return await super().complete(request)
+
+
+def store(path: Path) -> LedgerStore:
+    s = LedgerStore(path)
+    s.open()
+    return s
+
+
+def states(path: Path) -> dict[str, int]:
+    """How many ledger entries are in each state."""
+    s = store(path)
+    try:
+        return {st: s.count(st) for st in ("reserved", "settled", "unknown", "released")}
+    finally:
+        s.close()
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        cur = db.execute("SELECT * FROM entries ORDER BY created_at, rowid")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    finally:
+        db.close()

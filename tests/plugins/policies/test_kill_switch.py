@@ -1,0 +1,177 @@
+"""Kill switches: checked on every call, whatever plugins: says, live without restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from _money_helpers import Advise, Chain, fake
+
+from llmgw.kernel import ErrorClass, Outcome, Request, Target, Usage
+from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
+
+BASE = """
+plugins: [{plugins}]
+task_classes:
+  quick: {{provider: fake, model: m1, max_tokens: 100}}
+  big: {{provider: fake, model: m1, max_tokens: 20000}}
+  unpriced: {{provider: fake, model: nopr, max_tokens: 10}}
+  duo:
+    members: [{{provider: fake, model: m1}}, {{provider: fake, model: m2}}]
+    max_tokens: 600
+kill_switch:
+  expensive_threshold_usd: 0.1
+"""
+# quick: worst case ~$0.0103; big: ~$2.0; duo: 2 x ~$0.0603 = ~$0.12 (> $0.10 threshold)
+
+
+def gw(env: dict[str, str] | None = None, plugins: str = "kill_switch, router, fake",
+       provider: FakeProvider | None = None, **kw: object):  # noqa: ANN201
+    provider = provider or fake(models=("m1", "m2"))
+    return gateway_from_yaml(BASE.format(plugins=plugins), env=env or {}, providers=[provider],
+                             **kw), provider
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on", " On ", "enabled"])
+async def test_disabled_blocks_every_call_before_anything_is_sent(value: str) -> None:
+    g, p = gw({"LLM_GATEWAY_DISABLED": value})
+    for cls in ("quick", "duo"):
+        env = await g.route(Request(cls, "hi"))
+        assert env.status == "error"
+        assert env.error_class == "kill_switch"
+        assert "LLM_GATEWAY_DISABLED" in (env.error or "")
+    assert p.received == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", ["0", "false", "no", "off", ""])
+async def test_switch_off_values_let_calls_through(value: str) -> None:
+    g, p = gw({"LLM_GATEWAY_DISABLED": value, "LLM_GATEWAY_EXPENSIVE_DISABLED": value})
+    assert (await g.route(Request("big", "hi"))).ok
+    assert len(p.received) == 1
+
+
+@pytest.mark.anyio
+async def test_disabled_refusal_allows_no_fallback() -> None:
+    cheap = Target("fake", "m2", 10, label="fallback")
+    g, p = gw({"LLM_GATEWAY_DISABLED": "1"}, plugins="kill_switch, chain, router, fake",
+              extra_plugins={"chain": Chain(Target("fake", "m1", 100), cheap)})
+    env = await g.route(Request("chain", "hi"))
+    assert env.error_class == "kill_switch"
+    assert [a["stage"] for a in env.meta["attempts"]] == ["rejected"]
+    assert p.received == []
+
+
+@pytest.mark.anyio
+async def test_expensive_blocks_above_threshold_and_allows_cheap_calls() -> None:
+    g, p = gw({"LLM_GATEWAY_EXPENSIVE_DISABLED": "1"})
+    env = await g.route(Request("big", "hi"))
+    assert env.error_class == "kill_switch"
+    assert "$2.0" in (env.error or "") and "$0.1000" in (env.error or "")
+    assert p.received == []
+    assert (await g.route(Request("quick", "hi"))).ok
+    # the same class with a smaller explicit max_tokens passes
+    assert (await g.route(Request("big", "hi", max_tokens=100))).ok
+    assert len(p.received) == 2
+
+
+@pytest.mark.anyio
+async def test_expensive_refusal_lets_a_cheaper_fallback_pass() -> None:
+    g, p = gw({"LLM_GATEWAY_EXPENSIVE_DISABLED": "1"}, plugins="kill_switch, chain, router, fake",
+              extra_plugins={"chain": Chain(Target("fake", "m1", 20000),
+                                            Target("fake", "m2", 100, label="fallback"))})
+    env = await g.route(Request("chain", "hi"))
+    assert env.ok
+    assert env.meta["model"] == "m2"
+    assert [r.model for r in p.received] == ["m2"]
+
+
+@pytest.mark.anyio
+async def test_unknown_price_counts_as_expensive_only_while_the_switch_is_on() -> None:
+    g, _ = gw({"LLM_GATEWAY_EXPENSIVE_DISABLED": "1"})
+    env = await g.route(Request("unpriced", "hi"))
+    assert env.error_class == "kill_switch"
+    assert "unknown" in (env.error or "")
+    g2, _ = gw({})
+    assert (await g2.route(Request("unpriced", "hi"))).ok
+
+
+@pytest.mark.anyio
+async def test_expensive_checks_the_panel_total() -> None:
+    # Each member (~$0.06) is under the $0.10 threshold; the panel (~$0.12) is not.
+    g, p = gw({"LLM_GATEWAY_EXPENSIVE_DISABLED": "1"})
+    env = await g.route(Request("duo", "hi"))
+    assert env.error_class == "kill_switch"
+    assert "panel" in (env.error or "")
+    assert p.received == []
+    assert (await g.route(Request("duo", "hi", max_tokens=100))).ok
+
+
+@pytest.mark.anyio
+async def test_switch_flipped_mid_call_stops_the_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = fake()
+
+    def first(request: object) -> Outcome:
+        # The operator flips the switch while the first attempt is in flight.
+        monkeypatch.setenv("LLM_GATEWAY_DISABLED", "1")
+        return Outcome.failure(ErrorClass.SERVER_ERROR, "boom", sent=True)
+
+    provider.then(first, Outcome.success("never", Usage(1, 1)))
+    g, p = gw({}, plugins="kill_switch, retry_always, router, fake", provider=provider,
+              extra_plugins={"retry_always": Advise("retry")})
+    env = await g.route(Request("quick", "hi"))
+    assert env.error_class == "kill_switch"
+    assert [a["stage"] for a in env.meta["attempts"]] == ["sent", "refused"]
+    assert len(p.received) == 1
+
+
+@pytest.mark.anyio
+async def test_dotenv_beside_the_config_flips_a_switch_without_restart(tmp_path: Path) -> None:
+    config = tmp_path / "routing.yaml"
+    g, p = gw({}, path=config)
+    assert (await g.route(Request("quick", "hi"))).ok
+    (tmp_path / ".env").write_text("LLM_GATEWAY_DISABLED=1\n")
+    env = await g.route(Request("quick", "hi"))
+    assert env.error_class == "kill_switch"
+    assert ".env" in (env.error or "")
+    (tmp_path / ".env").write_text("LLM_GATEWAY_DISABLED=0\n# switched off again\n")
+    assert (await g.route(Request("quick", "hi"))).ok
+    # A broken .env fails closed rather than silently dropping a switch.
+    (tmp_path / ".env").write_text("LLM_GATEWAY_DISABLED 1\n")
+    env = await g.route(Request("quick", "hi"))
+    assert env.error_class == "kill_switch"
+    assert "cannot read" in (env.error or "")
+    assert len(p.received) == 2
+
+
+@pytest.mark.anyio
+async def test_essential_readded_when_omitted_and_enforced_without_max_tokens() -> None:
+    # kill_switch and cost are both left out of plugins:; the request sets no max_tokens.
+    g, p = gw({"LLM_GATEWAY_EXPENSIVE_DISABLED": "1"}, plugins="router, fake")
+    assert [pl.name for pl in g.plugins][0] == "kill_switch"
+    assert next(pl for pl in g.plugins if pl.name == "kill_switch").essential_reason
+    env = await g.route(Request("big", "hi"))
+    assert env.error_class == "kill_switch"
+    g2, p2 = gw({"LLM_GATEWAY_DISABLED": "1"}, plugins="router, fake")
+    assert (await g2.route(Request("quick", "hi"))).error_class == "kill_switch"
+    assert p.received == p2.received == []
+
+
+def test_report_info_shows_both_switches_and_the_threshold() -> None:
+    g, _ = gw({"LLM_GATEWAY_EXPENSIVE_DISABLED": "yes"})
+    info = g.routing_info()["kill_switch"]
+    assert info["disabled"] is False
+    assert info["expensive_disabled"] is True
+    assert info["expensive_threshold_usd"] == 0.1
+    assert info["switched_on_by"]["LLM_GATEWAY_EXPENSIVE_DISABLED"] == ["startup environment"]
+
+
+def test_threshold_must_not_be_negative() -> None:
+    from llmgw.kernel import ConfigError
+
+    with pytest.raises(ConfigError, match="kill_switch.expensive_threshold_usd"):
+        gateway_from_yaml(
+            BASE.format(plugins="kill_switch, router, fake").replace("0.1", "-1"),
+            providers=[fake()],
+        )
