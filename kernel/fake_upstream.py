@@ -377,9 +377,10 @@ class FakeUpstream:
         elif name in {"length", "length_empty"}:
             _send_json(h, 200, req.answer(cut=True, empty=name == "length_empty"))
         else:
-            status, headers, payload = req.error(name, key if self.echo_key_in_errors else "")
             if name == "echo_key":
                 status, headers, payload = req.error("auth_error", key)
+            else:
+                status, headers, payload = req.error(name, key if self.echo_key_in_errors else "")
             if name == "bad_gateway":
                 _send_raw(h, status, b"<html><body>502 Bad Gateway</body></html>", "text/html")
                 return

@@ -65,7 +65,7 @@ async def test_block_refuses_before_dispatch_and_says_how_to_fit() -> None:
     assert env.status == "error"
     assert env.error_class == "policy_refused"
     msg = env.error or ""
-    assert "$2.0003 " in msg and "cost.block_usd $1.0000" in msg
+    assert "is $2.0003," in msg and "cost.block_usd $1.0000" in msg
     assert "max_tokens 20000 at $100/Mtok" in msg
     # (1.00 - input 27 tokens x $10/M) / $100/M = 9997 output tokens fit
     assert "pass max_tokens <= 9997" in msg

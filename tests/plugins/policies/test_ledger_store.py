@@ -1,0 +1,153 @@
+"""The SQLite store on its own: all-or-nothing reservations, idempotent settles, leases,
+UTC months, and the CHECK constraint behind the application's cap check."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from llmgw.plugins.policies.ledger_store import (
+    Caps,
+    CapExceeded,
+    Item,
+    LedgerError,
+    LedgerStore,
+    month_of,
+)
+
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+
+
+def item(i: str, amount: int, provider: str = "a") -> Item:
+    return Item(i, provider, "m", "cls", f"req-{i}", amount)
+
+
+@pytest.fixture
+def st(tmp_path: Path) -> LedgerStore:
+    s = LedgerStore(tmp_path / "l.db")
+    s.open()
+    yield s
+    s.close()
+
+
+def test_opens_in_wal_with_synchronous_full(st: LedgerStore) -> None:
+    db = sqlite3.connect(st.path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert st._db is not None
+    assert st._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert st.integrity_check() == "ok"
+
+
+def test_reserve_all_or_nothing_across_scopes(st: LedgerStore) -> None:
+    caps = Caps(total=100, providers={"b": 30})
+    st.reserve([item("1", 50, "a")], caps, now=NOW, lease_s=60)
+    with pytest.raises(CapExceeded) as info:
+        st.reserve([item("2", 10, "a"), item("3", 40, "b")], caps, now=NOW, lease_s=60)
+    (breach,) = info.value.breaches
+    assert breach.use.scope == "provider:b"
+    assert (breach.cap_micro, breach.headroom_micro, breach.needed_micro) == (30, 30, 40)
+    assert info.value.provider_only
+    assert st.entry("2") is None and st.entry("3") is None  # nothing of the batch was kept
+    with pytest.raises(CapExceeded) as info:
+        st.reserve([item("4", 51, "a")], caps, now=NOW, lease_s=60)
+    assert not info.value.provider_only
+    assert info.value.breaches[0].headroom_micro == 50
+    st.reserve([item("5", 50, "a")], caps, now=NOW, lease_s=60)  # exactly to the cap
+    assert st.scopes("2026-11")["total"].used_micro == 100
+
+
+def test_settle_is_idempotent_and_counts_overage(st: LedgerStore) -> None:
+    caps = Caps(total=1000)
+    st.reserve([item("1", 100), item("2", 100)], caps, now=NOW, lease_s=60)
+    assert st.settle("1", cost_micro=40, now=NOW, input_tokens=3, output_tokens=4)
+    assert not st.settle("1", cost_micro=40, now=NOW)
+    assert not st.release("1", now=NOW)
+    assert not st.mark_unknown("1", now=NOW)
+    assert st.settle("2", cost_micro=130, now=NOW)  # the bound was wrong: recorded anyway
+    total = st.scopes("2026-11")["total"]
+    assert (total.settled_micro, total.reserved_micro, total.overage_micro) == (170, 0, 30)
+    assert total.used_micro == 170
+    e = st.entry("1")
+    assert e is not None and (e["state"], e["cost_micro"], e["input_tokens"]) == ("settled", 40, 3)
+
+
+def test_unknown_stays_charged_and_may_still_be_settled(st: LedgerStore) -> None:
+    st.reserve([item("1", 100), item("2", 100)], Caps(), now=NOW, lease_s=60)
+    assert st.mark_unknown("1", now=NOW, error_class="timeout")
+    assert not st.release("1", now=NOW)  # an unknown is never released
+    assert st.release("2", now=NOW)
+    total = st.scopes("2026-11")["total"]
+    assert (total.unknown_micro, total.reserved_micro, total.used_micro) == (100, 0, 100)
+    assert st.settle("1", cost_micro=60, now=NOW)  # late usage
+    total = st.scopes("2026-11")["total"]
+    assert (total.unknown_micro, total.settled_micro) == (0, 60)
+
+
+def test_expired_leases_become_unknown_never_released(st: LedgerStore) -> None:
+    st.reserve([item("old", 70)], Caps(), now=NOW, lease_s=600)
+    st.reserve([item("new", 30)], Caps(), now=NOW + timedelta(seconds=300), lease_s=600)
+    assert st.expire_leases(NOW + timedelta(seconds=601)) == 1
+    old, new = st.entry("old"), st.entry("new")
+    assert old is not None and new is not None
+    assert (old["state"], old["error_class"]) == ("unknown", "lease_expired")
+    assert new["state"] == "reserved"
+    total = st.scopes("2026-11")["total"]
+    assert (total.unknown_micro, total.reserved_micro) == (70, 30)
+
+
+def test_months_are_utc() -> None:
+    est = timezone(timedelta(hours=-5))
+    assert month_of(datetime(2026, 11, 30, 23, 30, tzinfo=est)) == "2026-12"
+    assert month_of(datetime(2026, 12, 1, 0, 30, tzinfo=timezone(timedelta(hours=2)))) == "2026-11"
+    assert month_of(datetime(2026, 11, 30, 23, 30)) == "2026-11"  # naive: taken as UTC
+
+
+def test_a_new_month_starts_from_zero_and_settles_to_the_reserving_month(
+    st: LedgerStore,
+) -> None:
+    caps = Caps(total=100)
+    late = datetime(2026, 11, 30, 23, 59, tzinfo=UTC)
+    st.reserve([item("1", 100)], caps, now=late, lease_s=600)
+    st.reserve([item("2", 100)], caps, now=late + timedelta(minutes=2), lease_s=600)
+    st.settle("1", cost_micro=10, now=late + timedelta(minutes=3))
+    assert st.scopes("2026-11")["total"].settled_micro == 10
+    assert st.scopes("2026-12")["total"].reserved_micro == 100
+
+
+def test_check_constraint_is_a_second_line_of_defence(st: LedgerStore) -> None:
+    st.reserve([item("1", 80)], Caps(total=100), now=NOW, lease_s=60)
+    raw = sqlite3.connect(st.path)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        raw.execute("UPDATE totals SET reserved_micro = reserved_micro + 50 WHERE scope='total'")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        raw.execute("UPDATE entries SET state = 'bogus'")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        raw.execute("UPDATE entries SET reserved_micro = -1")
+    raw.close()
+
+
+def test_locked_past_the_busy_timeout_is_a_ledger_error(tmp_path: Path) -> None:
+    s = LedgerStore(tmp_path / "l.db", busy_timeout_s=0.05)
+    s.open()
+    other = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(LedgerError, match="locked"):
+            s.reserve([item("1", 1)], Caps(), now=NOW, lease_s=60)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    s.reserve([item("1", 1)], Caps(), now=NOW, lease_s=60)
+    s.close()
+
+
+def test_cannot_open_is_a_ledger_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(LedgerError, match="cannot open"):
+        LedgerStore(tmp_path / "file" / "l.db").open()
+    (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerError, match="cannot open"):
+        LedgerStore(tmp_path / "junk.db").open()
