@@ -96,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[common], help="validate routing.yaml and summarise it")
     sub.add_parser("spend", parents=[common], help="month-to-date spend, reservations and caps")
     sub.add_parser("demo", parents=[common], help="offline demo against a local fake upstream")
+    i = sub.add_parser(
+        "init",
+        parents=[common],
+        help="write a commented starter routing.yaml for the provider keys that are set",
+    )
+    i.add_argument(
+        "--all", action="store_true", help="include every provider, whether its key is set or not"
+    )
     return p
 
 
@@ -285,6 +293,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from llmgw.plugins.starter import InitError, write_starter
+
+    path = config_path(args.config, os.environ)
+    try:
+        used = write_starter(path, os.environ, include_all=args.all)
+    except InitError as exc:
+        sys.stderr.write(f"llmgw init: {exc}\n")
+        return EXIT_USAGE
+    sys.stdout.write(
+        f"wrote {path} for: {', '.join(used)}\nnext: llmgw check-config --config {path}\n"
+    )
+    return EXIT_OK
+
+
 def _print_envelope(env: dict[str, Any], raw: bool, out: TextIO) -> None:
     if raw:
         json.dump(env, out, indent=2, default=str)
@@ -315,6 +338,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": cmd_check_config,
     "spend": cmd_spend,
     "demo": cmd_demo,
+    "init": cmd_init,
 }
 
 

@@ -208,7 +208,7 @@ class FakeUpstream:
         server.upstream = self
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+            target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
             name="fake-upstream",
         )
         self._thread.start()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import Field, PositiveInt, model_validator
+
 from llmgw.kernel import (
     Call,
     CallRefused,
@@ -33,7 +35,6 @@ from llmgw.kernel import (
 )
 from llmgw.kernel.config import Model
 from llmgw.kernel.gateway import ProgressFn
-from pydantic import Field, PositiveInt, model_validator
 
 from .pipeline import Orchestration, StepWatch
 from .visibility import CANONICAL_FORM, CONTENT_FORM, REQUEST_FORM, call_request_sha256

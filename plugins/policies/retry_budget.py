@@ -44,7 +44,8 @@ class RetryBudget:
 
     def try_withdraw(self, now: float) -> bool:
         """Spend one retry if the budget has one; False (and counted) otherwise."""
-        if len(self._retries) + 1 > self.allowance(now):
+        allowance = self.allowance(now)  # prunes first: count only the window's retries
+        if len(self._retries) + 1 > allowance:
             self.denied += 1
             return False
         self._retries.append(now)

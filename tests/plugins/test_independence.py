@@ -30,7 +30,9 @@ SYSTEM = "Answer briefly."
 PROMPT = "Is the argument in the attached text sound?"
 
 
-def panel_yaml(enforce: str = "hard", plugins: str = "independence, router, fake", quorum: int = 2) -> str:
+def panel_yaml(
+    enforce: str = "hard", plugins: str = "independence, router, fake", quorum: int = 2
+) -> str:
     return f"""
     plugins: [{plugins}]
     task_classes:
@@ -74,9 +76,7 @@ def received_sha256(r: ProviderRequest) -> str:
 
 
 def blind_content_sha256(system: str | None, prompt: str) -> str:
-    return independent_sha256(
-        {"system": system, "messages": [{"role": "user", "content": prompt}]}
-    )
+    return independent_sha256({"system": system, "messages": [{"role": "user", "content": prompt}]})
 
 
 class Rewriter:
@@ -313,7 +313,8 @@ async def test_hard_refuses_the_whole_panel_before_dispatch(culprit: str) -> Non
     plugins = {"preflight_mutator": PreflightMutator(), "sneaky_router": SneakyRouter()}
     yaml = panel_yaml("hard", plugins=f"recorder, {culprit}, independence, router, fake")
     async with gateway_from_yaml(
-        yaml, providers=[alpha, beta],
+        yaml,
+        providers=[alpha, beta],
         extra_plugins={"recorder": recorder, culprit: plugins[culprit]},
     ) as gw:
         env = await gw.route(Request("duo", PROMPT))
@@ -429,8 +430,9 @@ async def test_fallback_attempts_are_certified_on_content_and_each_digest_record
 def test_config_is_validated_against_panel_task_classes(section: str, needle: str) -> None:
     base = panel_yaml().split("    independence:")[0]
     with pytest.raises((ConfigError, ConfigErrors)) as err:
-        gateway_from_yaml(base + "    independence:\n      " + section + "\n",
-                          providers=list(fakes()))
+        gateway_from_yaml(
+            base + "    independence:\n      " + section + "\n", providers=list(fakes())
+        )
     assert needle in str(err.value)
 
 
@@ -439,7 +441,9 @@ async def test_report_info_lists_visibility_contracts() -> None:
     async with gateway_from_yaml(panel_yaml("soft"), providers=list(fakes())) as gw:
         info = gw.routing_info()["independence"]
     assert info["panels"]["duo"] == {
-        "members": ["alpha/a-1", "beta/b-1"], "mode": "blind", "enforce": "soft",
+        "members": ["alpha/a-1", "beta/b-1"],
+        "mode": "blind",
+        "enforce": "soft",
         "certified": True,
     }
     assert info["canonical_form"] == CANONICAL_FORM

@@ -57,8 +57,9 @@ class OpenBreaker:
     @hookimpl
     def preflight(self, call: Call) -> Rejection | None:
         if call.target is not None and call.target.key == self.key:
-            return Rejection(ErrorClass.CIRCUIT_OPEN, f"circuit for {self.key} is open",
-                             fallback=True)
+            return Rejection(
+                ErrorClass.CIRCUIT_OPEN, f"circuit for {self.key} is open", fallback=True
+            )
         return None
 
 
@@ -76,7 +77,9 @@ async def test_one_member_failing_still_meets_quorum() -> None:
     for m in members:
         assert {"provider", "model", "latency_ms", "tokens", "attempts"} <= set(m["meta"])
     assert env.meta["panel"] == {
-        "members": 3, "succeeded": 2, "quorum": 2,
+        "members": 3,
+        "succeeded": 2,
+        "quorum": 2,
         "member_error_classes": [None, "server_error", None],
     }
     assert "[alpha/a-1]" in (env.text or "") and "[beta/b-1]" not in (env.text or "")
@@ -94,7 +97,9 @@ async def test_all_members_failing_is_an_error_naming_every_class() -> None:
     assert env.text is None
     assert env.error_class == ErrorClass.PANEL_FAILED.value
     assert env.meta["panel"]["member_error_classes"] == [
-        "server_error", "rate_limited", "quota_exhausted",
+        "server_error",
+        "rate_limited",
+        "quota_exhausted",
     ]
     for cls in ("server_error", "rate_limited", "quota_exhausted"):
         assert cls in (env.error or "")
@@ -131,7 +136,8 @@ async def test_a_member_without_a_key_does_not_crash_the_panel() -> None:
 async def test_a_member_behind_an_open_breaker_is_skipped_without_sending() -> None:
     alpha, beta, gamma = three()
     async with gateway_from_yaml(
-        trio("breaker_stub"), providers=[alpha, beta, gamma],
+        trio("breaker_stub"),
+        providers=[alpha, beta, gamma],
         extra_plugins={"breaker_stub": OpenBreaker("gamma/g-1")},
     ) as gw:
         env = await gw.route(Request("trio", "Review this."))
@@ -196,7 +202,8 @@ async def test_min_distinct_providers_is_checked_again_before_dispatch() -> None
 
     providers = three()
     async with gateway_from_yaml(
-        trio("same_vendor"), providers=providers,
+        trio("same_vendor"),
+        providers=providers,
         extra_plugins={"same_vendor": SameVendorRouter()},
     ) as gw:
         env = await gw.route(Request("trio", "Review this."))

@@ -45,8 +45,16 @@ TABLE: list[tuple[str, str | None, str]] = [
     ("broken json", '{"verdict": "ACCEPT", "reasons": [}', ERR),
     ("single quotes", "{'verdict': 'ACCEPT', 'reasons': []}", ERR),
     ("trailing comma", '{"verdict": "ACCEPT", "reasons": [],}', ERR),
-    ("two objects", '{"verdict": "ACCEPT", "reasons": []}{"verdict": "REVISE", "reasons": []}', ERR),
-    ("two objects on lines", '{"verdict":"REVISE","reasons":[]}\n{"verdict":"ACCEPT","reasons":[]}', ERR),
+    (
+        "two objects",
+        '{"verdict": "ACCEPT", "reasons": []}{"verdict": "REVISE", "reasons": []}',
+        ERR,
+    ),
+    (
+        "two objects on lines",
+        '{"verdict":"REVISE","reasons":[]}\n{"verdict":"ACCEPT","reasons":[]}',
+        ERR,
+    ),
     ("a list", '[{"verdict": "ACCEPT", "reasons": []}]', ERR),
     ("a json string", '"ACCEPT"', ERR),
     ("NaN inside", '{"verdict": "ACCEPT", "reasons": [], "x": NaN}', ERR),

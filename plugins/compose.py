@@ -1,0 +1,92 @@
+"""The pieces of a pipeline step: what each role is sent, and which candidate goes first.
+
+What a role may read is fixed by these compositions (see :mod:`llmgw.plugins.pipeline`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from llmgw.kernel import Message, Target
+
+from .visibility import content_sha256
+
+if TYPE_CHECKING:
+    from .roles import Candidate
+
+STEP_ROLE = {"plan": "planner", "work": "worker", "verify": "verifier"}
+
+
+def _bullets(reasons: Sequence[str]) -> str:
+    return "\n".join(f"- {r}" for r in reasons) or "- (no reasons given)"
+
+
+def compose_plan(task: str, reasons: Sequence[str] | None) -> str:
+    text = f"Task:\n{task}"
+    if reasons is not None:
+        text += (
+            "\n\nA result made from an earlier plan was rejected by a reviewer for these "
+            f"reasons:\n{_bullets(reasons)}\n\nWrite a new plan that addresses them."
+        )
+    return text
+
+
+def compose_work(task: str, plan: str | None, reasons: Sequence[str] | None) -> str:
+    text = f"Task:\n{task}"
+    if plan is not None:
+        text += f"\n\nPlan:\n{plan}"
+    if reasons is not None:
+        text += (
+            f"\n\nAn earlier result was rejected for these reasons; address them:\n"
+            f"{_bullets(reasons)}"
+        )
+    return text
+
+
+def compose_verify(task: str, artifact: str) -> str:
+    return f"Task:\n{task}\n\nArtifact to judge:\n{artifact}"
+
+
+@dataclass
+class StepWatch:
+    """What one step may send (its content and access set) and what it did send."""
+
+    role: str
+    system: str
+    prompt: str
+    access: tuple[str, ...]
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def content_sha256(self) -> str:
+        return content_sha256(self.system, [Message("user", self.prompt)])
+
+
+def rotate_away(candidates: list[Candidate], current: Target | None) -> list[Candidate]:
+    """Candidates reordered to start at the next one of another vendor than ``current``."""
+    if current is None:
+        return candidates
+    keys = [(c.provider, c.model) for c in candidates]
+    start = (
+        keys.index((current.provider, current.model))
+        if ((current.provider, current.model) in keys)
+        else -1
+    )
+    n = len(candidates)
+    for k in range(1, n + 1):
+        j = (start + k) % n
+        if candidates[j].provider != current.provider:
+            return candidates[j:] + candidates[:j]
+    return candidates
+
+
+def prefer_other(candidates: Sequence[Candidate], worker: Target | None) -> list[Candidate]:
+    """Verifier candidates of another vendor than the worker first (stable order)."""
+    if worker is None:
+        return list(candidates)
+    other = [c for c in candidates if c.provider != worker.provider]
+    same = [c for c in candidates if c.provider == worker.provider]
+    return other + same
