@@ -12,7 +12,8 @@
 Routes: OpenAI and DeepSeek ``POST …/chat/completions``, Anthropic ``POST /v1/messages``,
 Gemini ``POST /v1beta/models/{model}:generateContent``. A normal answer echoes
 ``echo[<model>]: <last user text>`` with plausible usage (cut at ``max_tokens`` like a real
-model). A prompt containing ``[[fault:<name>]]`` (or ``[[fault:slow:0.5]]``) gets that
+model; a system prompt that asks for a JSON ``"verdict"`` gets ``{"verdict": "ACCEPT", …}``).
+A prompt containing ``[[fault:<name>]]`` (or ``[[fault:slow:0.5]]``) gets that
 fault, so an end-to-end test through MCP can trigger one. Faults are listed in
 :data:`FAULTS`; each is rendered in the provider's own error shape.
 
@@ -523,6 +524,8 @@ class _WireRequest:
 
     def answer(self, *, cut: bool = False, empty: bool = False) -> dict[str, Any]:
         text = f"echo[{self.model}]: {self.last_user}"
+        if '"verdict"' in self.system:  # a verifier asking for a JSON verdict (demo, roles)
+            text = '{"verdict": "ACCEPT", "reasons": []}'
         cut = cut or _tokens(text) > self.max_tokens
         if cut:
             text = "" if empty else text[: max(1, min(len(text) - 1, self.max_tokens * 4))]

@@ -189,6 +189,8 @@ class IndependencePlugin:
                 new += cert.void(cert.problems(m, who(m)))
             self._publish(call, cert)
             if new and cert.hard:
+                # Refused here, so neither verify() nor our after_call will see this panel.
+                self._voided_hard.pop(call.request.request_id, None)
                 raise CallRefused(
                     ErrorClass.INDEPENDENCE_VIOLATION,
                     f"panel {call.task_class!r} became non-blind before dispatch ({new[0]}); "

@@ -36,7 +36,8 @@ from llmgw.kernel import (
 from llmgw.kernel.config import Model
 from llmgw.kernel.gateway import ProgressFn
 
-from .pipeline import Orchestration, StepWatch
+from .compose import StepWatch
+from .pipeline import Orchestration
 from .visibility import CANONICAL_FORM, CONTENT_FORM, REQUEST_FORM, call_request_sha256
 from .visibility import content_sha256 as _content_sha256
 

@@ -144,7 +144,8 @@ class FallbackPlugin:
         if entry.key not in self._warned:
             self._warned.add(entry.key)
             self.ctx.log.warning(
-                "fallback.inactive_target", target=entry.key,
+                "fallback.inactive_target",
+                target=entry.key,
                 why=f"provider {entry.provider!r} is not enabled in plugins:; skipped",
             )
 
@@ -225,8 +226,10 @@ def check_chains(cfg: FallbackPlugin.Config, settings: Settings | None) -> None:
     for key in cfg.larger_context:
         if key.count("/") != 1:
             raise ConfigError(
-                f"{key!r} is not a provider/model key", file=file,
-                path="fallback.larger_context", fix="write entries as provider/model",
+                f"{key!r} is not a provider/model key",
+                file=file,
+                path="fallback.larger_context",
+                fix="write entries as provider/model",
             )
     for name, chain in cfg.chains.items():
         base = f"fallback.chains.{name}"
@@ -236,7 +239,9 @@ def check_chains(cfg: FallbackPlugin.Config, settings: Settings | None) -> None:
             if spec is None:
                 valid = ", ".join(sorted(settings.task_classes))
                 raise ConfigError(
-                    f"unknown task class {name!r}", file=file, path=base,
+                    f"unknown task class {name!r}",
+                    file=file,
+                    path=base,
                     fix=f"use one of the task classes: {valid}",
                 )
             if spec.members:
@@ -250,11 +255,15 @@ def check_chains(cfg: FallbackPlugin.Config, settings: Settings | None) -> None:
                 what = "a member of this panel" if len(primaries) > 1 else "the class's primary"
                 raise ConfigError(
                     f"{entry.key} is {what}; a chain that falls back to it is a cycle",
-                    file=file, path=path, fix="remove this entry or pick another model",
+                    file=file,
+                    path=path,
+                    fix="remove this entry or pick another model",
                 )
             if entry.key in seen:
                 raise ConfigError(
                     f"{entry.key} is listed twice in this chain (first at [{seen[entry.key]}])",
-                    file=file, path=path, fix="remove the repeated entry",
+                    file=file,
+                    path=path,
+                    fix="remove the repeated entry",
                 )
             seen[entry.key] = i

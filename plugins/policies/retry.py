@@ -30,7 +30,7 @@ class FullJitter(tenacity.wait_random_exponential):
     tenacity draws from the ``random`` module; a gateway's tests need their own seed.
     """
 
-    def __init__(self, rng: random.Random, *, multiplier: float, max: float) -> None:  # noqa: A002
+    def __init__(self, rng: random.Random, *, multiplier: float, max: float) -> None:
         super().__init__(multiplier=multiplier, max=max)
         self.rng = rng
 

@@ -53,6 +53,12 @@ def panel_yaml(
     """
 
 
+def pending(gw: Any) -> dict[str, Any]:
+    """Panels the plugin still tracks for verify(): must be empty after every call."""
+    plugin = next(p.obj for p in gw.plugins if p.name == "independence")
+    return dict(plugin._voided_hard)
+
+
 def fakes() -> tuple[FakeProvider, FakeProvider]:
     return FakeProvider("alpha"), FakeProvider("beta")
 
@@ -220,6 +226,7 @@ async def test_hard_refuses_a_member_rewritten_before_sending() -> None:
         yaml, providers=[alpha, beta], extra_plugins={"rewriter": rewriter}
     ) as gw:
         env = await gw.route(Request("duo", PROMPT))
+        assert pending(gw) == {}
     assert rewriter.rewrites == 1
     assert beta.received == []  # the altered request never left the process
     assert env.status == "error"  # quorum 2 cannot be met
@@ -292,6 +299,7 @@ async def test_a_rewriter_listed_after_independence_is_caught_from_the_sent_requ
     ) as gw:
         env = await gw.route(Request("duo", PROMPT))
         info = gw.routing_info()
+        assert pending(gw) == {}
     # Detected only after sending (it was sent), but never presented as certified success.
     assert len(beta.received) == 1
     assert env.status == "needs_human_review"
@@ -318,6 +326,7 @@ async def test_hard_refuses_the_whole_panel_before_dispatch(culprit: str) -> Non
         extra_plugins={"recorder": recorder, culprit: plugins[culprit]},
     ) as gw:
         env = await gw.route(Request("duo", PROMPT))
+        assert pending(gw) == {}
     assert env.status == "error"
     assert env.error_class == ErrorClass.INDEPENDENCE_VIOLATION.value
     assert "nothing was sent" in (env.error or "")

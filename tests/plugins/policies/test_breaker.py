@@ -70,9 +70,7 @@ async def test_dead_upstream_is_skipped_while_open_and_recovers() -> None:
     a, b = Upstream("a", down=True), FakeProvider("b")
     gw = gateway_from_yaml(YAML, providers=[a, b], clock=clock)
     breaker = _breaker(gw)
-    a.on_call = lambda: a.states_seen.append(
-        breaker.circuit("a/m1").state(clock.monotonic()).value
-    )
+    a.on_call = lambda: a.states_seen.append(breaker.circuit("a/m1").state(clock.monotonic()).value)
 
     requests = served = 0
     t0 = clock.monotonic()
@@ -198,7 +196,9 @@ async def test_a_probe_refused_later_releases_the_probe_slot() -> None:
     refuser = RefuseOnce()
     gw = gateway_from_yaml(
         YAML.replace("[breaker, retry,", "[breaker, refuse, retry,"),
-        providers=[a, b], clock=clock, extra_plugins={"refuse": refuser},
+        providers=[a, b],
+        clock=clock,
+        extra_plugins={"refuse": refuser},
     )
     for _ in range(2):
         await gw.route(Request("qa", "hi"))
@@ -234,7 +234,8 @@ async def test_classes_that_say_nothing_about_health_are_ignored(error: ErrorCla
     a = Upstream("a", down=True, error=error)
     gw = gateway_from_yaml(
         "plugins: [breaker, router, fake]\ntask_classes:\n  qa: {provider: a, model: m1}\n",
-        providers=[a], clock=clock,
+        providers=[a],
+        clock=clock,
     )
     for _ in range(20):
         await gw.route(Request("qa", "hi"))
@@ -253,7 +254,8 @@ async def test_not_sent_outcomes_are_ignored() -> None:
         a.fail_with(ErrorClass.CONNECTION_ERROR, sent=False)
     gw = gateway_from_yaml(
         "plugins: [breaker, router, fake]\ntask_classes:\n  qa: {provider: a, model: m1}\n",
-        providers=[a], clock=clock,
+        providers=[a],
+        clock=clock,
     )
     for _ in range(10):
         await gw.route(Request("qa", "hi"))
@@ -274,7 +276,8 @@ async def test_panel_members_are_guarded_per_model() -> None:
             quorum: 1
         breaker: {consecutive_failures: 2}
         """,
-        providers=[a, b], clock=clock,
+        providers=[a, b],
+        clock=clock,
     )
     for _ in range(3):
         env = await gw.route(Request("duo", "hi"))
@@ -311,9 +314,7 @@ def test_thresholds_come_from_the_breaker_section() -> None:
 async def test_without_the_breaker_every_request_hits_the_dead_upstream() -> None:
     clock = FakeClock()
     a, b = Upstream("a", down=True), FakeProvider("b")
-    gw = gateway_from_yaml(
-        YAML.replace("breaker, ", ""), providers=[a, b], clock=clock
-    )
+    gw = gateway_from_yaml(YAML.replace("breaker, ", ""), providers=[a, b], clock=clock)
     for _ in range(20):
         env = await gw.route(Request("qa", "hi"))
         assert env.ok and env.meta["provider"] == "b"  # the gateway still serves

@@ -87,9 +87,9 @@ async def test_fallback_walks_the_chain_in_order() -> None:
     gw = _gw(BASE, a, b, c)
     env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
     assert env.ok and env.meta["provider"] == "c" and env.meta["fallback_from"] == "a/m1"
-    assert [(x["provider"], x["error_class"] if not x["ok"] else "ok")
-            for x in env.meta["attempts"]] == [("a", "auth_error"), ("b", "quota_exhausted"),
-                                               ("c", "ok")]
+    assert [
+        (x["provider"], x["error_class"] if not x["ok"] else "ok") for x in env.meta["attempts"]
+    ] == [("a", "auth_error"), ("b", "quota_exhausted"), ("c", "ok")]
     assert c.received[0].max_tokens == 100
 
 
@@ -99,7 +99,10 @@ async def test_retry_wins_while_attempts_remain_then_fallback() -> None:
     gw = _gw(BASE, a, FakeProvider("b"), FakeProvider("c"))
     env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
     assert [(x["provider"], x["attempt"]) for x in env.meta["attempts"]] == [
-        ("a", 1), ("a", 2), ("a", 3), ("b", 1)
+        ("a", 1),
+        ("a", 2),
+        ("a", 3),
+        ("b", 1),
     ]
     assert env.meta["fallback_from"] == "a/m1"
 
@@ -109,12 +112,9 @@ async def test_spend_is_counted_once_per_attempt_including_billed_errors() -> No
     price = Price(Decimal("1"), Decimal("2"), source="test")  # $/Mtok: 1 µ$ in, 2 µ$ out
 
     def billed_failure(request: ProviderRequest) -> Outcome:
-        return Outcome.failure(
-            ErrorClass.SERVER_ERROR, "boom", sent=True, usage=Usage(1000, 10)
-        )
+        return Outcome.failure(ErrorClass.SERVER_ERROR, "boom", sent=True, usage=Usage(1000, 10))
 
-    a = FakeProvider("a", prices={"m1": price}).then(billed_failure, billed_failure,
-                                                     billed_failure)
+    a = FakeProvider("a", prices={"m1": price}).then(billed_failure, billed_failure, billed_failure)
     b = FakeProvider("b", prices={"m2": price})
     gw = _gw(BASE, a, b, FakeProvider("c"))
     env = await gw.route(Request("qa", "hello world"))  # type: ignore[attr-defined]
@@ -213,9 +213,7 @@ async def test_context_overflow_goes_only_to_a_larger_window() -> None:
 
 @pytest.mark.anyio
 async def test_a_provider_wide_failure_skips_that_providers_other_models() -> None:
-    text = BASE.replace(
-        "- {provider: b, model: m2, max_tokens: 300}", "- {provider: a, model: m9}"
-    )
+    text = BASE.replace("- {provider: b, model: m2, max_tokens: 300}", "- {provider: a, model: m9}")
     a = Failing("a", broken={"m1": ErrorClass.QUOTA_EXHAUSTED})
     c = FakeProvider("c")
     gw = _gw(text, a, FakeProvider("b"), c)

@@ -65,7 +65,9 @@ async def test_full_jitter_delays_come_from_the_injected_rng() -> None:
     a = Failing("a", error=ErrorClass.SERVER_ERROR)
     gw = gateway_from_yaml(
         _yaml("max_attempts: 5, base_delay_s: 1, max_delay_s: 3"),
-        providers=[a], clock=clock, seed=7,
+        providers=[a],
+        clock=clock,
+        seed=7,
     )
     await gw.route(Request("qa", "hi"))
     rng = random.Random(7)
@@ -106,7 +108,8 @@ async def test_a_hint_above_max_hint_falls_back_at_once() -> None:
             "fallback: {chains: {qa: [{provider: b, model: m2}]}}\n",
             "retry, fallback, router, fake",
         ),
-        providers=[a, b], clock=clock,
+        providers=[a, b],
+        clock=clock,
     )
     env = await gw.route(Request("qa", "hi"))
     assert env.ok and env.meta["provider"] == "b" and env.meta["fallback_from"] == "a/m1"
@@ -132,7 +135,8 @@ async def test_one_deadline_over_all_attempts() -> None:
     a = Failing("a", error=ErrorClass.OVERLOADED, hint=2.0)
     gw = gateway_from_yaml(
         _yaml("max_attempts: 10, max_delay_s: 0.5", "gateway: {deadline_s: 5}\n"),
-        providers=[a], clock=clock,
+        providers=[a],
+        clock=clock,
     )
     await gw.route(Request("qa", "hi"))
     # t=0 fail, wait 2; t=2 fail, wait 2; t=4 fail: 2 s more would reach the deadline
@@ -172,7 +176,8 @@ async def test_retries_under_a_dead_upstream_stay_within_the_budget() -> None:
         "plugins: [retry, router, fake]\n"
         "task_classes:\n  qa: {provider: a, model: m1}\n"
         "retry: {budget_ratio: 0.2, budget_min_retries: 5, budget_window_s: 10}\n",
-        providers=[a], clock=clock,
+        providers=[a],
+        clock=clock,
     )
     requests = 400
     starts: list[float] = []
@@ -206,7 +211,11 @@ def test_budget_allows_the_floor_plus_a_share_of_recent_requests() -> None:
     assert budget.try_withdraw(1.0)  # 5 requests x 0.2 = one more
     assert not budget.try_withdraw(1.0)
     assert budget.snapshot(1.0) == {
-        "window_s": 10, "requests": 5, "retries": 3, "allowed": 3, "remaining": 0,
+        "window_s": 10,
+        "requests": 5,
+        "retries": 3,
+        "allowed": 3,
+        "remaining": 0,
         "denied_total": 2,
     }
     # ten seconds later the window has forgotten everything
@@ -222,7 +231,8 @@ async def test_without_the_retry_plugin_nothing_is_retried() -> None:
         "plugins: [fallback, router, fake]\n"
         "task_classes:\n  qa: {provider: a, model: m1}\n"
         "fallback: {chains: {qa: [{provider: b, model: m2}]}}\n",
-        providers=[a, b], clock=clock,
+        providers=[a, b],
+        clock=clock,
     )
     env = await gw.route(Request("qa", "hi"))
     assert env.ok and env.meta["provider"] == "b"  # the gateway still serves

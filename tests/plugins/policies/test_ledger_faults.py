@@ -1,0 +1,152 @@
+"""No reservation leaks: every fault class, sent or not, retries, fallbacks, cancellations."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from _money_helpers import PRICE, Advise, Chain, GatedProvider, fake, rows, states
+
+from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Request, Target, Usage, hookimpl
+from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
+
+YAML = """
+plugins: [{plugins}]
+task_classes:
+  quick: {{provider: fake, model: m1, max_tokens: 100}}
+  duo:
+    members: [{{provider: fake, model: m1}}, {{provider: fake, model: m2}}]
+    max_tokens: 100
+"""
+UPSTREAM = [
+    ErrorClass.RATE_LIMITED, ErrorClass.OVERLOADED, ErrorClass.SERVER_ERROR,
+    ErrorClass.TIMEOUT, ErrorClass.CONNECTION_ERROR, ErrorClass.MALFORMED_RESPONSE,
+    ErrorClass.QUOTA_EXHAUSTED, ErrorClass.AUTH_ERROR, ErrorClass.MODEL_NOT_FOUND,
+    ErrorClass.INVALID_REQUEST, ErrorClass.CONTEXT_LENGTH_EXCEEDED,
+    ErrorClass.REQUEST_TOO_LARGE, ErrorClass.CONTENT_REFUSED, ErrorClass.TRUNCATED_OUTPUT,
+]
+
+
+def gw(tmp_path: Path, provider: FakeProvider, plugins: str = "ledger, router, fake",
+       **kw: Any):  # noqa: ANN201
+    return gateway_from_yaml(
+        YAML.format(plugins=plugins), env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+        providers=[provider], **kw,
+    )
+
+
+class Exploding(FakeProvider):
+    async def complete(self, request: ProviderRequest) -> Outcome:
+        raise RuntimeError("provider bug")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("advice", [None, "retry", "fallback"])
+async def test_fault_matrix_leaves_no_open_reservation(tmp_path: Path, advice: str | None) -> None:
+    p = fake()
+    cases = list(itertools.product(UPSTREAM, [True, False], [None, Usage(7, 9)]))
+    cases = [(c, s, u) for c, s, u in cases if s or u is None]  # not sent: never billed
+    for cls, sent, usage in cases:
+        p.then(Outcome.failure(cls, "x", sent=sent, usage=usage))
+    plugins = "ledger, router, fake"
+    extra: dict[str, object] = {}
+    if advice:
+        plugins = "ledger, advise, chain, router, fake"
+        extra = {"advise": Advise(advice),
+                 "chain": Chain(Target("fake", "m1", 100), Target("fake", "m2", 100))}
+    g = gw(tmp_path, p, plugins=plugins, extra_plugins=extra)
+    task = "chain" if advice else "quick"
+    while p.script:
+        await g.route(Request(task, "hi"))
+    for _ in range(3):  # and panels over the echo
+        assert (await g.route(Request("duo", "hi"))).ok
+    got = states(tmp_path / "l.db")
+    assert got["reserved"] == 0, got
+    billed = sum(1 for _, s, u in cases if u is not None)
+    unknown = sum(1 for _, s, u in cases if s and u is None)
+    released = sum(1 for _, s, _u in cases if not s)
+    assert got["unknown"] == unknown
+    assert got["released"] == released
+    assert got["settled"] == billed + 6 + (len(p.received) - len(cases) - 6)
+    settled = [r for r in rows(tmp_path / "l.db") if r["error_class"] and r["state"] == "settled"]
+    assert all(r["cost_micro"] == 7 * 10 + 9 * 100 for r in settled)
+    print(f"\nfault matrix ({advice=}): {len(cases)} faults, open reservations at end: "
+          f"{got['reserved']}")
+
+
+@pytest.mark.anyio
+async def test_provider_crash_is_charged_as_unknown(tmp_path: Path) -> None:
+    g = gw(tmp_path, Exploding(prices={"m1": PRICE}))
+    env = await g.route(Request("quick", "hi"))
+    assert env.error_class == "internal_error"
+    assert [r["state"] for r in rows(tmp_path / "l.db")] == ["unknown"]
+
+
+async def _cancel_when_entered(g: Any, request: Request, entered: anyio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(g.route, request)
+        await entered.wait()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_cancelled_while_sent_stays_charged_as_unknown(tmp_path: Path) -> None:
+    p = GatedProvider(prices={"m1": PRICE, "m2": PRICE}, hang=True)
+    g = gw(tmp_path, p)
+    await _cancel_when_entered(g, Request("quick", "hi"), p.entered)
+    got = rows(tmp_path / "l.db")
+    assert [(r["state"], r["error_class"]) for r in got] == [("unknown", "cancelled")]
+    assert states(tmp_path / "l.db")["reserved"] == 0
+
+
+@pytest.mark.anyio
+async def test_cancelled_panel_leaves_no_open_reservation(tmp_path: Path) -> None:
+    p = GatedProvider(prices={"m1": PRICE, "m2": PRICE}, hang=True)
+    g = gw(tmp_path, p)
+    await _cancel_when_entered(g, Request("duo", "hi"), p.entered)
+    got = states(tmp_path / "l.db")
+    assert got["reserved"] == 0
+    # members that had started are charged; one not yet started would be released
+    assert got["unknown"] + got["released"] == 2 and got["unknown"] >= 1
+
+
+class StallBefore:
+    """A ``before_call`` after the ledger's that waits: a cancel lands before sending."""
+
+    def __init__(self) -> None:
+        self.entered: anyio.Event | None = None
+
+    @hookimpl
+    async def before_call(self, call: Any) -> None:
+        assert self.entered is not None
+        self.entered.set()
+        await anyio.sleep_forever()
+
+
+@pytest.mark.anyio
+async def test_cancelled_before_sending_is_released(tmp_path: Path) -> None:
+    p = fake()
+    stall = StallBefore()
+    stall.entered = anyio.Event()
+    g = gw(tmp_path, p, plugins="ledger, stall, router, fake", extra_plugins={"stall": stall})
+    await _cancel_when_entered(g, Request("quick", "hi"), stall.entered)
+    assert [r["state"] for r in rows(tmp_path / "l.db")] == ["released"]
+    assert p.received == []
+
+
+@pytest.mark.anyio
+async def test_many_cancellations_at_random_points_leak_nothing(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(7)
+    p = GatedProvider(prices={"m1": PRICE, "m2": PRICE}, delay=lambda: rng.uniform(0, 0.002))
+    g = gw(tmp_path, p)
+    for i in range(40):
+        with anyio.move_on_after(rng.uniform(0, 0.004)):
+            await g.route(Request("duo" if i % 2 else "quick", "hi"))
+    got = states(tmp_path / "l.db")
+    assert got["reserved"] == 0, got
+    assert sum(got.values()) > 0
