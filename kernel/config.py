@@ -40,28 +40,39 @@ _NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 class Model(BaseModel):
     """Base of every config model: frozen, unknown keys refused."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class TargetSpec(Model):
     """A provider and model, with an optional output bound."""
 
     provider: str = Field(pattern=_NAME)
+    """Provider name, as registered by a provider plugin."""
     model: str = Field(min_length=1)
+    """Model name, as the provider spells it."""
     max_tokens: PositiveInt | None = None
+    """Output bound for this target; default: the task class's max_tokens."""
 
 
 class TaskClassSpec(Model):
     """One task class: a single target, or a panel of ``members``."""
 
     description: str = ""
+    """Shown to MCP clients in the task_class enum's description."""
     provider: str | None = Field(default=None, pattern=_NAME)
+    """Provider of a single-target class."""
     model: str | None = Field(default=None, min_length=1)
+    """Model of a single-target class."""
     max_tokens: PositiveInt = 1024
+    """Output bound sent with every request of this class (callers may lower or raise it)."""
     system: str | None = None
+    """Default system prompt when the caller gives none."""
     members: list[TargetSpec] | None = None
+    """Panel members (at least 2); they answer the same prompt in parallel."""
     quorum: PositiveInt | None = None
+    """Members that must succeed for a panel to succeed; default: a strict majority, >= 2."""
     min_distinct_providers: PositiveInt = 1
+    """A panel must span at least this many providers (checked at load and before dispatch)."""
 
     @model_validator(mode="after")
     def _shape(self) -> TaskClassSpec:
@@ -108,28 +119,41 @@ class ProviderSpec(Model):
     """Connection settings of one provider (keys come from the environment only)."""
 
     base_url: str | None = None
+    """Base URL in the form the provider's SDK documents; overrides <NAME>_BASE_URL."""
     timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """Per-request timeout in seconds (never beyond the call's remaining deadline)."""
     connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """Connection timeout in seconds."""
     key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    """Name of the environment variable holding the key (default: <NAME>_API_KEY)."""
     models: list[str] = Field(default_factory=list)
+    """Extra models that callers may name as override_model."""
 
 
 class PriceSpec(Model):
     """A price override in USD per million tokens."""
 
     input_per_mtok: Decimal = Field(ge=0)
+    """USD per million input tokens."""
     output_per_mtok: Decimal = Field(ge=0)
+    """USD per million output tokens (reasoning tokens are billed as output)."""
     cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
+    """USD per million cached input tokens; default: the input price."""
 
 
 class GatewaySpec(Model):
     """Kernel-wide limits."""
 
     deadline_s: float = Field(default=120.0, gt=0, le=3600)
+    """One deadline in seconds over all attempts and fallbacks of a tool call."""
     max_attempts_per_target: PositiveInt = Field(default=5, le=20)
+    """Hard ceiling on attempts per target, whatever the retry plugin advises."""
     max_prompt_bytes: PositiveInt = Field(default=1_048_576)
+    """Largest prompt (and system prompt) accepted, in UTF-8 bytes."""
     max_output_tokens: PositiveInt = Field(default=65_536)
+    """Largest max_tokens a caller may ask for."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of `llmgw serve` (LLM_GATEWAY_LOG_LEVEL wins)."""
 
 
 class Settings(Model):

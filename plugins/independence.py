@@ -288,7 +288,7 @@ class IndependencePlugin:
                 "members": [f"{m.provider}/{m.model}" for m in spec.members or ()],
                 "mode": contract.mode if contract else None,
                 "enforce": contract.enforce if contract else None,
-                "certified": contract is not None,
+                "contract": contract is not None,
             }
         late = self._rewriters_after()
         info: dict[str, Any] = {

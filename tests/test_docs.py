@@ -52,3 +52,37 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 def test_readme_demo_command_runs_llmgw_demo() -> None:
     assert _readme_block_after("**Run the gateway's main job offline**").endswith("llmgw demo")
+
+
+def test_configuration_reference_is_generated_from_the_models() -> None:
+    from llmgw.kernel.configdoc import render
+
+    current = (ROOT / "docs" / "configuration.md").read_text()
+    assert current == render(), (
+        "docs/configuration.md is out of date: run "
+        "`python -m llmgw.kernel.configdoc > docs/configuration.md`"
+    )
+
+
+def test_every_config_key_has_a_description() -> None:
+    from llmgw.kernel.configdoc import render
+
+    undocumented = [
+        line.split("`")[1]
+        for line in render().splitlines()
+        if line.startswith("| `") and line.rstrip().endswith("|  |")
+    ]
+    assert not undocumented, f"add a docstring under each of these fields: {undocumented}"
+
+
+def test_every_environment_variable_read_by_the_code_is_documented() -> None:
+    from llmgw.kernel.configdoc import ENV_VARS
+
+    documented = {name for name, _, _ in ENV_VARS}
+    used: set[str] = set()
+    for folder in ("kernel", "plugins"):
+        for path in (ROOT / folder).rglob("*.py"):
+            used.update(re.findall(r"\bLLM_GATEWAY_[A-Z_]+[A-Z]\b", path.read_text()))
+    prefixes = {n.split("<")[0] for n in documented if "<" in n}
+    missing = {n for n in used if n not in documented and not any(n.startswith(p) for p in prefixes)}
+    assert not missing, f"document these in kernel/configdoc.py ENV_VARS: {sorted(missing)}"

@@ -28,13 +28,11 @@ on slow disks) and while waiting for another process's write lock (up to
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import uuid
 from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
-
-import anyio
-import anyio.to_thread
 
 from llmgw.kernel import (
     Call,
@@ -97,7 +95,8 @@ class LedgerPlugin:
         self.store = LedgerStore(self.path, busy_timeout_s=self.config.busy_timeout_s)
         self.open_error: str | None = None
         self.expired_at_start = 0
-        self._limiter: tuple[asyncio.AbstractEventLoop, anyio.CapacityLimiter] | None = None
+        # One thread of its own: operations run one at a time, in submission order.
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmgw-ledger")
         if self.enabled:
             self._open()
 
@@ -117,15 +116,32 @@ class LedgerPlugin:
                 note="reservations of a process that stopped are kept charged as unknown",
             )
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        """Run one store operation in a worker thread, one at a time, never abandoned."""
-        loop = asyncio.get_running_loop()
-        if self._limiter is None or self._limiter[0] is not loop:
-            self._limiter = (loop, anyio.CapacityLimiter(1))
-        limiter = self._limiter[1]
-        with anyio.CancelScope(shield=True):
-            result = await anyio.to_thread.run_sync(fn, limiter=limiter)
-        return result
+    async def _run(
+        self, fn: Callable[[], T], *, if_abandoned: Callable[[T], object] | None = None
+    ) -> T:
+        """Run one store operation on the ledger thread and wait for it.
+
+        The operation is handed to the thread before the first ``await``, so it runs to
+        the end even if this task is cancelled while waiting (a shield of the caller's
+        does not stop a native ``Task.cancel()``); ``if_abandoned`` then gets its result
+        on the ledger thread (a reservation nobody will use is released there).
+        """
+        job = self._worker.submit(fn)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(job))
+        except asyncio.CancelledError:
+            if if_abandoned is not None:
+                callback = if_abandoned
+
+                def done(f: concurrent.futures.Future[T]) -> None:
+                    if not f.cancelled() and f.exception() is None:
+                        try:
+                            callback(f.result())
+                        except Exception as exc:
+                            self.ctx.log.error("ledger.abandon_failed", error=str(exc))
+
+                job.add_done_callback(done)
+            raise
 
     # --- before_call: reserve --------------------------------------------------------
 
@@ -145,9 +161,15 @@ class LedgerPlugin:
         calls = call.members if call.is_panel else (call,)
         items = [self._item(c) for c in calls]
         now = self.ctx.clock.now()
+
+        def release_all(_: None) -> None:
+            for item in items:
+                self.store.release(item.id, now=now, error_class="cancelled")
+
         try:
             await self._run(
-                lambda: self.store.reserve(items, self.caps, now=now, lease_s=self.config.lease_s)
+                lambda: self.store.reserve(items, self.caps, now=now, lease_s=self.config.lease_s),
+                if_abandoned=release_all,
             )
         except CapExceeded as exc:
             raise CallRefused(
@@ -304,5 +326,6 @@ class LedgerPlugin:
 
     @hookimpl
     def shutdown(self) -> None:
+        self._worker.shutdown(wait=True)
         self.store.close()
 

@@ -453,7 +453,7 @@ async def test_report_info_lists_visibility_contracts() -> None:
         "members": ["alpha/a-1", "beta/b-1"],
         "mode": "blind",
         "enforce": "soft",
-        "certified": True,
+        "contract": True,
     }
     assert info["canonical_form"] == CANONICAL_FORM
     assert "before_call_after_independence" not in info

@@ -12,6 +12,7 @@ from llmgw.kernel import (
     CallRefused,
     ConfigError,
     ErrorClass,
+    Gateway,
     Outcome,
     ProviderRequest,
     Request,
@@ -58,8 +59,8 @@ fallback:
 """
 
 
-def _breaker(gw: object) -> BreakerPlugin:
-    plugin = gw.pm.get_plugin("breaker")  # type: ignore[attr-defined]
+def _breaker(gw: Gateway) -> BreakerPlugin:
+    plugin = gw.pm.get_plugin("breaker")
     assert isinstance(plugin, BreakerPlugin)
     return plugin
 

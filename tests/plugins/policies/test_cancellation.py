@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from llmgw.kernel import Call, ErrorClass, Outcome, ProviderRequest, Request, hookimpl
+from llmgw.kernel import Call, ErrorClass, Gateway, Outcome, ProviderRequest, Request, hookimpl
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
 from llmgw.plugins.policies.breaker import BreakerPlugin
 from llmgw.plugins.policies.breaker_state import CircuitState
@@ -63,7 +63,7 @@ fallback:
 """
 
 
-def _gateway(a: FakeProvider, b: FakeProvider, clock: FakeClock) -> object:
+def _gateway(a: FakeProvider, b: FakeProvider, clock: FakeClock) -> Gateway:
     SEEN.clear()
     return gateway_from_yaml(
         YAML,
@@ -79,7 +79,8 @@ def _gateway(a: FakeProvider, b: FakeProvider, clock: FakeClock) -> object:
 
 def _new_tasks(before: set[asyncio.Task[object]]) -> set[asyncio.Task[object]]:
     """Tasks alive now that were not alive before the route started (orphans)."""
-    return asyncio.all_tasks() - before - {asyncio.current_task()}  # type: ignore[operator]
+    current = asyncio.current_task()
+    return {t for t in asyncio.all_tasks() - before if t is not current}
 
 
 @pytest.mark.anyio
@@ -88,7 +89,7 @@ async def test_cancelling_a_route_aborts_upstream_and_unwinds_every_plugin() -> 
     a, b = Blocking("a"), FakeProvider("b")
     gw = _gateway(a, b, clock)
     before = asyncio.all_tasks()
-    task = asyncio.create_task(gw.route(Request("qa", "hi")))  # type: ignore[attr-defined]
+    task = asyncio.create_task(gw.route(Request("qa", "hi")))
     await asyncio.wait_for(a.started.wait(), 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -98,7 +99,7 @@ async def test_cancelling_a_route_aborts_upstream_and_unwinds_every_plugin() -> 
         assert SEEN[name] == [("a/m1", ErrorClass.CANCELLED)], name
     assert not b.received  # a cancel is not a reason to fall back
     assert _new_tasks(before) == set()
-    await gw.aclose()  # type: ignore[attr-defined]
+    await gw.aclose()
 
 
 @pytest.mark.anyio
@@ -106,14 +107,14 @@ async def test_a_cancelled_probe_frees_the_probe_slot() -> None:
     clock = FakeClock()
     a, b = Blocking("a"), FakeProvider("b")
     gw = _gateway(a, b, clock)
-    breaker = gw.pm.get_plugin("breaker")  # type: ignore[attr-defined]
+    breaker = gw.pm.get_plugin("breaker")
     circuit = breaker.circuit("a/m1")
     for _ in range(5):  # trip the circuit directly: five failures in a row
         ticket = circuit.admit(clock.monotonic())
         circuit.record(ticket, "failure", clock.monotonic())
     clock.advance(30.0)
     before = asyncio.all_tasks()
-    task = asyncio.create_task(gw.route(Request("qa", "hi")))  # type: ignore[attr-defined]
+    task = asyncio.create_task(gw.route(Request("qa", "hi")))
     await asyncio.wait_for(a.started.wait(), 1)
     assert circuit.probe_in_flight
     task.cancel()
@@ -123,10 +124,10 @@ async def test_a_cancelled_probe_frees_the_probe_slot() -> None:
     assert circuit.state(clock.monotonic()) is CircuitState.HALF_OPEN
     assert _new_tasks(before) == set()
     a.release.set()
-    env = await gw.route(Request("qa", "again"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "again"))
     assert env.ok and env.meta["provider"] == "a"  # the next caller was the probe
     assert circuit.state(clock.monotonic()) is CircuitState.CLOSED
-    await gw.aclose()  # type: ignore[attr-defined]
+    await gw.aclose()
 
 
 @pytest.mark.anyio
@@ -135,7 +136,7 @@ async def test_cancelling_a_panel_aborts_every_member() -> None:
     a, b = Blocking("a"), Blocking("b")
     gw = _gateway(a, b, clock)
     before = asyncio.all_tasks()
-    task = asyncio.create_task(gw.route(Request("duo", "hi")))  # type: ignore[attr-defined]
+    task = asyncio.create_task(gw.route(Request("duo", "hi")))
     await asyncio.wait_for(asyncio.gather(a.started.wait(), b.started.wait()), 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -146,4 +147,4 @@ async def test_cancelling_a_panel_aborts_every_member() -> None:
         assert member_calls == ["a/m1", "b/m2"], name
         assert all(cls is ErrorClass.CANCELLED for _, cls in SEEN[name]), name
     assert _new_tasks(before) == set()
-    await gw.aclose()  # type: ignore[attr-defined]
+    await gw.aclose()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import sqlite3
 import textwrap
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from llmgw.kernel import (
     ConfigError,
     ErrorClass,
+    Gateway,
     Outcome,
     Price,
     ProviderRequest,
@@ -55,13 +58,13 @@ fallback:
 """
 
 
-def _gw(text: str = BASE, *providers: FakeProvider, clock: FakeClock | None = None) -> object:
+def _gw(text: str = BASE, *providers: FakeProvider, clock: FakeClock | None = None) -> Gateway:
     provs = providers or (FakeProvider("a"), FakeProvider("b"), FakeProvider("c"))
     return gateway_from_yaml(text, providers=provs, clock=clock or FakeClock())
 
 
-def _route(gw: object, request: Request) -> Route:
-    route = gw.hooks.resolve_route(request, gw.settings)  # type: ignore[attr-defined]
+def _route(gw: Gateway, request: Request) -> Route:
+    route = gw.hooks.resolve_route(request, gw.settings)
     assert route is not None
     return route
 
@@ -85,7 +88,7 @@ async def test_fallback_walks_the_chain_in_order() -> None:
     b = Failing("b", broken={"m2": ErrorClass.QUOTA_EXHAUSTED})
     c = FakeProvider("c")
     gw = _gw(BASE, a, b, c)
-    env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "hi"))
     assert env.ok and env.meta["provider"] == "c" and env.meta["fallback_from"] == "a/m1"
     assert [
         (x["provider"], x["error_class"] if not x["ok"] else "ok") for x in env.meta["attempts"]
@@ -97,7 +100,7 @@ async def test_fallback_walks_the_chain_in_order() -> None:
 async def test_retry_wins_while_attempts_remain_then_fallback() -> None:
     a = Failing("a", broken={"m1": ErrorClass.SERVER_ERROR})
     gw = _gw(BASE, a, FakeProvider("b"), FakeProvider("c"))
-    env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "hi"))
     assert [(x["provider"], x["attempt"]) for x in env.meta["attempts"]] == [
         ("a", 1),
         ("a", 2),
@@ -117,7 +120,7 @@ async def test_spend_is_counted_once_per_attempt_including_billed_errors() -> No
     a = FakeProvider("a", prices={"m1": price}).then(billed_failure, billed_failure, billed_failure)
     b = FakeProvider("b", prices={"m2": price})
     gw = _gw(BASE, a, b, FakeProvider("c"))
-    env = await gw.route(Request("qa", "hello world"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "hello world"))
     per_attempt = [x["cost_usd"] for x in env.meta["attempts"]]
     assert per_attempt[:3] == [0.00102] * 3
     assert env.meta["cost_usd_approx"] == pytest.approx(sum(per_attempt))
@@ -134,7 +137,7 @@ async def test_panel_members_fall_back_without_duplicating_a_panel_model() -> No
     for member in route.members:
         keys = [t.key for t in member.targets]
         assert keys[1:] == ["c/m3", "c/m4"]
-    env = await gw.route(Request("duo", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("duo", "hi"))
     assert env.ok
     landed = [m["meta"]["model"] for m in env.data["members"]]
     assert sorted(landed) == ["m3", "m4"]  # never both on the same fallback
@@ -143,7 +146,7 @@ async def test_panel_members_fall_back_without_duplicating_a_panel_model() -> No
 
 def test_a_panel_route_never_gets_another_members_model() -> None:
     gw = _gw()
-    plugin = gw.pm.get_plugin("fallback")  # type: ignore[attr-defined]
+    plugin = gw.pm.get_plugin("fallback")
     assert isinstance(plugin, FallbackPlugin)
     # a route built by another plugin whose panel already uses c/m3
     route = Route(
@@ -188,7 +191,7 @@ async def test_content_refused_falls_back_only_when_configured(on: bool) -> None
     a = Failing("a", broken={"m1": ErrorClass.CONTENT_REFUSED})
     b = FakeProvider("b")
     gw = _gw(BASE + f"  on_content_refused: {str(on).lower()}\n", a, b, FakeProvider("c"))
-    env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "hi"))
     assert env.ok is on
     assert len(b.received) == (1 if on else 0)
     if not on:
@@ -200,12 +203,12 @@ async def test_context_overflow_goes_only_to_a_larger_window() -> None:
     a = Failing("a", broken={"m1": ErrorClass.CONTEXT_LENGTH_EXCEEDED})
     b, c = FakeProvider("b"), FakeProvider("c")
     gw = _gw(BASE, a, b, c)
-    env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "hi"))
     assert env.meta["error_class"] == "context_length_exceeded"  # default: no fallback
     assert not b.received and not c.received
 
     gw = _gw(BASE + "  larger_context: [c/m3]\n", a, b, c)
-    env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "hi"))
     assert env.ok and env.meta["provider"] == "c"
     assert [x["stage"] for x in env.meta["attempts"]] == ["sent", "rejected", "sent"]
     assert not b.received
@@ -217,7 +220,7 @@ async def test_a_provider_wide_failure_skips_that_providers_other_models() -> No
     a = Failing("a", broken={"m1": ErrorClass.QUOTA_EXHAUSTED})
     c = FakeProvider("c")
     gw = _gw(text, a, FakeProvider("b"), c)
-    env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "hi"))
     assert env.ok and env.meta["provider"] == "c"
     assert len(a.received) == 1  # a/m9 shares the exhausted account: not tried
     assert env.meta["attempts"][1]["stage"] == "rejected"
@@ -229,14 +232,14 @@ async def test_non_fallback_classes_end_the_route() -> None:
         a = Failing("a", broken={"m1": error})
         b = FakeProvider("b")
         gw = _gw(BASE, a, b, FakeProvider("c"))
-        env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
+        env = await gw.route(Request("qa", "hi"))
         assert env.meta["error_class"] == error.value and not b.received
 
 
 @pytest.mark.anyio
 async def test_unknown_task_class_is_still_reported_through_the_wrapper() -> None:
     gw = _gw()
-    env = await gw.route(Request("nope", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("nope", "hi"))
     assert env.meta["error_class"] == "unknown_task_class"
 
 
@@ -255,8 +258,43 @@ async def test_without_the_fallback_plugin_routes_have_only_their_primary() -> N
     text = BASE.replace("fallback, ", "").split("fallback:")[0]
     gw = _gw(text, a, b, FakeProvider("c"))
     assert len(_route(gw, Request("qa", "hi")).targets) == 1
-    env = await gw.route(Request("qa", "hi"))  # type: ignore[attr-defined]
+    env = await gw.route(Request("qa", "hi"))
     assert env.meta["error_class"] == "overloaded" and not b.received
     assert len(a.received) == 3  # retries still happen; there is just nowhere to go after
-    ok = await gw.route(Request("duo", "hi"))  # type: ignore[attr-defined]
+    ok = await gw.route(Request("duo", "hi"))
     assert ok.meta["panel"]["members"] == 2  # the gateway still serves
+
+
+@pytest.mark.anyio
+async def test_with_the_ledger_each_attempt_is_recorded_once(tmp_path: Path) -> None:
+    price = Price(Decimal("1"), Decimal("2"), source="test")
+    billed = Outcome.failure(ErrorClass.OVERLOADED, "boom", sent=True, usage=Usage(1000, 10))
+    a = FakeProvider("a", prices={"m1": price}).then(billed, billed, billed)
+    b = FakeProvider("b", prices={"m2": price})
+    text = (
+        BASE.replace("[retry, ", "[breaker, ledger, retry, ")
+        + "ledger: {caps: {total_monthly_usd: 5}}\n"
+    )
+    db = tmp_path / "ledger.db"
+    gw = gateway_from_yaml(
+        text,
+        providers=[a, b, FakeProvider("c")],
+        clock=FakeClock(),
+        env={"LLM_GATEWAY_LEDGER_PATH": str(db)},
+    )
+    env = await gw.route(Request("qa", "hello world"))
+    await gw.aclose()
+    assert env.ok and env.meta["fallback_from"] == "a/m1"
+    with sqlite3.connect(db) as con:
+        rows = con.execute(
+            "SELECT provider, attempt, state, cost_micro FROM entries ORDER BY created_at, attempt"
+        ).fetchall()
+    assert sorted(rows) == sorted(
+        [
+            ("a", 1, "settled", 1020),
+            ("a", 2, "settled", 1020),
+            ("a", 3, "settled", 1020),
+            ("b", 1, "settled", round(env.meta["attempts"][3]["cost_usd"] * 1_000_000)),
+        ]
+    )
+    assert env.meta["cost_usd_approx"] == pytest.approx(sum(r[3] for r in rows) / 1_000_000)

@@ -1,0 +1,101 @@
+"""The shared classification helpers: retry hints, transport errors, statuses, messages."""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+
+import httpx2
+import pytest
+
+from llmgw.kernel import ErrorClass as E
+from llmgw.plugins.providers.http_errors import (
+    failure,
+    finish_outcome,
+    gemini_retry_delay,
+    retry_hint,
+    status_class,
+    transport_class,
+)
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"retry-after": "7"}, 7.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),  # ms wins
+        ({"retry-after-ms": "junk", "retry-after": "9"}, 9.0),
+        ({"retry-after": formatdate(NOW + 42, usegmt=True)}, 42.0),
+        ({"retry-after": formatdate(NOW - 42, usegmt=True)}, 0.0),  # already past
+        ({"retry-after": "soon"}, None),
+        ({"retry-after": "-3"}, None),
+        ({"retry-after": "999999999"}, None),  # absurd: ignore
+    ],
+)
+def test_retry_hint(headers: dict[str, str], expected: float | None) -> None:
+    assert retry_hint(httpx2.Headers(headers), now=NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                 "retryDelay": "13s"}]}}, 13.0),
+        ({"error": {"details": [{"@type": "x.RetryInfo", "retryDelay": "0.5s"}]}}, 0.5),
+        ({"error": {"details": [{"@type": "x.QuotaFailure"}]}}, None),
+        ({"error": {"details": "nope"}}, None),
+        ("not a dict", None),
+    ],
+)
+def test_gemini_retry_delay(body: object, expected: float | None) -> None:
+    assert gemini_retry_delay(body) == expected
+
+
+@pytest.mark.parametrize(
+    ("exc", "cls", "sent"),
+    [
+        (httpx2.ConnectError("refused"), E.CONNECTION_ERROR, False),
+        (httpx2.ConnectTimeout("slow connect"), E.TIMEOUT, False),
+        (httpx2.PoolTimeout("pool"), E.TIMEOUT, False),
+        (httpx2.ReadTimeout("slow answer"), E.TIMEOUT, True),
+        (httpx2.WriteTimeout("slow upload"), E.TIMEOUT, True),
+        (httpx2.ReadError("reset"), E.CONNECTION_ERROR, True),
+        (httpx2.RemoteProtocolError("closed"), E.CONNECTION_ERROR, True),
+        (httpx2.LocalProtocolError("bad"), E.CONNECTION_ERROR, False),
+        (httpx2.DecodingError("gzip"), E.MALFORMED_RESPONSE, True),
+    ],
+)
+def test_transport_class(exc: BaseException, cls: E, sent: bool) -> None:
+    assert transport_class(exc) == (cls, sent)
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [(400, E.INVALID_REQUEST), (401, E.AUTH_ERROR), (403, E.AUTH_ERROR),
+     (402, E.QUOTA_EXHAUSTED), (404, E.MODEL_NOT_FOUND), (408, E.TIMEOUT),
+     (413, E.REQUEST_TOO_LARGE), (422, E.INVALID_REQUEST), (429, E.RATE_LIMITED),
+     (500, E.SERVER_ERROR), (502, E.SERVER_ERROR), (503, E.OVERLOADED), (529, E.OVERLOADED),
+     (504, E.TIMEOUT)],
+)
+def test_status_class(status: int, cls: E) -> None:
+    assert status_class(status) == cls
+
+
+def test_failure_message_uses_only_safe_fields() -> None:
+    out = failure("openai", "gpt-4o", E.RATE_LIMITED, sent=True, status=429, retry_after_s=2)
+    assert out.message == (
+        "openai/gpt-4o: the provider is rate limiting this key; retry later "
+        "(HTTP 429; retry after 2.0 s)"
+    )
+    assert out.details == {"status": 429}
+
+
+def test_truncation_policy() -> None:
+    cut = finish_outcome("p", "m", "partial", None, "length", truncated=True)
+    assert cut.ok and cut.finish_reason == "length" and cut.details == {"truncated": True}
+    empty = finish_outcome("p", "m", "  ", None, "length", truncated=True)
+    assert not empty.ok and empty.error_class == E.TRUNCATED_OUTPUT and empty.sent
