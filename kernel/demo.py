@@ -15,16 +15,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from .build import build_gateway
 from .config import load_settings
 from .envelope import Envelope
 from .fake_upstream import FakeUpstream
-from .build import build_gateway
 from .types import Request
 
 #: The plugins the demo enables, in order (adjust to what is installed).
 DEMO_PLUGINS: tuple[str, ...] = (
-    "kill_switch", "cost", "breaker", "ledger", "retry", "fallback", "independence",
-    "roles", "router", "openai", "anthropic", "gemini", "deepseek",
+    "kill_switch",
+    "cost",
+    "breaker",
+    "ledger",
+    "retry",
+    "fallback",
+    "independence",
+    "roles",
+    "router",
+    "openai",
+    "anthropic",
+    "gemini",
+    "deepseek",
 )
 
 _PROVIDERS = ("openai", "anthropic", "gemini", "deepseek")
@@ -132,9 +143,7 @@ def demo_yaml(up: FakeUpstream, plugins: Sequence[str], ledger_path: Path) -> st
 
 def demo_env() -> dict[str, str]:
     """Dummy keys: the fake upstream accepts anything, real providers would refuse them."""
-    return {
-        f"{name.upper()}_API_KEY": f"demo-key-{name}-0000000000000000" for name in _PROVIDERS
-    }
+    return {f"{name.upper()}_API_KEY": f"demo-key-{name}-0000000000000000" for name in _PROVIDERS}
 
 
 def format_envelope(title: str, env: Envelope) -> str:

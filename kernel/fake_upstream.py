@@ -209,7 +209,9 @@ class FakeUpstream:
         server.upstream = self
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            daemon=True,
             name="fake-upstream",
         )
         self._thread.start()
@@ -332,9 +334,17 @@ class FakeUpstream:
         fault = self._pick_fault(model, req.all_text) if wire != "unknown" else None
         headers = {k.lower(): v for k, v in h.headers.items()}
         record = ReceivedRequest(
-            method=h.command, path=path, query=query, headers=headers, body=body, raw=raw,
-            connection_id=h.connection_id, peer_port=int(h.client_address[1]), wire=wire,
-            model=model, fault=fault.name if fault else None,
+            method=h.command,
+            path=path,
+            query=query,
+            headers=headers,
+            body=body,
+            raw=raw,
+            connection_id=h.connection_id,
+            peer_port=int(h.client_address[1]),
+            wire=wire,
+            model=model,
+            fault=fault.name if fault else None,
         )
         with self._lock:
             self.requests.append(record)
@@ -426,7 +436,9 @@ def _send_raw(
     h.wfile.write(data)
 
 
-def _send_json(h: _Handler, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+def _send_json(
+    h: _Handler, status: int, payload: Any, headers: dict[str, str] | None = None
+) -> None:
     _send_raw(h, status, json.dumps(payload).encode(), "application/json", headers)
 
 
@@ -434,28 +446,74 @@ def _send_json(h: _Handler, status: int, payload: Any, headers: dict[str, str] |
 
 # Per fault: HTTP status, OpenAI-style (type, code), Anthropic type, Gemini status.
 _ERRORS: dict[str, tuple[int, str, str | None, str, str]] = {
-    "rate_limited": (429, "requests", "rate_limit_exceeded", "rate_limit_error", "RESOURCE_EXHAUSTED"),
+    "rate_limited": (
+        429,
+        "requests",
+        "rate_limit_exceeded",
+        "rate_limit_error",
+        "RESOURCE_EXHAUSTED",
+    ),
     "overloaded": (503, "server_error", None, "overloaded_error", "UNAVAILABLE"),
     "overloaded_529": (529, "server_error", None, "overloaded_error", "UNAVAILABLE"),
     "server_error": (500, "server_error", None, "api_error", "INTERNAL"),
     "bad_gateway": (502, "server_error", None, "api_error", "UNAVAILABLE"),
     "gateway_timeout": (504, "server_error", None, "timeout_error", "DEADLINE_EXCEEDED"),
-    "auth_error": (401, "invalid_request_error", "invalid_api_key", "authentication_error",
-                   "UNAUTHENTICATED"),
-    "forbidden": (403, "invalid_request_error", "unsupported_country_region_territory",
-                  "permission_error", "PERMISSION_DENIED"),
-    "model_not_found": (404, "invalid_request_error", "model_not_found", "not_found_error",
-                        "NOT_FOUND"),
-    "invalid_request": (400, "invalid_request_error", None, "invalid_request_error",
-                        "INVALID_ARGUMENT"),
-    "unprocessable": (422, "invalid_request_error", None, "invalid_request_error",
-                      "INVALID_ARGUMENT"),
-    "request_too_large": (413, "invalid_request_error", None, "request_too_large",
-                          "INVALID_ARGUMENT"),
-    "insufficient_quota": (429, "insufficient_quota", "insufficient_quota", "billing_error",
-                           "RESOURCE_EXHAUSTED"),
-    "payment_required": (402, "invalid_request_error", "invalid_request_error", "billing_error",
-                         "FAILED_PRECONDITION"),
+    "auth_error": (
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+        "authentication_error",
+        "UNAUTHENTICATED",
+    ),
+    "forbidden": (
+        403,
+        "invalid_request_error",
+        "unsupported_country_region_territory",
+        "permission_error",
+        "PERMISSION_DENIED",
+    ),
+    "model_not_found": (
+        404,
+        "invalid_request_error",
+        "model_not_found",
+        "not_found_error",
+        "NOT_FOUND",
+    ),
+    "invalid_request": (
+        400,
+        "invalid_request_error",
+        None,
+        "invalid_request_error",
+        "INVALID_ARGUMENT",
+    ),
+    "unprocessable": (
+        422,
+        "invalid_request_error",
+        None,
+        "invalid_request_error",
+        "INVALID_ARGUMENT",
+    ),
+    "request_too_large": (
+        413,
+        "invalid_request_error",
+        None,
+        "request_too_large",
+        "INVALID_ARGUMENT",
+    ),
+    "insufficient_quota": (
+        429,
+        "insufficient_quota",
+        "insufficient_quota",
+        "billing_error",
+        "RESOURCE_EXHAUSTED",
+    ),
+    "payment_required": (
+        402,
+        "invalid_request_error",
+        "invalid_request_error",
+        "billing_error",
+        "FAILED_PRECONDITION",
+    ),
 }
 
 _CONTEXT_MESSAGES = {
@@ -516,9 +574,17 @@ class _WireRequest:
                     if content.get("role", "user") == "user":
                         last_user = text
             config = body.get("generationConfig") or {}
-            max_tokens = (config.get("maxOutputTokens") if isinstance(config, dict) else None) or 1024
-        return cls(wire, model or "", system, last_user, "\n".join(texts),
-                   int(max_tokens) if isinstance(max_tokens, int) else 1024)
+            max_tokens = (
+                config.get("maxOutputTokens") if isinstance(config, dict) else None
+            ) or 1024
+        return cls(
+            wire,
+            model or "",
+            system,
+            last_user,
+            "\n".join(texts),
+            int(max_tokens) if isinstance(max_tokens, int) else 1024,
+        )
 
     # answers ---------------------------------------------------------------------------
 
@@ -556,35 +622,51 @@ class _WireRequest:
         if self.wire == "deepseek":
             usage.update(prompt_cache_hit_tokens=0, prompt_cache_miss_tokens=n_in)
         return {
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                         "logprobs": None}],
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+            ],
             "usage": usage,
         }
 
     def _anthropic(self, text: str, stop: str, n_in: int, n_out: int) -> dict[str, Any]:
         content = [{"type": "text", "text": text}] if text or stop != "max_tokens" else []
         return {
-            "id": "msg_fake", "type": "message", "role": "assistant", "model": self.model,
-            "content": content, "stop_reason": stop, "stop_sequence": None,
-            "usage": {"input_tokens": n_in, "output_tokens": n_out,
-                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": stop,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": n_in,
+                "output_tokens": n_out,
+                "cache_read_input_tokens": 0,
+                "cache_creation_input_tokens": 0,
+            },
         }
 
     def _gemini(self, text: str, finish: str, n_in: int, n_out: int) -> dict[str, Any]:
         thoughts = 8 if "pro" in self.model else 0
         usage: dict[str, Any] = {
-            "promptTokenCount": n_in, "candidatesTokenCount": n_out,
+            "promptTokenCount": n_in,
+            "candidatesTokenCount": n_out,
             "totalTokenCount": n_in + n_out + thoughts,
         }
         if thoughts:
             usage["thoughtsTokenCount"] = thoughts
         parts = [{"text": text}] if text else []
         return {
-            "candidates": [{"content": {"role": "model", "parts": parts},
-                            "finishReason": finish, "index": 0}],
-            "usageMetadata": usage, "modelVersion": self.model, "responseId": "fake",
+            "candidates": [
+                {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}
+            ],
+            "usageMetadata": usage,
+            "modelVersion": self.model,
+            "responseId": "fake",
         }
 
     def empty(self) -> dict[str, Any]:
@@ -601,12 +683,24 @@ class _WireRequest:
         if self.wire == "anthropic":
             return self._anthropic("I can't help with that.", "refusal", n_in, 6)
         if prompt:
-            return {"promptFeedback": {"blockReason": "SAFETY"},
-                    "usageMetadata": {"promptTokenCount": n_in, "totalTokenCount": n_in}}
+            return {
+                "promptFeedback": {"blockReason": "SAFETY"},
+                "usageMetadata": {"promptTokenCount": n_in, "totalTokenCount": n_in},
+            }
         return {
-            "candidates": [{"finishReason": "SAFETY", "index": 0, "safetyRatings": [
-                {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH",
-                 "blocked": True}]}],
+            "candidates": [
+                {
+                    "finishReason": "SAFETY",
+                    "index": 0,
+                    "safetyRatings": [
+                        {
+                            "category": "HARM_CATEGORY_DANGEROUS_CONTENT",
+                            "probability": "HIGH",
+                            "blocked": True,
+                        }
+                    ],
+                }
+            ],
             "usageMetadata": {"promptTokenCount": n_in, "totalTokenCount": n_in},
         }
 
@@ -617,8 +711,12 @@ class _WireRequest:
         details: list[dict[str, Any]] = []
         message = f"fake upstream fault {name}"
         if name == "quota_exhausted":
-            name = {"openai": "insufficient_quota", "deepseek": "payment_required",
-                    "anthropic": "payment_required", "gemini": "insufficient_quota"}[self.wire]
+            name = {
+                "openai": "insufficient_quota",
+                "deepseek": "payment_required",
+                "anthropic": "payment_required",
+                "gemini": "insufficient_quota",
+            }[self.wire]
         if name.startswith("rate_limited"):
             if name == "rate_limited":
                 headers["Retry-After"] = "2"
@@ -628,26 +726,41 @@ class _WireRequest:
             elif name == "rate_limited_date":
                 headers["Retry-After"] = formatdate(time.time() + 30, usegmt=True)
             elif name == "rate_limited_retryinfo":
-                details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                "retryDelay": "4s"})
+                details.append(
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "4s"}
+                )
             name = "rate_limited"
         if name == "overloaded" and self.wire == "anthropic":
             name = "overloaded_529"
         if name == "insufficient_quota":
             message = "You exceeded your current quota, please check your plan and billing details."
             if self.wire == "gemini":
-                details.append({
-                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                    "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
-                                    "quotaMetric": "generativelanguage.googleapis.com/"
-                                    "generate_content_free_tier_requests"}],
-                })
+                details.append(
+                    {
+                        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                        "violations": [
+                            {
+                                "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                                "quotaMetric": "generativelanguage.googleapis.com/"
+                                "generate_content_free_tier_requests",
+                            }
+                        ],
+                    }
+                )
         elif name == "payment_required":
-            message = ("Insufficient Balance" if self.wire != "anthropic" else
-                       "Your credit balance is too low to access the Anthropic API.")
+            message = (
+                "Insufficient Balance"
+                if self.wire != "anthropic"
+                else "Your credit balance is too low to access the Anthropic API."
+            )
         if name == "context_length":
-            status, otype, code, atype, gstatus = 400, "invalid_request_error", None, \
-                "invalid_request_error", "INVALID_ARGUMENT"
+            status, otype, code, atype, gstatus = (
+                400,
+                "invalid_request_error",
+                None,
+                "invalid_request_error",
+                "INVALID_ARGUMENT",
+            )
             message = _CONTEXT_MESSAGES[self.wire]
             if self.wire == "openai":
                 code = "context_length_exceeded"
@@ -656,14 +769,32 @@ class _WireRequest:
         if name == "auth_error" and self.wire == "gemini":
             status, gstatus = 400, "INVALID_ARGUMENT"
             message = "API key not valid. Please pass a valid API key."
-            details.append({"@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                            "reason": "API_KEY_INVALID", "domain": "googleapis.com"})
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "API_KEY_INVALID",
+                    "domain": "googleapis.com",
+                }
+            )
         if key:
             message = f"{message} Incorrect API key provided: {key}"
         if self.wire == "anthropic":
             return status, headers, {"type": "error", "error": {"type": atype, "message": message}}
         if self.wire == "gemini":
-            return status, headers, {"error": {"code": status, "message": message,
-                                               "status": gstatus, "details": details}}
-        return status, headers, {"error": {"message": message, "type": otype, "param": None,
-                                           "code": code}}
+            return (
+                status,
+                headers,
+                {
+                    "error": {
+                        "code": status,
+                        "message": message,
+                        "status": gstatus,
+                        "details": details,
+                    }
+                },
+            )
+        return (
+            status,
+            headers,
+            {"error": {"message": message, "type": otype, "param": None, "code": code}},
+        )

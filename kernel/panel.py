@@ -8,9 +8,9 @@ all or nothing); then each member runs the gateway's chain concurrently, and
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import structlog
 
 from .envelope import Envelope
@@ -99,9 +99,12 @@ async def run_panel(
             await _safe_progress(progress, done, len(members), f"member {i + 1} {state}")
 
     async def send_all() -> Outcome:
-        async with asyncio.TaskGroup() as tg:
+        # An anyio task group, not asyncio.TaskGroup: the latter cancels members with a
+        # native Task.cancel(), which lands inside the facade's shielded after_call and
+        # cuts it short (a ledger settle, a breaker count).
+        async with anyio.create_task_group() as tg:
             for i in range(len(members)):
-                tg.create_task(run_member(i))
+                tg.start_soon(run_member, i)
         ok = sum(1 for r in results if r is not None and r.outcome.ok)
         if ok >= quorum:
             return Outcome.success("", None)

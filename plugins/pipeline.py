@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmgw.kernel import Envelope, ErrorClass, Message, Request, Route, Target
-from llmgw.kernel.types import input_token_bound, micro_to_usd
+from llmgw.kernel.types import Status, input_token_bound, micro_to_usd
 
 from .compose import (
     STEP_ROLE,
@@ -93,7 +93,9 @@ class Orchestration:
                 self.plan = env.text or ""
             if n > 1:
                 workers = rotate_away(workers, self.worker_target)
-            access = (("plan",) if "plan" in steps else ()) + (("verdict",) if reasons else ())
+            access = (("plan",) if "plan" in steps else ()) + (
+                ("verdict",) if reasons is not None else ()
+            )
             env = await self._step(
                 n, "work", compose_work(task, self.plan, reasons), access, workers
             )
@@ -245,7 +247,7 @@ class Orchestration:
             "error", error_class, message, {"failed_step": {"round": n, "role": role}}
         )
 
-    def _finish(self, status: str, *, verified: bool, why: str | None = None) -> Envelope:
+    def _finish(self, status: Status, *, verified: bool, why: str | None = None) -> Envelope:
         if status == "success" and self.violations:
             status, verified = "needs_human_review", False
             why = "a step's request was changed after it was checked; see meta.visibility"
@@ -253,7 +255,7 @@ class Orchestration:
 
     def _envelope(
         self,
-        status: str,
+        status: Status,
         error_class: ErrorClass | None,
         why: str | None,
         extra: dict[str, Any] | None = None,
@@ -284,4 +286,4 @@ class Orchestration:
             return Envelope("error", None, meta, error=why, data=data)
         if why:
             meta["review_reason"] = why
-        return Envelope(status, self.artifact, meta, data=data)  # type: ignore[arg-type]
+        return Envelope(status, self.artifact, meta, data=data)

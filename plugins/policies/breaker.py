@@ -54,11 +54,17 @@ class BreakerPlugin:
         """The ``breaker:`` section."""
 
         consecutive_failures: PositiveInt = 5
+        """Health failures in a row that open the circuit of a provider/model."""
         failure_rate: float = Field(default=0.5, gt=0, le=1)
+        """Share of failures over `window_s` that opens the circuit (with `min_calls`)."""
         window_s: float = Field(default=60.0, gt=0)
+        """Length in seconds of the sliding window behind `failure_rate`."""
         min_calls: PositiveInt = 10
+        """Calls the window must hold before `failure_rate` applies."""
         open_s: float = Field(default=30.0, gt=0)
+        """Seconds open after a trip, times the number of consecutive trips."""
         max_open_s: float = Field(default=300.0, gt=0)
+        """Cap in seconds of one open period."""
 
         @model_validator(mode="after")
         def _caps(self) -> BreakerPlugin.Config:

@@ -40,9 +40,15 @@ class CostPlugin:
         """Section ``cost`` of routing.yaml."""
 
         warn_usd: Decimal | None = Field(default=None, ge=0)
+        """Above this worst-case cost (USD) the call proceeds with meta.preflight.warning."""
         block_usd: Decimal | None = Field(default=None, ge=0)
+        """Above this worst-case cost (USD) the call (or panel, in total) is refused before
+        dispatch with policy_refused; a fallback target may still be tried."""
         unknown_price: Literal["allow", "block"] = "allow"
+        """What to do with a model whose price is unknown: allow (with a warning) or block."""
         panel_cap_usd: dict[str, Decimal] = Field(default_factory=dict)
+        """Per panel task class: refuse the panel up front (nothing sent, nothing reserved)
+        when the sum of its members' worst cases exceeds this many USD."""
 
         @model_validator(mode="after")
         def _order(self) -> CostPlugin.Config:

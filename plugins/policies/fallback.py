@@ -52,8 +52,11 @@ class ChainEntry(Model):
     """One fallback target."""
 
     provider: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    """Provider of the fallback target."""
     model: str = Field(min_length=1)
+    """Model of the fallback target."""
     max_tokens: int | None = Field(default=None, gt=0)
+    """Output bound for this target (default: the primary's; a caller's max_tokens wins)."""
 
     @property
     def key(self) -> str:
@@ -67,10 +70,12 @@ class FallbackPlugin:
         """The ``fallback:`` section."""
 
         chains: dict[str, list[ChainEntry]] = Field(default_factory=dict)
+        """Per task class, the targets tried in order after its primary (each panel member's
+        own chain, skipping the panel's models)."""
         on_content_refused: bool = False
         """Fall back when a model refuses or a provider filters the content."""
         larger_context: list[str] = Field(default_factory=list)
-        """``provider/model`` keys worth trying after ``context_length_exceeded``."""
+        """`provider/model` keys worth trying after `context_length_exceeded` (default: none)."""
 
         @model_validator(mode="after")
         def _check(self, info: ValidationInfo) -> FallbackPlugin.Config:

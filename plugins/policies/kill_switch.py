@@ -68,6 +68,8 @@ class KillSwitchPlugin:
         """Section ``kill_switch`` of routing.yaml."""
 
         expensive_threshold_usd: Decimal = Field(default=Decimal("1.00"), ge=0)
+        """With LLM_GATEWAY_EXPENSIVE_DISABLED on, calls (or panels, in total) whose worst-case
+        cost is above this many USD are refused; an unknown price counts as above."""
 
     @staticmethod
     def essential(settings: Settings) -> str:

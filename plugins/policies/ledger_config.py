@@ -50,7 +50,10 @@ class CapsConfig(Model):
     """``ledger.caps``: monthly caps in USD (UTC months)."""
 
     total_monthly_usd: Decimal | None = Field(default=None, ge=0)
+    """Cap in USD on everything spent in a UTC month; LLM_GATEWAY_CAP_TOTAL_MONTHLY wins."""
     providers: dict[str, Decimal] = Field(default_factory=dict)
+    """Cap in USD per provider and UTC month, e.g. {openai: 20};
+    LLM_GATEWAY_CAP_<PROVIDER>_MONTHLY wins."""
 
     @field_validator("providers")
     @classmethod
@@ -74,9 +77,15 @@ class LedgerConfig(Model):
     """Section ``ledger`` of routing.yaml."""
 
     path: str | None = None
+    """The SQLite ledger file (relative to routing.yaml); LLM_GATEWAY_LEDGER_PATH wins.
+    Default: the user data dir of llm-gateway-mcp (platformdirs), ledger.db."""
     caps: CapsConfig = Field(default_factory=CapsConfig)
+    """Monthly spend caps; any cap makes the ledger essential (it cannot be removed)."""
     lease_s: float = Field(default=600.0, gt=0)
+    """Seconds a reservation is held; at start, older open reservations (a crashed
+    process) become unknown and stay charged. Must exceed gateway.deadline_s."""
     busy_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    """How long to wait for another process's write lock before refusing the call."""
 
     @field_validator("lease_s")
     @classmethod

@@ -48,12 +48,17 @@ class RetryPlugin:
         max_attempts: PositiveInt = Field(default=3, le=20)
         """Attempts per target, the first included."""
         base_delay_s: float = Field(default=0.5, gt=0)
+        """Backoff window after the first failure; it doubles with each attempt."""
         max_delay_s: float = Field(default=8.0, gt=0)
+        """Cap of the backoff window (full jitter: the wait is uniform in the window)."""
         max_hint_s: float = Field(default=30.0, gt=0)
         """A server hint longer than this falls back instead of waiting."""
         budget_ratio: float = Field(default=0.2, ge=0, le=1)
+        """Retries allowed per provider, as a share of its requests in the budget window."""
         budget_min_retries: int = Field(default=5, ge=0)
+        """Retries per provider always allowed in the budget window, on top of the share."""
         budget_window_s: float = Field(default=10.0, gt=0)
+        """Length in seconds of the sliding window of the retry budget."""
 
         @model_validator(mode="after")
         def _delays(self) -> RetryPlugin.Config:

@@ -20,13 +20,21 @@ from typing import Any
 
 import httpx2
 
-from llmgw.kernel import ErrorClass, Outcome, PluginContext, Provider, ProviderRequest, Usage, hookimpl
+from llmgw.kernel import (
+    ErrorClass,
+    Outcome,
+    PluginContext,
+    Provider,
+    ProviderRequest,
+    Usage,
+    hookimpl,
+)
 
 from .base import BaseProvider, Connection, resolve_connection
 from .http_errors import (
     failure,
-    finish_outcome,
     find_cause,
+    finish_outcome,
     refine_invalid,
     retry_hint,
     status_class,
@@ -127,8 +135,13 @@ class AnthropicProvider(BaseProvider):
         try:
             data = json.loads(content)
         except ValueError:
-            return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True,
-                           reason="not_json")
+            return failure(
+                self.name,
+                request.model,
+                ErrorClass.MALFORMED_RESPONSE,
+                sent=True,
+                reason="not_json",
+            )
         return self.parse(request.model, data)
 
     def status_error(self, model: str, exc: Any) -> Outcome:
@@ -144,13 +157,15 @@ class AnthropicProvider(BaseProvider):
             reason = refined or reason
         headers = exc.response.headers if getattr(exc, "response", None) is not None else None
         hint = retry_hint(headers) if cls != ErrorClass.QUOTA_EXHAUSTED else None
-        return failure(self.name, model, cls, sent=True, status=status, retry_after_s=hint,
-                       reason=reason)
+        return failure(
+            self.name, model, cls, sent=True, status=status, retry_after_s=hint, reason=reason
+        )
 
     def parse(self, model: str, data: Any) -> Outcome:
         if not isinstance(data, dict) or not isinstance(data.get("content"), list):
-            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
-                           reason="no_content")
+            return failure(
+                self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True, reason="no_content"
+            )
         raw_usage = data.get("usage")
         usage = None
         if isinstance(raw_usage, dict):
@@ -164,13 +179,21 @@ class AnthropicProvider(BaseProvider):
             )
         # Only "text" blocks are the answer; "thinking" blocks stay out of it.
         text = "".join(
-            b["text"] for b in data["content"]
+            b["text"]
+            for b in data["content"]
             if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
         )
         stop = str(data.get("stop_reason") or "end_turn")
         if stop == "refusal":
-            return failure(self.name, model, ErrorClass.CONTENT_REFUSED, sent=True, usage=usage,
-                           finish_reason="refusal", reason="refusal")
+            return failure(
+                self.name,
+                model,
+                ErrorClass.CONTENT_REFUSED,
+                sent=True,
+                usage=usage,
+                finish_reason="refusal",
+                reason="refusal",
+            )
         return finish_outcome(self.name, model, text, usage, stop, truncated=stop in _TRUNCATED)
 
 
@@ -180,12 +203,16 @@ class AnthropicPlugin:
     def __init__(self, ctx: PluginContext) -> None:
         self.ctx = ctx
         conn = resolve_connection(
-            NAME, ctx, default_key_env="ANTHROPIC_API_KEY",
-            default_base_url="https://api.anthropic.com", base_url_env="ANTHROPIC_BASE_URL",
+            NAME,
+            ctx,
+            default_key_env="ANTHROPIC_API_KEY",
+            default_base_url="https://api.anthropic.com",
+            base_url_env="ANTHROPIC_BASE_URL",
         )
         spec = ctx.settings.providers.get(NAME)
         self.provider = AnthropicProvider(
-            conn, PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="anthropic"),
+            conn,
+            PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="anthropic"),
             list(spec.models) if spec else [],
         )
 

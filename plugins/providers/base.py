@@ -124,7 +124,9 @@ class BaseProvider:
                 key_env=self.conn.key_env,
                 base_url=safe_url(self.conn.base_url),
             )
-        return ProviderStatus(True, key_env=self.conn.key_env, base_url=safe_url(self.conn.base_url))
+        return ProviderStatus(
+            True, key_env=self.conn.key_env, base_url=safe_url(self.conn.base_url)
+        )
 
     def price(self, model: str) -> Price | None:
         return self.prices.price(model)
@@ -156,11 +158,19 @@ class BaseProvider:
             return failure(self.name, request.model, cls, sent=sent)
         if find_cause(exc, (ValueError, KeyError, TypeError, AttributeError)) is not None:
             # A body that did not parse or had the wrong shape; never log its text.
-            log.warning("provider.malformed", provider=self.name, model=request.model,
-                        error_type=type(exc).__name__)
+            log.warning(
+                "provider.malformed",
+                provider=self.name,
+                model=request.model,
+                error_type=type(exc).__name__,
+            )
             return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True)
-        log.error("provider.unexpected", provider=self.name, model=request.model,
-                  error_type=type(exc).__name__)
+        log.error(
+            "provider.unexpected",
+            provider=self.name,
+            model=request.model,
+            error_type=type(exc).__name__,
+        )
         return failure(self.name, request.model, ErrorClass.INTERNAL_ERROR, sent=True)
 
     # --- report_info ---------------------------------------------------------------------------

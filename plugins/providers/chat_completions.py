@@ -114,8 +114,14 @@ class ChatCompletionsProvider(BaseProvider):
         try:
             data = resp.json()
         except ValueError:
-            return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True,
-                           status=resp.status_code, reason="not_json")
+            return failure(
+                self.name,
+                request.model,
+                ErrorClass.MALFORMED_RESPONSE,
+                sent=True,
+                status=resp.status_code,
+                reason="not_json",
+            )
         return self.parse(request.model, data)
 
     def http_error(self, model: str, resp: httpx2.Response) -> Outcome:
@@ -143,32 +149,65 @@ class ChatCompletionsProvider(BaseProvider):
         if status == 402:
             reason = "payment_required"
         hint = retry_hint(resp.headers) if cls != ErrorClass.QUOTA_EXHAUSTED else None
-        return failure(self.name, model, cls, sent=True, status=status, retry_after_s=hint,
-                       reason=reason)
+        return failure(
+            self.name, model, cls, sent=True, status=status, retry_after_s=hint, reason=reason
+        )
 
     def parse(self, model: str, data: Any) -> Outcome:
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
-                           reason="no_choices", usage=self.usage(data, None))
+            return failure(
+                self.name,
+                model,
+                ErrorClass.MALFORMED_RESPONSE,
+                sent=True,
+                reason="no_choices",
+                usage=self.usage(data, None),
+            )
         choice = choices[0]
         message = choice.get("message")
         if not isinstance(message, dict):
-            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
-                           reason="no_message", usage=self.usage(data, None))
+            return failure(
+                self.name,
+                model,
+                ErrorClass.MALFORMED_RESPONSE,
+                sent=True,
+                reason="no_message",
+                usage=self.usage(data, None),
+            )
         content = message.get("content")
         if content is not None and not isinstance(content, str):
-            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
-                           reason="content_not_text", usage=self.usage(data, None))
+            return failure(
+                self.name,
+                model,
+                ErrorClass.MALFORMED_RESPONSE,
+                sent=True,
+                reason="content_not_text",
+                usage=self.usage(data, None),
+            )
         text = content or ""
         finish = str(choice.get("finish_reason") or "stop")
         usage = self.usage(data, message)
         if message.get("refusal") or finish == "content_filter":
-            return failure(self.name, model, ErrorClass.CONTENT_REFUSED, sent=True, usage=usage,
-                           finish_reason=finish, reason="content_filter")
+            return failure(
+                self.name,
+                model,
+                ErrorClass.CONTENT_REFUSED,
+                sent=True,
+                usage=usage,
+                finish_reason=finish,
+                reason="content_filter",
+            )
         if finish in self.dialect.overloaded_finish:
-            return failure(self.name, model, ErrorClass.OVERLOADED, sent=True, usage=usage,
-                           finish_reason=finish, reason=finish)
+            return failure(
+                self.name,
+                model,
+                ErrorClass.OVERLOADED,
+                sent=True,
+                usage=usage,
+                finish_reason=finish,
+                reason=finish,
+            )
         return finish_outcome(self.name, model, text, usage, finish, truncated=finish == "length")
 
     def usage(self, data: Any, message: dict[str, Any] | None) -> Usage | None:
@@ -176,10 +215,14 @@ class ChatCompletionsProvider(BaseProvider):
         if not isinstance(raw, dict):
             return None
         prompt_details = raw.get("prompt_tokens_details")
-        cached = _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+        cached = (
+            _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+        )
         cached = cached or _int(raw.get("prompt_cache_hit_tokens"))  # DeepSeek's name
         out_details = raw.get("completion_tokens_details")
-        reasoning = _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+        reasoning = (
+            _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+        )
         output = _int(raw.get("completion_tokens"))
         field = self.dialect.reasoning_field
         thought = message.get(field) if (field and message) else None

@@ -31,13 +31,18 @@ class DeepSeekPlugin:
     def __init__(self, ctx: PluginContext) -> None:
         self.ctx = ctx
         conn = resolve_connection(
-            NAME, ctx, default_key_env="DEEPSEEK_API_KEY",
-            default_base_url="https://api.deepseek.com", base_url_env="DEEPSEEK_BASE_URL",
+            NAME,
+            ctx,
+            default_key_env="DEEPSEEK_API_KEY",
+            default_base_url="https://api.deepseek.com",
+            base_url_env="DEEPSEEK_BASE_URL",
         )
         spec = ctx.settings.providers.get(NAME)
         self.provider = ChatCompletionsProvider(
-            conn, PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="deepseek"),
-            list(spec.models) if spec else [], dialect=DEEPSEEK,
+            conn,
+            PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="deepseek"),
+            list(spec.models) if spec else [],
+            dialect=DEEPSEEK,
         )
 
     @hookimpl

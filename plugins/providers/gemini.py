@@ -21,13 +21,21 @@ from typing import Any
 
 import httpx2
 
-from llmgw.kernel import ErrorClass, Outcome, PluginContext, Provider, ProviderRequest, Usage, hookimpl
+from llmgw.kernel import (
+    ErrorClass,
+    Outcome,
+    PluginContext,
+    Provider,
+    ProviderRequest,
+    Usage,
+    hookimpl,
+)
 
 from .base import BaseProvider, Connection, resolve_connection
 from .http_errors import (
     failure,
-    finish_outcome,
     find_cause,
+    finish_outcome,
     gemini_retry_delay,
     refine_invalid,
     retry_hint,
@@ -40,8 +48,17 @@ NAME = "gemini"
 
 # Finish and block reasons that mean the content was filtered.
 _REFUSED = {
-    "SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
-    "IMAGE_PROHIBITED_CONTENT", "MODEL_ARMOR", "JAILBREAK", "LANGUAGE", "OTHER",
+    "SAFETY",
+    "RECITATION",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "MODEL_ARMOR",
+    "JAILBREAK",
+    "LANGUAGE",
+    "OTHER",
 }
 
 
@@ -138,8 +155,13 @@ class GeminiProvider(BaseProvider):
             if cause is not None:
                 cls, sent = transport_class(cause)
                 return failure(self.name, request.model, cls, sent=sent)
-            return failure(self.name, request.model, ErrorClass.MALFORMED_RESPONSE, sent=True,
-                           reason="not_json" if isinstance(exc, json.JSONDecodeError) else None)
+            return failure(
+                self.name,
+                request.model,
+                ErrorClass.MALFORMED_RESPONSE,
+                sent=True,
+                reason="not_json" if isinstance(exc, json.JSONDecodeError) else None,
+            )
         return self.parse(request.model, response)
 
     def api_error(self, model: str, exc: Any) -> Outcome:
@@ -149,12 +171,15 @@ class GeminiProvider(BaseProvider):
         err = err if isinstance(err, dict) else {}
         gstatus = str(err.get("status") or exc.status or "")
         message = str(err.get("message") or "")
-        details = err.get("details") if isinstance(err.get("details"), list) else []
+        raw_details = err.get("details")
+        details: list[Any] = raw_details if isinstance(raw_details, list) else []
         reasons = {str(d.get("reason")) for d in details if isinstance(d, dict)}
         quota_ids = [
             str(v.get("quotaId", ""))
-            for d in details if isinstance(d, dict) and str(d.get("@type", "")).endswith("QuotaFailure")
-            for v in (d.get("violations") or []) if isinstance(v, dict)
+            for d in details
+            if isinstance(d, dict) and str(d.get("@type", "")).endswith("QuotaFailure")
+            for v in (d.get("violations") or [])
+            if isinstance(v, dict)
         ]
         cls = status_class(status) if status else ErrorClass.SERVER_ERROR
         reason: str | None = None
@@ -174,8 +199,15 @@ class GeminiProvider(BaseProvider):
             hint = retry_hint(headers)
             if hint is None:
                 hint = gemini_retry_delay(body)
-        return failure(self.name, model, cls, sent=True, status=status or None,
-                       retry_after_s=hint, reason=reason)
+        return failure(
+            self.name,
+            model,
+            cls,
+            sent=True,
+            status=status or None,
+            retry_after_s=hint,
+            reason=reason,
+        )
 
     def parse(self, model: str, r: Any) -> Outcome:
         meta = getattr(r, "usage_metadata", None)
@@ -193,26 +225,48 @@ class GeminiProvider(BaseProvider):
         feedback = getattr(r, "prompt_feedback", None)
         block = _name(getattr(feedback, "block_reason", None)) if feedback is not None else ""
         if block and block != "BLOCKED_REASON_UNSPECIFIED":
-            return failure(self.name, model, ErrorClass.CONTENT_REFUSED, sent=True, usage=usage,
-                           finish_reason=block.lower(), reason="prompt_blocked")
+            return failure(
+                self.name,
+                model,
+                ErrorClass.CONTENT_REFUSED,
+                sent=True,
+                usage=usage,
+                finish_reason=block.lower(),
+                reason="prompt_blocked",
+            )
         candidates = getattr(r, "candidates", None) or []
         if not candidates:
-            return failure(self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True,
-                           usage=usage, reason="no_candidates")
+            return failure(
+                self.name,
+                model,
+                ErrorClass.MALFORMED_RESPONSE,
+                sent=True,
+                usage=usage,
+                reason="no_candidates",
+            )
         cand = candidates[0]
         finish = _name(getattr(cand, "finish_reason", None)) or "STOP"
         content = getattr(cand, "content", None)
         parts = getattr(content, "parts", None) or []
         # Thought summaries (part.thought) are not the answer.
         text = "".join(
-            p.text for p in parts if isinstance(getattr(p, "text", None), str)
-            and not getattr(p, "thought", False)
+            p.text
+            for p in parts
+            if isinstance(getattr(p, "text", None), str) and not getattr(p, "thought", False)
         )
         if finish in _REFUSED:
-            return failure(self.name, model, ErrorClass.CONTENT_REFUSED, sent=True, usage=usage,
-                           finish_reason=finish.lower(), reason=finish.lower())
-        return finish_outcome(self.name, model, text, usage, finish.lower(),
-                              truncated=finish == "MAX_TOKENS")
+            return failure(
+                self.name,
+                model,
+                ErrorClass.CONTENT_REFUSED,
+                sent=True,
+                usage=usage,
+                finish_reason=finish.lower(),
+                reason=finish.lower(),
+            )
+        return finish_outcome(
+            self.name, model, text, usage, finish.lower(), truncated=finish == "MAX_TOKENS"
+        )
 
 
 class GeminiPlugin:
@@ -221,13 +275,16 @@ class GeminiPlugin:
     def __init__(self, ctx: PluginContext) -> None:
         self.ctx = ctx
         conn = resolve_connection(
-            NAME, ctx, default_key_env="GEMINI_API_KEY",
+            NAME,
+            ctx,
+            default_key_env="GEMINI_API_KEY",
             default_base_url="https://generativelanguage.googleapis.com",
             base_url_env="GEMINI_BASE_URL",
         )
         spec = ctx.settings.providers.get(NAME)
         self.provider = GeminiProvider(
-            conn, PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="google"),
+            conn,
+            PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="google"),
             list(spec.models) if spec else [],
         )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -185,8 +185,14 @@ def failure(
     if status is not None:
         details["status"] = status
     return Outcome.failure(
-        error_class, "".join(parts), sent=sent, status_code=status, retry_after_s=retry_after_s,
-        usage=usage, finish_reason=finish_reason, details=details,
+        error_class,
+        "".join(parts),
+        sent=sent,
+        status_code=status,
+        retry_after_s=retry_after_s,
+        usage=usage,
+        finish_reason=finish_reason,
+        details=details,
     )
 
 
@@ -220,11 +226,13 @@ def finish_outcome(
     if truncated:
         if not text.strip():
             return failure(
-                provider, model, ErrorClass.TRUNCATED_OUTPUT, sent=True, usage=usage,
-                finish_reason="length", reason="empty_at_max_tokens",
+                provider,
+                model,
+                ErrorClass.TRUNCATED_OUTPUT,
+                sent=True,
+                usage=usage,
+                finish_reason="length",
+                reason="empty_at_max_tokens",
             )
         return Outcome.success(text, usage, finish_reason="length", details={"truncated": True})
     return Outcome.success(text, usage, finish_reason=finish_reason)
-
-
-Classifier = Callable[[int, Any], tuple[ErrorClass, str | None]]

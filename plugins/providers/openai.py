@@ -25,13 +25,18 @@ class OpenAIPlugin:
     def __init__(self, ctx: PluginContext) -> None:
         self.ctx = ctx
         conn = resolve_connection(
-            NAME, ctx, default_key_env="OPENAI_API_KEY",
-            default_base_url="https://api.openai.com/v1", base_url_env="OPENAI_BASE_URL",
+            NAME,
+            ctx,
+            default_key_env="OPENAI_API_KEY",
+            default_base_url="https://api.openai.com/v1",
+            base_url_env="OPENAI_BASE_URL",
         )
         spec = ctx.settings.providers.get(NAME)
         self.provider = ChatCompletionsProvider(
-            conn, PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="openai"),
-            list(spec.models) if spec else [], dialect=OPENAI,
+            conn,
+            PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="openai"),
+            list(spec.models) if spec else [],
+            dialect=OPENAI,
         )
 
     @hookimpl

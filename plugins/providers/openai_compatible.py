@@ -39,10 +39,15 @@ class Endpoint(Model):
     """One OpenAI-compatible server."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    """The provider name this endpoint registers (used in task_classes and prices)."""
     base_url: str = Field(pattern=r"^https?://")
+    """The server's OpenAI-style base URL, with /v1 (e.g. http://127.0.0.1:11434/v1)."""
     key_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    """The variable holding its API key; without it no Authorization header is sent."""
     models: list[str] = Field(default_factory=list)
+    """Models it serves (allowed as override_model and listed in routing info)."""
     price_provider: str | None = None
+    """A genai-prices provider id (e.g. openrouter) to price its models; else unknown."""
 
 
 class OpenAICompatiblePlugin:
@@ -52,6 +57,7 @@ class OpenAICompatiblePlugin:
         """The ``openai_compatible:`` section."""
 
         endpoints: list[Endpoint] = Field(default_factory=list)
+        """The servers, each registered as a provider named after it."""
 
         @model_validator(mode="after")
         def _unique(self) -> OpenAICompatiblePlugin.Config:
@@ -68,15 +74,22 @@ class OpenAICompatiblePlugin:
         for ep in config.endpoints:
             spec = ctx.settings.providers.get(ep.name)
             conn = resolve_connection(
-                ep.name, ctx, default_key_env=ep.key_env, default_base_url=ep.base_url,
-                base_url_env=None, spec=spec, base_url=ep.base_url,
+                ep.name,
+                ctx,
+                default_key_env=ep.key_env,
+                default_base_url=ep.base_url,
+                base_url_env=None,
+                spec=spec,
+                base_url=ep.base_url,
             )
             models = sorted({*ep.models, *(spec.models if spec else [])})
             self.providers.append(
                 ChatCompletionsProvider(
-                    conn, PriceBook(ep.name, ctx.settings, ctx.clock,
-                                    genai_provider=ep.price_provider),
-                    models, dialect=GENERIC, key_required=conn.key_env is not None,
+                    conn,
+                    PriceBook(ep.name, ctx.settings, ctx.clock, genai_provider=ep.price_provider),
+                    models,
+                    dialect=GENERIC,
+                    key_required=conn.key_env is not None,
                 )
             )
 

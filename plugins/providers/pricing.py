@@ -69,8 +69,12 @@ class PriceBook:
         spec = self.settings.prices.get(f"{self.provider}/{model}")
         if spec is not None:
             return PriceInfo(
-                Price(spec.input_per_mtok, spec.output_per_mtok, OVERRIDE_SOURCE,
-                      spec.cached_input_per_mtok)
+                Price(
+                    spec.input_per_mtok,
+                    spec.output_per_mtok,
+                    OVERRIDE_SOURCE,
+                    spec.cached_input_per_mtok,
+                )
             )
         if self.genai_provider is None:
             return None
@@ -79,12 +83,18 @@ class PriceBook:
         try:
             return genai_price(model, self.genai_provider, self.clock.now(), max_input)
         except Exception as exc:  # bad bundled data must not break routing: price unknown
-            log.warning("pricing.lookup_failed", provider=self.provider, model=model,
-                        error_type=type(exc).__name__)
+            log.warning(
+                "pricing.lookup_failed",
+                provider=self.provider,
+                model=model,
+                error_type=type(exc).__name__,
+            )
             return None
 
 
-def genai_price(model: str, provider_id: str, now: datetime, max_input_tokens: int) -> PriceInfo | None:
+def genai_price(
+    model: str, provider_id: str, now: datetime, max_input_tokens: int
+) -> PriceInfo | None:
     """The worst-case flat price of ``model`` in genai-prices' bundled data, or None."""
     genai_prices: Any = importlib.import_module("genai_prices")
     snapshot_mod: Any = importlib.import_module("genai_prices.data_snapshot")

@@ -572,3 +572,13 @@ async def test_llm_orchestrate_over_mcp() -> None:
     assert [(d, t) for d, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
     assert bad.is_error
     assert f.calls() == 3
+
+
+@pytest.mark.anyio
+async def test_revise_without_reasons_still_marks_the_verdict_as_seen() -> None:
+    f = Fakes()
+    f.gamma.then(ok('{"verdict": "REVISE", "reasons": []}'), ok(ACCEPT))
+    env = await run(build(f), "standard")
+    assert env.status == "success"
+    assert env.meta["steps"][2]["access"] == ["verdict"]
+    assert "(no reasons given)" in text_of(f.delta.received[0])

@@ -177,6 +177,44 @@ async def test_half_open_admits_exactly_one_concurrent_probe() -> None:
     await gw.aclose()
 
 
+class SlowPreflight:
+    """A plugin after the breaker whose preflight yields: every caller passes the breaker's
+    preflight before any reaches before_call, so only the claim there can stop them."""
+
+    @hookimpl
+    async def preflight(self, call: object) -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
+@pytest.mark.anyio
+async def test_the_probe_is_claimed_in_before_call_not_preflight() -> None:
+    clock = FakeClock()
+    a, b = Upstream("a", down=True), FakeProvider("b")
+    gw = gateway_from_yaml(
+        YAML.replace("[breaker, retry,", "[breaker, slow, retry,"),
+        providers=[a, b],
+        clock=clock,
+        extra_plugins={"slow": SlowPreflight()},
+    )
+    for _ in range(2):
+        await gw.route(Request("qa", "hi"))
+    clock.advance(30.0)
+    a.down, a.gate = False, asyncio.Event()
+    sent_before = len(a.received)
+    tasks = [asyncio.create_task(gw.route(Request("qa", f"q{i}"))) for i in range(6)]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert a.in_flight == 1
+    a.gate.set()
+    envs = await asyncio.gather(*tasks)
+    assert len(a.received) == sent_before + 1
+    refused = [e.meta["attempts"][0] for e in envs if e.meta["provider"] == "b"]
+    assert len(refused) == 5
+    assert all(x["stage"] == "refused" and x["error_class"] == "circuit_open" for x in refused)
+    await gw.aclose()
+
+
 class RefuseOnce:
     """A plugin after the breaker whose before_call refuses the next attempt (a cap)."""
 

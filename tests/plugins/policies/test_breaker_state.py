@@ -220,8 +220,6 @@ class BreakerMachine(RuleBasedStateMachine):
 
     @initialize(s=breaker_settings)
     def setup(self, s: BreakerSettings) -> None:
-        if s.max_open_s < s.open_s:
-            s = BreakerSettings(**{**s.__dict__, "max_open_s": s.open_s})  # type: ignore[arg-type]
         self.real = CircuitBreaker(s)
         self.ref = Reference(s)
 

@@ -97,6 +97,7 @@ async def test_cancelled_while_sent_stays_charged_as_unknown(tmp_path: Path) -> 
     p = GatedProvider(prices={"m1": PRICE, "m2": PRICE}, hang=True)
     g = gw(tmp_path, p)
     await _cancel_when_entered(g, Request("quick", "hi"), p.entered)
+    await g.aclose()
     got = rows(tmp_path / "l.db")
     assert [(r["state"], r["error_class"]) for r in got] == [("unknown", "cancelled")]
     assert states(tmp_path / "l.db")["reserved"] == 0
@@ -107,6 +108,7 @@ async def test_cancelled_panel_leaves_no_open_reservation(tmp_path: Path) -> Non
     p = GatedProvider(prices={"m1": PRICE, "m2": PRICE}, hang=True)
     g = gw(tmp_path, p)
     await _cancel_when_entered(g, Request("duo", "hi"), p.entered)
+    await g.aclose()
     got = states(tmp_path / "l.db")
     assert got["reserved"] == 0
     # members that had started are charged; one not yet started would be released
@@ -133,6 +135,7 @@ async def test_cancelled_before_sending_is_released(tmp_path: Path) -> None:
     stall.entered = anyio.Event()
     g = gw(tmp_path, p, plugins="ledger, stall, router, fake", extra_plugins={"stall": stall})
     await _cancel_when_entered(g, Request("quick", "hi"), stall.entered)
+    await g.aclose()
     assert [r["state"] for r in rows(tmp_path / "l.db")] == ["released"]
     assert p.received == []
 
@@ -144,9 +147,12 @@ async def test_many_cancellations_at_random_points_leak_nothing(tmp_path: Path) 
     rng = random.Random(7)
     p = GatedProvider(prices={"m1": PRICE, "m2": PRICE}, delay=lambda: rng.uniform(0, 0.002))
     g = gw(tmp_path, p)
-    for i in range(40):
+    for i in range(100):
         with anyio.move_on_after(rng.uniform(0, 0.004)):
             await g.route(Request("duo" if i % 2 else "quick", "hi"))
+    await g.aclose()  # let the ledger thread finish what cancelled callers left it
     got = states(tmp_path / "l.db")
+    print(f"\nrandom cancellations: 100 calls, entries {got}, open reservations at end: "
+          f"{got['reserved']}")
     assert got["reserved"] == 0, got
-    assert sum(got.values()) > 0
+    assert got["unknown"] > 0 and got["settled"] > 0

@@ -25,8 +25,13 @@ KEYS = {
 }
 
 
-def gateway_yaml(up: FakeUpstream | None, *, base_urls: dict[str, str] | None = None,
-                 extra: str = "", plugins: str = "") -> str:
+def gateway_yaml(
+    up: FakeUpstream | None,
+    *,
+    base_urls: dict[str, str] | None = None,
+    extra: str = "",
+    plugins: str = "",
+) -> str:
     """A routing.yaml with one task class per provider, every base_url at the fake."""
     urls = {name: up.base_url(name) for name in PROVIDERS} if up else {}
     urls.update(base_urls or {})
@@ -75,5 +80,3 @@ class Stack:
 
     def provider(self, name: str) -> Provider:
         return self.gw.providers[name]
-
-

@@ -7,14 +7,13 @@ import time
 import httpx2
 import pytest
 
-from llmgw.kernel.fake_upstream import FAULTS, Fault, FakeUpstream
+from llmgw.kernel.fake_upstream import FAULTS, FakeUpstream, Fault
 
 
 def chat(up: FakeUpstream, prompt: str, model: str = "gpt-4o") -> httpx2.Response:
     return httpx2.post(
         f"{up.base_url('openai')}/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": prompt}],
-              "max_tokens": 50},
+        json={"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 50},
         headers={"authorization": "Bearer k"},
     )
 

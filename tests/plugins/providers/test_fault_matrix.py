@@ -59,8 +59,9 @@ OVERRIDES: dict[tuple[str, str], tuple[ErrorClass | None, float | None, bool]] =
 }
 
 ROWS = [
-    pytest.param(provider, fault, *OVERRIDES.get((provider, fault), expected),
-                 id=f"{provider}-{fault}")
+    pytest.param(
+        provider, fault, *OVERRIDES.get((provider, fault), expected), id=f"{provider}-{fault}"
+    )
     for provider in PROVIDERS
     for fault, expected in COMMON.items()
 ]
@@ -69,7 +70,11 @@ ROWS = [
 @pytest.mark.anyio
 @pytest.mark.parametrize(("provider", "fault", "cls", "hint", "sent"), ROWS)
 async def test_fault_is_classified(
-    stack: Stack, provider: str, fault: str, cls: ErrorClass | None, hint: float | None,
+    stack: Stack,
+    provider: str,
+    fault: str,
+    cls: ErrorClass | None,
+    hint: float | None,
     sent: bool,
 ) -> None:
     stack.up.fail_next(1, Fault(fault, delay_s=3.0))

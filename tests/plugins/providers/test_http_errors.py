@@ -43,8 +43,16 @@ def test_retry_hint(headers: dict[str, str], expected: float | None) -> None:
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ({"error": {"details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                                 "retryDelay": "13s"}]}}, 13.0),
+        (
+            {
+                "error": {
+                    "details": [
+                        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "13s"}
+                    ]
+                }
+            },
+            13.0,
+        ),
         ({"error": {"details": [{"@type": "x.RetryInfo", "retryDelay": "0.5s"}]}}, 0.5),
         ({"error": {"details": [{"@type": "x.QuotaFailure"}]}}, None),
         ({"error": {"details": "nope"}}, None),
@@ -75,11 +83,22 @@ def test_transport_class(exc: BaseException, cls: E, sent: bool) -> None:
 
 @pytest.mark.parametrize(
     ("status", "cls"),
-    [(400, E.INVALID_REQUEST), (401, E.AUTH_ERROR), (403, E.AUTH_ERROR),
-     (402, E.QUOTA_EXHAUSTED), (404, E.MODEL_NOT_FOUND), (408, E.TIMEOUT),
-     (413, E.REQUEST_TOO_LARGE), (422, E.INVALID_REQUEST), (429, E.RATE_LIMITED),
-     (500, E.SERVER_ERROR), (502, E.SERVER_ERROR), (503, E.OVERLOADED), (529, E.OVERLOADED),
-     (504, E.TIMEOUT)],
+    [
+        (400, E.INVALID_REQUEST),
+        (401, E.AUTH_ERROR),
+        (403, E.AUTH_ERROR),
+        (402, E.QUOTA_EXHAUSTED),
+        (404, E.MODEL_NOT_FOUND),
+        (408, E.TIMEOUT),
+        (413, E.REQUEST_TOO_LARGE),
+        (422, E.INVALID_REQUEST),
+        (429, E.RATE_LIMITED),
+        (500, E.SERVER_ERROR),
+        (502, E.SERVER_ERROR),
+        (503, E.OVERLOADED),
+        (529, E.OVERLOADED),
+        (504, E.TIMEOUT),
+    ],
 )
 def test_status_class(status: int, cls: E) -> None:
     assert status_class(status) == cls

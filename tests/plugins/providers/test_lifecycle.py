@@ -66,8 +66,11 @@ print(json.dumps({"import": after_import, "build": after_build}))
 
 def test_sdks_are_imported_lazily() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(LAZY)], capture_output=True, text=True,
-        timeout=60, check=True,
+        [sys.executable, "-c", textwrap.dedent(LAZY)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen == {
@@ -111,8 +114,9 @@ async def test_end_to_end_fault_by_prompt_marker(
 
 @pytest.mark.anyio
 async def test_report_info_lists_models_prices_and_availability(upstream) -> None:
-    text = gateway_yaml(upstream, extra="prices:\n  openai/gpt-4o-mini: {input_per_mtok: 1, "
-                        "output_per_mtok: 2}\n")
+    text = gateway_yaml(
+        upstream, extra="prices:\n  openai/gpt-4o-mini: {input_per_mtok: 1, output_per_mtok: 2}\n"
+    )
     env = {k: v for k, v in KEYS.items() if k != "GEMINI_API_KEY"}
     gw = gateway_from_yaml(text, env=env)
     try:

@@ -40,7 +40,9 @@ def test_override_takes_precedence() -> None:
     p = book("openai", "openai", extra).price("gpt-4o-mini")
     assert p is not None
     assert (p.input_per_mtok, p.output_per_mtok, p.source) == (
-        Decimal(9), Decimal(10), "routing.yaml prices",
+        Decimal(9),
+        Decimal(10),
+        "routing.yaml prices",
     )
 
 
@@ -56,9 +58,7 @@ def test_deepseek_time_of_day_price_is_the_days_maximum(hour: int) -> None:
 
 def test_tier_counts_only_when_a_prompt_can_reach_it() -> None:
     big = book("gemini", "google").price("gemini-2.5-pro")  # default 1 MiB prompts
-    small = book("gemini", "google", "gateway: {max_prompt_bytes: 50000}\n").price(
-        "gemini-2.5-pro"
-    )
+    small = book("gemini", "google", "gateway: {max_prompt_bytes: 50000}\n").price("gemini-2.5-pro")
     assert big is not None and small is not None
     assert (big.input_per_mtok, big.output_per_mtok) == (Decimal("2.5"), Decimal("15"))
     assert (small.input_per_mtok, small.output_per_mtok) == (Decimal("1.25"), Decimal("10"))

@@ -92,8 +92,12 @@ async def test_no_key_piece_in_logs_output_envelopes_or_info(
     assert len(envelopes) == len(PROVIDERS) * len(PROMPTS)
 
     artifacts = {
-        "log": log_text, "stdout": out, "stderr": err, "envelopes": "\n".join(envelopes),
-        "routing_info": info, "provider reprs": reprs,
+        "log": log_text,
+        "stdout": out,
+        "stderr": err,
+        "envelopes": "\n".join(envelopes),
+        "routing_info": info,
+        "provider reprs": reprs,
     }
     for name, key in keys.items():
         for piece in pieces(key):

@@ -124,7 +124,7 @@ async def test_openai_compatible_without_key_env_sends_no_authorization(upstream
         plugins: [router, openai_compatible]
         openai_compatible:
           endpoints:
-            - {{name: ollama, base_url: "{upstream.base_url('ollama')}", models: [llama3.2]}}
+            - {{name: ollama, base_url: "{upstream.base_url("ollama")}", models: [llama3.2]}}
         task_classes:
           local: {{provider: ollama, model: llama3.2}}
         """
