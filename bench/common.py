@@ -34,9 +34,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The caller's environment without gateway/provider settings, plus the bench keys."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUB_PREFIXES)}
     env.update(BENCH_KEYS)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     # LiteLLM would fetch a remote price list at import (5 s timeout) and log at INFO.
     env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     env["LITELLM_LOG"] = "ERROR"

@@ -30,7 +30,16 @@ PANEL_MEMBERS: tuple[tuple[str, str, float], ...] = (
 
 #: Plugins whose removal is measured one at a time (kill_switch is essential: the loader
 #: always adds it, so the bench unregisters it after building instead).
-POLICIES = ("kill_switch", "cost", "breaker", "ledger", "retry", "fallback", "independence", "roles")
+POLICIES = (
+    "kill_switch",
+    "cost",
+    "breaker",
+    "ledger",
+    "retry",
+    "fallback",
+    "independence",
+    "roles",
+)
 
 
 def shipped() -> dict[str, Any]:
@@ -69,7 +78,11 @@ def gateway_config(
         plugins.insert(plugins.index("openai"), "openai_compatible")
         cfg["openai_compatible"] = {
             "endpoints": [
-                {"name": "local", "base_url": f"{upstream_root}/v1", "models": ["bench-local-model"]}
+                {
+                    "name": "local",
+                    "base_url": f"{upstream_root}/v1",
+                    "models": ["bench-local-model"],
+                }
             ]
         }
         cfg.setdefault("prices", {})["local/bench-local-model"] = {

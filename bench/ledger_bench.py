@@ -38,7 +38,9 @@ def _caps(total: int, provider: int) -> Caps:
     return Caps(total=total, providers={PROVIDER: provider})
 
 
-def run(path: str, start: float, end: float, total_cap: int, provider_cap: int, settle: bool) -> dict[str, Any]:
+def run(
+    path: str, start: float, end: float, total_cap: int, provider_cap: int, settle: bool
+) -> dict[str, Any]:
     store = LedgerStore(path)
     store.open()
     caps = _caps(total_cap, provider_cap)
@@ -146,5 +148,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
-
-

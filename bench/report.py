@@ -38,10 +38,18 @@ def machine() -> dict[str, Any]:
         "versions": {
             d: _version(d)
             for d in (
-                "llm-gateway-mcp", "mcp", "httpx2", "pydantic", "structlog", "pluggy",
-                "litellm", "openai", "aiohttp", "httpx",
+                "llm-gateway-mcp",
+                "mcp",
+                "httpx2",
+                "pydantic",
+                "structlog",
+                "pluggy",
+                "litellm",
+                "openai",
+                "aiohttp",
+                "httpx",
             )
-        },  # fmt: skip
+        },
     }
 
 
@@ -119,13 +127,16 @@ def assemble(
     return doc
 
 
-def _goal(name: str, measured: float, limit: float, unit: str, higher: bool = False) -> dict[str, Any]:
+def _goal(
+    name: str, measured: float, limit: float, unit: str, higher: bool = False
+) -> dict[str, Any]:
     ok = measured == measured and (measured >= limit if higher else measured <= limit)
     return {
         "goal": name,
         "measured": round(measured, 3) if measured == measured else None,
         "limit": limit,
         "unit": unit,
+        "higher": higher,
         "pass": ok,
     }
 
@@ -185,7 +196,7 @@ def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _f(x: Any, nd: int = 2) -> str:
     if x is None or x != x:
-        return "–"
+        return "-"
     return f"{x:.{nd}f}"
 
 
@@ -255,7 +266,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(
             f"  {key.removeprefix('procs_')} process(es): {_spread(x['reservations_per_s'], 0)}/s, "
             f"cycle p50 {_f(x['cycle_p50_ms']['median'])} ms, p99 "
-            f"{_f(x['cycle_p99_ms']['median'])} ms, invariant {'ok' if x['invariant_ok'] else 'BROKEN'}"
+            f"{_f(x['cycle_p99_ms']['median'])} ms (slowest process), invariant "
+            f"{'ok' if x['invariant_ok'] else 'BROKEN'}"
         )
     cr = led["cap_race"]
     lines.append(
@@ -264,9 +276,10 @@ def render(doc: dict[str, Any]) -> str:
     )
     lines += ["", "Goals"]
     for g in doc["goals"]:
+        sign = ">=" if g["higher"] else "<="
         lines.append(
             f"  {'PASS' if g['pass'] else 'MISS'}  {g['goal']:<52} {_f(g['measured'], 3):>9} "
-            f"{g['unit']:<3} (limit {'>=' if g['unit'] in {'/s', 'ok'} or 'throughput' in g['goal'] else '<='} {g['limit']})"
+            f"{g['unit']:<3} (limit {sign} {g['limit']})"
         )
     errors = {k: c["first_error"] for k, c in doc["columns"].items() if c["errors"]}
     if errors:

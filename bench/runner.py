@@ -136,13 +136,16 @@ class Run:
         self.out.flush()
 
     def log(self, name: str) -> IO[Any]:
-        return open(self.logs / f"{name}.log", "a", encoding="utf-8")  # noqa: SIM115
+        return open(self.logs / f"{name}.log", "a", encoding="utf-8")
 
     # --- set-up ----------------------------------------------------------------------
 
     def start_upstream(self) -> str:
         self.upstream = Proc(
-            "upstream", [sys.executable, "-m", "bench.upstream_proc"], self.env, self.log("upstream")
+            "upstream",
+            [sys.executable, "-m", "bench.upstream_proc"],
+            self.env,
+            self.log("upstream"),
         )
         port = self.upstream.read(30)["port"]
         for _, model, seconds in configs.PANEL_MEMBERS:
@@ -164,7 +167,9 @@ class Run:
             Column("direct", "direct httpx2 POST", {"kind": "direct", "base_url": base})
         ]
         if p.litellm and _importable("openai"):
-            cols.append(Column("openai_sdk", "openai SDK", {"kind": "openai_sdk", "base_url": base}))
+            cols.append(
+                Column("openai_sdk", "openai SDK", {"kind": "openai_sdk", "base_url": base})
+            )
         if p.litellm and _importable("litellm"):
             cols.append(
                 Column("litellm", "litellm.acompletion", {"kind": "litellm", "base_url": base})
@@ -185,7 +190,10 @@ class Run:
         )
         if p.variants:
             for name in configs.POLICIES:
-                spec: dict[str, Any] = {"kind": "gateway", "config": self.config(f"no-{name}", without=name)}
+                spec: dict[str, Any] = {
+                    "kind": "gateway",
+                    "config": self.config(f"no-{name}", without=name),
+                }
                 if name == "kill_switch":
                     spec["unregister"] = name
                 cols.append(Column(f"gw_no_{name}", f"gateway without {name}", spec))
@@ -275,7 +283,7 @@ class Run:
         p = self.profile
         keys = [k for k in self.columns if k != "panel"]
         for r in range(p.rounds):
-            order = keys[r % len(keys):] + keys[: r % len(keys)]
+            order = keys[r % len(keys) :] + keys[: r % len(keys)]
             self.say(f"  latency round {r + 1}/{p.rounds}")
             for key in order:
                 col = self.columns[key]
@@ -283,16 +291,16 @@ class Run:
                 warm = p.warmup * (2 if r == 0 else 1)
                 reply = col.proc.ask({"op": "seq", "n": p.seq_n, "warmup": warm}, 300)
                 self._note(col, reply, p.seq_n + warm)
-                col.rounds.append(
-                    {**summary(reply["lat_ms"]), "cpu_ms": reply["cpu_ms_per_call"]}
-                )
+                col.rounds.append({**summary(reply["lat_ms"]), "cpu_ms": reply["cpu_ms_per_call"]})
 
     def throughput_phase(self) -> None:
         p = self.profile
-        keys = [k for k in ("direct", "openai_sdk", "litellm_router", "gw_full") if k in self.columns]
+        keys = [
+            k for k in ("direct", "openai_sdk", "litellm_router", "gw_full") if k in self.columns
+        ]
         for r in range(p.rounds):
             self.say(f"  throughput round {r + 1}/{p.rounds}")
-            for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
                 col = self.columns[key]
                 assert col.proc is not None
                 reply = col.proc.ask({"op": "conc", "n": p.conc_n, "inflight": p.inflight}, 300)
@@ -414,9 +422,11 @@ class Run:
         )
         accepted = sum(x["cycles"] for x in replies)
         check = check_invariant(str(path))
-        ok = accepted == room and check["overshoot_micro"] == 0 and not [
-            x for x in check["problems"] if "totals" in x or "integrity" in x
-        ]
+        ok = (
+            accepted == room
+            and check["overshoot_micro"] == 0
+            and not [x for x in check["problems"] if "totals" in x or "integrity" in x]
+        )
         return {
             "room": room,
             "accepted": accepted,

@@ -95,6 +95,16 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
     handler._llmgw = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(numeric)
+    # HTTP clients log every request at INFO (a formatted, scrubbed line per call on the
+    # hot path); the gateway's own llm.attempt event already says it. Keep theirs to
+    # warnings unless DEBUG was asked for.
+    quiet = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(quiet)
+
+
+#: Libraries that log one INFO line per HTTP request.
+_CHATTY = ("httpx2", "httpcore2", "httpx", "httpcore")
 
 
 class _Stderr:

@@ -75,7 +75,7 @@ def test_no_artifact_contains_any_piece_of_any_key(tmp_path: Path) -> None:
             "triple_review",
         )
     ]
-    for fault in ("echo_key", "auth_error", "model_not_found", "safety"):
+    for fault in ("echo_key", "auth_error", "model_not_found", "safety", "non_json"):
         for c in ("quick_answer", "general_reasoning", "long_context", "deep_audit"):
             calls.append(("llm_route", {"task_class": c, "prompt": f"x [[fault:{fault}]]"}))
     calls += [
@@ -95,6 +95,8 @@ def test_no_artifact_contains_any_piece_of_any_key(tmp_path: Path) -> None:
                 "LLM_GATEWAY_LOG_LEVEL": "DEBUG",
             }
         )
+        err_path = tmp_path / "stderr.log"
+        err_file = err_path.open("wb")  # a file, not a pipe: DEBUG logs would fill a pipe
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -106,7 +108,7 @@ def test_no_artifact_contains_any_piece_of_any_key(tmp_path: Path) -> None:
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=err_file,
             env=env,
         )
         assert proc.stdin is not None and proc.stdout is not None
@@ -123,7 +125,10 @@ def test_no_artifact_contains_any_piece_of_any_key(tmp_path: Path) -> None:
             if isinstance(msg.get("id"), int):
                 answered.add(msg["id"])
         proc.stdin.close()
-        rest_out, stderr = proc.communicate(timeout=60)
+        rest_out = proc.stdout.read()
+        proc.wait(timeout=60)
+        err_file.close()
+        stderr = err_path.read_bytes()
         received = list(up.requests)
     stdout = b"".join(transcript) + rest_out
     assert len(answered) == len(calls) + 1, stderr.decode()[-2000:]

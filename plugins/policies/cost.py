@@ -95,8 +95,10 @@ class CostPlugin:
     def preflight(self, call: Call) -> Rejection | None:
         """Estimate, record it in ``meta.preflight``, and refuse above the limits."""
         estimate = call.worst_case_micro_usd()
-        what = f"panel {call.task_class!r}" if call.is_panel else (
-            call.target.key if call.target else call.task_class
+        what = (
+            f"panel {call.task_class!r}"
+            if call.is_panel
+            else (call.target.key if call.target else call.task_class)
         )
         info: dict[str, Any] = {
             "estimate_usd": None if estimate is None else estimate / MICRO,
@@ -169,13 +171,16 @@ class CostPlugin:
     @staticmethod
     def _unknown_members(call: Call) -> list[str]:
         calls = call.members if call.is_panel else (call,)
-        return [
-            c.target.key for c in calls if c.target is not None and c.price is None
-        ] or ["this model"]
+        return [c.target.key for c in calls if c.target is not None and c.price is None] or [
+            "this model"
+        ]
 
     def _reject(self, message: str, *, fallback: bool) -> Rejection:
         return Rejection(
-            ErrorClass.POLICY_REFUSED, message, fallback=fallback, plugin=self.ctx.name,
+            ErrorClass.POLICY_REFUSED,
+            message,
+            fallback=fallback,
+            plugin=self.ctx.name,
             details={"policy": "cost"},
         )
 

@@ -144,8 +144,10 @@ class KillSwitchPlugin:
         if not st["expensive_disabled"]:
             return None
         worst = call.worst_case_micro_usd()
-        what = "this panel" if call.is_panel else (
-            f"{call.target.key}" if call.target else "this call"
+        what = (
+            "this panel"
+            if call.is_panel
+            else (f"{call.target.key}" if call.target else "this call")
         )
         limit = _usd(self.threshold_micro)
         if worst is None:
@@ -189,7 +191,9 @@ class KillSwitchPlugin:
             "disabled": st["disabled"],
             "expensive_disabled": st["expensive_disabled"],
             "expensive_threshold_usd": self.threshold_micro / 1_000_000,
-            "switched_on_by": {DISABLED: st["disabled_by"],
-                               EXPENSIVE_DISABLED: st["expensive_disabled_by"]},
+            "switched_on_by": {
+                DISABLED: st["disabled_by"],
+                EXPENSIVE_DISABLED: st["expensive_disabled_by"],
+            },
             "dotenv_error": st["dotenv_error"],
         }

@@ -48,25 +48,20 @@ from llmgw.kernel.types import input_token_bound
 
 from .ledger_config import (
     LEDGER_ENV,
-    TOTAL_CAP_ENV,
     LedgerConfig,
     caps_hint,
-    env_name,
     ledger_enabled,
     ledger_path,
     resolve_caps,
 )
+from .ledger_messages import cap_message, ledger_failed, scope_label
 from .ledger_report import build_report, format_spend, spend_report
-from .ledger_store import TOTAL, Breach, CapExceeded, Item, LedgerError, LedgerStore, month_of
+from .ledger_store import TOTAL, CapExceeded, Item, LedgerError, LedgerStore, month_of
 
 __all__ = ["LedgerPlugin", "format_spend", "spend_report"]
 
 T = TypeVar("T")
 MICRO = 1_000_000
-
-
-def _usd(micro: int) -> str:
-    return f"${micro / MICRO:.4f}"
 
 
 class LedgerPlugin:
@@ -88,12 +83,15 @@ class LedgerPlugin:
             raise ConfigError(
                 f"{LEDGER_ENV}=0 turns the spend ledger off, but a monthly cap is set "
                 f"({', '.join(sorted(self.cap_origin.values()))}) and caps are enforced by "
-                "the ledger", file="environment", path=LEDGER_ENV,
+                "the ledger",
+                file="environment",
+                path=LEDGER_ENV,
                 fix=f"unset {LEDGER_ENV}, or remove the caps",
             )
         self.path = ledger_path(ctx.settings, self.config)
         self.store = LedgerStore(self.path, busy_timeout_s=self.config.busy_timeout_s)
         self.open_error: str | None = None
+        self.opened = False
         self.expired_at_start = 0
         # One thread of its own: operations run one at a time, in submission order.
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmgw-ledger")
@@ -101,10 +99,15 @@ class LedgerPlugin:
             self._open()
 
     def _open(self) -> None:
+        """Open (at start; again before a call if that failed), then turn the expired
+        reservations of a process that stopped into ``unknown``."""
+        if self.opened:
+            return
         try:
             self.store.open()
             self.expired_at_start = self.store.expire_leases(self.ctx.clock.now())
             self.open_error = None
+            self.opened = True
         except LedgerError as exc:
             # Not a start-up failure: every call is refused (fail closed) until it opens.
             self.open_error = str(exc)
@@ -112,7 +115,8 @@ class LedgerPlugin:
             return
         if self.expired_at_start:
             self.ctx.log.warning(
-                "ledger.leases_expired", count=self.expired_at_start,
+                "ledger.leases_expired",
+                count=self.expired_at_start,
                 note="reservations of a process that stopped are kept charged as unknown",
             )
 
@@ -150,10 +154,10 @@ class LedgerPlugin:
         """Reserve the attempt's worst case (a panel: all members at once)."""
         if not self.enabled:
             return
-        if self.open_error is not None:
+        if not self.opened:
             await self._run(self._open)
-            if self.open_error is not None:
-                raise self._failed(self.open_error)
+            if not self.opened:
+                raise ledger_failed(self.open_error or "not open", self.caps, self.cap_origin)
         mine = call.stash.get(self.ctx.name)
         if mine is not None and mine.get("pre"):
             mine["used"] = True  # a panel member's first attempt: reserved with the panel
@@ -173,29 +177,37 @@ class LedgerPlugin:
             )
         except CapExceeded as exc:
             raise CallRefused(
-                ErrorClass.BUDGET_EXCEEDED, self._cap_message(exc, call),
+                ErrorClass.BUDGET_EXCEEDED,
+                cap_message(exc, call, self.caps, self.cap_origin),
                 fallback=exc.provider_only and not call.is_panel,
                 details={"scopes": [b.use.scope for b in exc.breaches]},
             ) from None
         except LedgerError as exc:
-            raise self._failed(str(exc)) from None
+            raise ledger_failed(str(exc), self.caps, self.cap_origin) from None
         if call.is_panel:
             for member, item in zip(call.members, items, strict=True):
                 member.stash[self.ctx.name] = {
-                    "reservation": item.id, "amount": item.amount_micro, "pre": True,
+                    "reservation": item.id,
+                    "amount": item.amount_micro,
+                    "pre": True,
                     "used": False,
                 }
-        call.stash[self.ctx.name] = {"reservation": items[0].id if not call.is_panel else None,
-                                     "amount": sum(i.amount_micro for i in items)}
+        call.stash[self.ctx.name] = {
+            "reservation": items[0].id if not call.is_panel else None,
+            "amount": sum(i.amount_micro for i in items),
+        }
 
     def _item(self, call: Call) -> Item:
         assert call.target is not None
         worst = call.worst_case_micro_usd()
         if worst is None:
-            applicable = [s for s in (TOTAL, f"provider:{call.target.provider}")
-                          if self.caps.for_scope(s) is not None]
+            applicable = [
+                s
+                for s in (TOTAL, f"provider:{call.target.provider}")
+                if self.caps.for_scope(s) is not None
+            ]
             if applicable:
-                where = " and ".join(self._scope_label(s) for s in applicable)
+                where = " and ".join(scope_label(s, self.caps, self.cap_origin) for s in applicable)
                 raise CallRefused(
                     ErrorClass.BUDGET_EXCEEDED,
                     f"the price of {call.target.key} is unknown, so its cost cannot be "
@@ -203,53 +215,14 @@ class LedgerPlugin:
                     fallback=True,
                 )
         return Item(
-            id=uuid.uuid4().hex, provider=call.target.provider, model=call.target.model,
-            task_class=call.task_class, request_id=call.request.request_id,
-            amount_micro=worst or 0, priced=worst is not None, attempt=call.attempt,
-        )
-
-    def _scope_label(self, scope: str) -> str:
-        cap = self.caps.for_scope(scope)
-        source = self.cap_origin.get(scope, "")
-        name = "total monthly cap" if scope == TOTAL else (
-            f"monthly cap of provider {scope.removeprefix('provider:')!r}"
-        )
-        return f"{name} ({_usd(cap or 0)}, {source})"
-
-    def _cap_message(self, exc: CapExceeded, call: Call) -> str:
-        parts = []
-        for b in exc.breaches:
-            parts.append(self._breach_text(b))
-        what = f"panel {call.task_class!r}" if call.is_panel else (
-            call.target.key if call.target else call.task_class
-        )
-        fix = "lower max_tokens, wait for next month (UTC), or raise the cap"
-        scopes = [b.use.scope for b in exc.breaches]
-        vars_ = [TOTAL_CAP_ENV if s == TOTAL else env_name(s.removeprefix("provider:"))
-                 for s in scopes]
-        return (f"{what} would exceed the " + "; and the ".join(parts)
-                + f"; nothing was sent. Fix: {fix} ({', '.join(vars_)} or ledger.caps)")
-
-    def _breach_text(self, b: Breach) -> str:
-        u = b.use
-        return (
-            f"{self._scope_label(u.scope)}: used {_usd(u.used_micro)} (settled "
-            f"{_usd(u.settled_micro)}, reserved {_usd(u.reserved_micro)}, unknown "
-            f"{_usd(u.unknown_micro)}), headroom {_usd(b.headroom_micro)}, this needs up to "
-            f"{_usd(b.needed_micro)}"
-        )
-
-    def _failed(self, error: str) -> CallRefused:
-        if self.caps.any:
-            caps = ", ".join(self._scope_label(s) for s in sorted(self.cap_origin))
-            tail = f"caps in force: {caps}; headroom unknown while the ledger cannot be read"
-        else:
-            tail = f"no cap is set: {LEDGER_ENV}=0 runs without a ledger"
-        return CallRefused(
-            ErrorClass.BUDGET_EXCEEDED,
-            f"the spend ledger failed ({error}); calls are refused until it can record "
-            f"spend (fail closed); {tail}",
-            fallback=False,
+            id=uuid.uuid4().hex,
+            provider=call.target.provider,
+            model=call.target.model,
+            task_class=call.task_class,
+            request_id=call.request.request_id,
+            amount_micro=worst or 0,
+            priced=worst is not None,
+            attempt=call.attempt,
         )
 
     # --- after_call: settle ----------------------------------------------------------
@@ -262,7 +235,8 @@ class LedgerPlugin:
         now = self.ctx.clock.now()
         if call.is_panel:
             unused = [
-                s["reservation"] for m in call.members
+                s["reservation"]
+                for m in call.members
                 if (s := m.stash.get(self.ctx.name)) and s.get("pre") and not s.get("used")
             ]
             for rid in unused:
@@ -276,11 +250,17 @@ class LedgerPlugin:
         self._check_growth(call, mine["amount"])
         if outcome.usage is not None:
             usage = outcome.usage
-            await self._safe(lambda: self.store.settle(
-                rid, cost_micro=outcome.cost_micro_usd, now=now,
-                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-                error_class=error,
-            ), rid)
+            await self._safe(
+                lambda: self.store.settle(
+                    rid,
+                    cost_micro=outcome.cost_micro_usd,
+                    now=now,
+                    input_tokens=usage.input_tokens,
+                    output_tokens=usage.output_tokens,
+                    error_class=error,
+                ),
+                rid,
+            )
         elif outcome.sent:
             await self._safe(lambda: self.store.mark_unknown(rid, now=now, error_class=error), rid)
         else:
@@ -303,7 +283,9 @@ class LedgerPlugin:
         )
         if worst > reserved:
             self.ctx.log.warning(
-                "ledger.request_grew", reserved_usd=reserved / MICRO, sent_usd=worst / MICRO,
+                "ledger.request_grew",
+                reserved_usd=reserved / MICRO,
+                sent_usd=worst / MICRO,
                 fix="list ledger after every plugin that rewrites requests in plugins:",
             )
 
@@ -312,14 +294,30 @@ class LedgerPlugin:
     @hookimpl
     def report_info(self) -> dict[str, Any]:
         month = month_of(self.ctx.clock.now())
-        store = self.store if self.enabled and self.open_error is None else None
+        if self.enabled and not self.opened and self.path.exists():
+            self._open()
+        store = self.store if self.opened else None
         error = self.open_error
         try:
-            report = build_report(store, self.caps, self.cap_origin, month=month,
-                                  path=str(self.path), enabled=self.enabled, error=error)
+            report = build_report(
+                store,
+                self.caps,
+                self.cap_origin,
+                month=month,
+                path=str(self.path),
+                enabled=self.enabled,
+                error=error,
+            )
         except LedgerError as exc:
-            report = build_report(None, self.caps, self.cap_origin, month=month,
-                                  path=str(self.path), enabled=self.enabled, error=str(exc))
+            report = build_report(
+                None,
+                self.caps,
+                self.cap_origin,
+                month=month,
+                path=str(self.path),
+                enabled=self.enabled,
+                error=str(exc),
+            )
         report["lease_s"] = self.config.lease_s
         report["expired_at_start"] = self.expired_at_start
         return report
@@ -328,4 +326,3 @@ class LedgerPlugin:
     def shutdown(self) -> None:
         self._worker.shutdown(wait=True)
         self.store.close()
-

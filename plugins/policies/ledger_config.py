@@ -107,7 +107,8 @@ def ledger_enabled(env: Mapping[str, str]) -> bool:
     if raw in _OFF:
         return False
     raise ConfigError(
-        f"{LEDGER_ENV}={env[LEDGER_ENV]!r} is not understood", file="environment",
+        f"{LEDGER_ENV}={env[LEDGER_ENV]!r} is not understood",
+        file="environment",
         path=LEDGER_ENV,
         fix="use 1 (ledger on, the default) or 0 (off)",
     )
@@ -136,7 +137,9 @@ def _usd_env(env: Mapping[str, str], var: str) -> int | None:
         value = Decimal("NaN")
     if not value.is_finite() or value < 0:
         raise ConfigError(
-            f"{var}={raw!r} is not a dollar amount", file="environment", path=var,
+            f"{var}={raw!r} is not a dollar amount",
+            file="environment",
+            path=var,
             fix=f"set {var} to a number of US dollars >= 0 (e.g. 25 or 12.50), or unset it",
         )
     return int(value * MICRO)
@@ -174,9 +177,12 @@ def resolve_caps(settings: Settings, config: LedgerConfig | None) -> tuple[Caps,
         if provider is None:
             raise ConfigError(
                 f"{var} sets a cap for provider {m.group(1).lower()!r}, which routing.yaml "
-                "does not use", file="environment", path=var,
+                "does not use",
+                file="environment",
+                path=var,
                 fix="fix the provider part of the name (known: "
-                + ", ".join(env_name(p) for p in sorted(known)) + ") or unset it",
+                + ", ".join(env_name(p) for p in sorted(known))
+                + ") or unset it",
             )
         providers[provider] = value
         origin[f"provider:{provider}"] = var

@@ -63,11 +63,19 @@ def build_report(
     unpriced = 0
     for r in rows:
         unpriced += r["unpriced"] or 0
-        for key, table in ((f"{r['provider']}/{r['model']}", by_model),
-                           (r["task_class"], by_class)):
+        for key, table in (
+            (f"{r['provider']}/{r['model']}", by_model),
+            (r["task_class"], by_class),
+        ):
             slot = table.setdefault(
-                key, {"settled_usd": 0.0, "unknown_usd": 0.0, "reserved_usd": 0.0,
-                      "attempts": 0, "released": 0},
+                key,
+                {
+                    "settled_usd": 0.0,
+                    "unknown_usd": 0.0,
+                    "reserved_usd": 0.0,
+                    "attempts": 0,
+                    "released": 0,
+                },
             )
             if r["state"] == "released":
                 slot["released"] += r["count"]
@@ -98,8 +106,9 @@ def spend_report(settings: Settings, *, now: datetime | None = None) -> dict[str
             settings.section("ledger") or {}, context={"settings": settings}
         )
     except ValidationError as exc:
-        raise pydantic_errors(exc, file=settings.file_label, prefix="ledger",
-                              plugin="ledger") from None
+        raise pydantic_errors(
+            exc, file=settings.file_label, prefix="ledger", plugin="ledger"
+        ) from None
     caps, origin = resolve_caps(settings, config)
     path = ledger_path(settings, config)
     month = month_of(now or datetime.now(UTC))
@@ -111,8 +120,9 @@ def spend_report(settings: Settings, *, now: datetime | None = None) -> dict[str
         store.open()
         return build_report(store, caps, origin, month=month, path=str(path), enabled=enabled)
     except LedgerError as exc:
-        return build_report(None, caps, origin, month=month, path=str(path), enabled=enabled,
-                            error=str(exc))
+        return build_report(
+            None, caps, origin, month=month, path=str(path), enabled=enabled, error=str(exc)
+        )
     finally:
         store.close()
 
@@ -145,16 +155,22 @@ def format_spend(report: dict[str, Any]) -> str:
     for title, table in (("model", report["by_model"]), ("task class", report["by_task_class"])):
         if not table:
             continue
-        lines += ["", f"{'by ' + title:<32}{'settled':>12}{'unknown':>12}{'reserved':>12}"
-                  f"{'attempts':>10}"]
+        lines += [
+            "",
+            f"{'by ' + title:<32}{'settled':>12}{'unknown':>12}{'reserved':>12}{'attempts':>10}",
+        ]
         for key, s in sorted(table.items()):
             lines.append(
                 f"{key:<32}{_money(s['settled_usd']):>12}{_money(s['unknown_usd']):>12}"
                 f"{_money(s['reserved_usd']):>12}{s['attempts']:>10}"
             )
     if report.get("unpriced_attempts"):
-        lines.append(f"\n{report['unpriced_attempts']} attempt(s) had no known price "
-                     "(not counted in dollars)")
-    lines.append("\nunknown = sent but no usage came back (timeout, reset, crash): "
-                 "charged at the reserved worst case")
+        lines.append(
+            f"\n{report['unpriced_attempts']} attempt(s) had no known price "
+            "(not counted in dollars)"
+        )
+    lines.append(
+        "\nunknown = sent but no usage came back (timeout, reset, crash): "
+        "charged at the reserved worst case"
+    )
     return "\n".join(lines)

@@ -179,7 +179,9 @@ class LedgerStore:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 db = sqlite3.connect(
-                    self.path, timeout=self.busy_timeout_s, isolation_level=None,
+                    self.path,
+                    timeout=self.busy_timeout_s,
+                    isolation_level=None,
                     check_same_thread=False,
                 )
             except (OSError, sqlite3.Error) as exc:
@@ -247,9 +249,7 @@ class LedgerStore:
 
     # --- writes ----------------------------------------------------------------------
 
-    def reserve(
-        self, items: Sequence[Item], caps: Caps, *, now: datetime, lease_s: float
-    ) -> None:
+    def reserve(self, items: Sequence[Item], caps: Caps, *, now: datetime, lease_s: float) -> None:
         """Reserve every item or none: refuse with :class:`CapExceeded` if any scope
         (the month's total, each provider) would go over its cap."""
         month = month_of(now)
@@ -275,8 +275,20 @@ class LedgerStore:
                 "attempt, state, reserved_micro, priced, created_at, updated_at, lease_until) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?, ?)",
                 [
-                    (i.id, month, i.provider, i.model, i.task_class, i.request_id, i.attempt,
-                     i.amount_micro, int(i.priced), stamp, stamp, lease_until)
+                    (
+                        i.id,
+                        month,
+                        i.provider,
+                        i.model,
+                        i.task_class,
+                        i.request_id,
+                        i.attempt,
+                        i.amount_micro,
+                        int(i.priced),
+                        stamp,
+                        stamp,
+                        lease_until,
+                    )
                     for i in items
                 ],
             )
@@ -314,18 +326,27 @@ class LedgerStore:
                 "UPDATE entries SET state = 'settled', cost_micro = ?, priced = ?, "
                 "input_tokens = ?, output_tokens = ?, error_class = ?, updated_at = ? "
                 "WHERE id = ?",
-                (cost, int(cost_micro is not None), input_tokens, output_tokens, error_class,
-                 now.isoformat(), entry_id),
+                (
+                    cost,
+                    int(cost_micro is not None),
+                    input_tokens,
+                    output_tokens,
+                    error_class,
+                    now.isoformat(),
+                    entry_id,
+                ),
             )
-            _bump(db, month, provider,
-                  f"{column} = {column} - ?, settled_micro = settled_micro + ?, "
-                  "overage_micro = overage_micro + ?",
-                  (reserved, cost, overage))
+            _bump(
+                db,
+                month,
+                provider,
+                f"{column} = {column} - ?, settled_micro = settled_micro + ?, "
+                "overage_micro = overage_micro + ?",
+                (reserved, cost, overage),
+            )
             return True
 
-    def mark_unknown(
-        self, entry_id: str, *, now: datetime, error_class: str | None = None
-    ) -> bool:
+    def mark_unknown(self, entry_id: str, *, now: datetime, error_class: str | None = None) -> bool:
         """Sent but no usage came back: keep the reservation charged as ``unknown``."""
         with self._write() as db:
             row = _open_entry(db, entry_id)
@@ -337,9 +358,13 @@ class LedgerStore:
                 "WHERE id = ?",
                 (error_class, now.isoformat(), entry_id),
             )
-            _bump(db, month, provider,
-                  "reserved_micro = reserved_micro - ?, unknown_micro = unknown_micro + ?",
-                  (reserved, reserved))
+            _bump(
+                db,
+                month,
+                provider,
+                "reserved_micro = reserved_micro - ?, unknown_micro = unknown_micro + ?",
+                (reserved, reserved),
+            )
             return True
 
     def release(self, entry_id: str, *, now: datetime, error_class: str | None = None) -> bool:
@@ -372,9 +397,13 @@ class LedgerStore:
                     "updated_at = ? WHERE id = ?",
                     (now.isoformat(), entry_id),
                 )
-                _bump(db, month, provider,
-                      "reserved_micro = reserved_micro - ?, unknown_micro = unknown_micro + ?",
-                      (reserved, reserved))
+                _bump(
+                    db,
+                    month,
+                    provider,
+                    "reserved_micro = reserved_micro - ?, unknown_micro = unknown_micro + ?",
+                    (reserved, reserved),
+                )
             return len(rows)
 
     # --- reads -----------------------------------------------------------------------

@@ -57,8 +57,13 @@ class Advise:
 class GatedProvider(FakeProvider):
     """A fake provider whose ``complete`` waits (so calls overlap or can be cancelled)."""
 
-    def __init__(self, *args: Any, delay: Callable[[], float] | None = None,
-                 hang: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        delay: Callable[[], float] | None = None,
+        hang: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.delay = delay
         self.hang = hang

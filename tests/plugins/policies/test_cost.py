@@ -20,7 +20,10 @@ task_classes:
     members: [{{provider: fake, model: m1}}, {{provider: fake, model: m2}}]
     max_tokens: 600
   trio:
-    members: [{{provider: fake, model: m1}}, {{provider: fake, model: m2}}, {{provider: fake, model: nopr}}]
+    members:
+      - {{provider: fake, model: m1}}
+      - {{provider: fake, model: m2}}
+      - {{provider: fake, model: nopr}}
     max_tokens: 10
 cost:
 {cost}
@@ -30,11 +33,16 @@ COST = """  warn_usd: 0.005
   panel_cap_usd: {duo: 0.10}"""
 
 
-def gw(cost: str = COST, plugins: str = "cost, router, fake", env: dict[str, str] | None = None,
-       **kw: object):  # noqa: ANN201
+def gw(
+    cost: str = COST,
+    plugins: str = "cost, router, fake",
+    env: dict[str, str] | None = None,
+    **kw: object,
+):
     p = fake(models=("m1", "m2"))
-    return gateway_from_yaml(BASE.format(plugins=plugins, cost=cost), providers=[p],
-                             env=env or {}, **kw), p
+    return gateway_from_yaml(
+        BASE.format(plugins=plugins, cost=cost), providers=[p], env=env or {}, **kw
+    ), p
 
 
 @pytest.mark.anyio
@@ -76,9 +84,12 @@ async def test_block_refuses_before_dispatch_and_says_how_to_fit() -> None:
 
 @pytest.mark.anyio
 async def test_block_allows_a_cheaper_fallback() -> None:
-    g, p = gw(plugins="cost, chain, router, fake",
-              extra_plugins={"chain": Chain(Target("fake", "m1", 20000),
-                                            Target("fake", "m2", 100, label="fallback"))})
+    g, p = gw(
+        plugins="cost, chain, router, fake",
+        extra_plugins={
+            "chain": Chain(Target("fake", "m1", 20000), Target("fake", "m2", 100, label="fallback"))
+        },
+    )
     env = await g.route(Request("chain", "hi"))
     assert env.ok
     assert [r.model for r in p.received] == ["m2"]
@@ -87,7 +98,7 @@ async def test_block_allows_a_cheaper_fallback() -> None:
 
 @pytest.mark.anyio
 async def test_unknown_price_allowed_with_a_warning_by_default() -> None:
-    g, p = gw()
+    g, _ = gw()
     env = await g.route(Request("unpriced", "hi"))
     assert env.ok
     assert env.meta["preflight"]["estimate_usd"] is None
@@ -165,6 +176,8 @@ async def test_removed_from_plugins_the_gateway_serves_without_estimates() -> No
 def test_report_info() -> None:
     g, _ = gw()
     assert g.routing_info()["cost"] == {
-        "warn_usd": 0.005, "block_usd": 1.0, "unknown_price": "allow",
+        "warn_usd": 0.005,
+        "block_usd": 1.0,
+        "unknown_price": "allow",
         "panel_cap_usd": {"duo": 0.1},
     }

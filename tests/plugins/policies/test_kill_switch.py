@@ -25,11 +25,16 @@ kill_switch:
 # quick: worst case ~$0.0103; big: ~$2.0; duo: 2 x ~$0.0603 = ~$0.12 (> $0.10 threshold)
 
 
-def gw(env: dict[str, str] | None = None, plugins: str = "kill_switch, router, fake",
-       provider: FakeProvider | None = None, **kw: object):  # noqa: ANN201
+def gw(
+    env: dict[str, str] | None = None,
+    plugins: str = "kill_switch, router, fake",
+    provider: FakeProvider | None = None,
+    **kw: object,
+):
     provider = provider or fake(models=("m1", "m2"))
-    return gateway_from_yaml(BASE.format(plugins=plugins), env=env or {}, providers=[provider],
-                             **kw), provider
+    return gateway_from_yaml(
+        BASE.format(plugins=plugins), env=env or {}, providers=[provider], **kw
+    ), provider
 
 
 @pytest.mark.anyio
@@ -55,8 +60,11 @@ async def test_switch_off_values_let_calls_through(value: str) -> None:
 @pytest.mark.anyio
 async def test_disabled_refusal_allows_no_fallback() -> None:
     cheap = Target("fake", "m2", 10, label="fallback")
-    g, p = gw({"LLM_GATEWAY_DISABLED": "1"}, plugins="kill_switch, chain, router, fake",
-              extra_plugins={"chain": Chain(Target("fake", "m1", 100), cheap)})
+    g, p = gw(
+        {"LLM_GATEWAY_DISABLED": "1"},
+        plugins="kill_switch, chain, router, fake",
+        extra_plugins={"chain": Chain(Target("fake", "m1", 100), cheap)},
+    )
     env = await g.route(Request("chain", "hi"))
     assert env.error_class == "kill_switch"
     assert [a["stage"] for a in env.meta["attempts"]] == ["rejected"]
@@ -78,9 +86,13 @@ async def test_expensive_blocks_above_threshold_and_allows_cheap_calls() -> None
 
 @pytest.mark.anyio
 async def test_expensive_refusal_lets_a_cheaper_fallback_pass() -> None:
-    g, p = gw({"LLM_GATEWAY_EXPENSIVE_DISABLED": "1"}, plugins="kill_switch, chain, router, fake",
-              extra_plugins={"chain": Chain(Target("fake", "m1", 20000),
-                                            Target("fake", "m2", 100, label="fallback"))})
+    g, p = gw(
+        {"LLM_GATEWAY_EXPENSIVE_DISABLED": "1"},
+        plugins="kill_switch, chain, router, fake",
+        extra_plugins={
+            "chain": Chain(Target("fake", "m1", 20000), Target("fake", "m2", 100, label="fallback"))
+        },
+    )
     env = await g.route(Request("chain", "hi"))
     assert env.ok
     assert env.meta["model"] == "m2"
@@ -118,8 +130,12 @@ async def test_switch_flipped_mid_call_stops_the_retry(monkeypatch: pytest.Monke
         return Outcome.failure(ErrorClass.SERVER_ERROR, "boom", sent=True)
 
     provider.then(first, Outcome.success("never", Usage(1, 1)))
-    g, p = gw({}, plugins="kill_switch, retry_always, router, fake", provider=provider,
-              extra_plugins={"retry_always": Advise("retry")})
+    g, p = gw(
+        {},
+        plugins="kill_switch, retry_always, router, fake",
+        provider=provider,
+        extra_plugins={"retry_always": Advise("retry")},
+    )
     env = await g.route(Request("quick", "hi"))
     assert env.error_class == "kill_switch"
     assert [a["stage"] for a in env.meta["attempts"]] == ["sent", "refused"]
@@ -149,7 +165,7 @@ async def test_dotenv_beside_the_config_flips_a_switch_without_restart(tmp_path:
 async def test_essential_readded_when_omitted_and_enforced_without_max_tokens() -> None:
     # kill_switch and cost are both left out of plugins:; the request sets no max_tokens.
     g, p = gw({"LLM_GATEWAY_EXPENSIVE_DISABLED": "1"}, plugins="router, fake")
-    assert [pl.name for pl in g.plugins][0] == "kill_switch"
+    assert g.plugins[0].name == "kill_switch"
     assert next(pl for pl in g.plugins if pl.name == "kill_switch").essential_reason
     env = await g.route(Request("big", "hi"))
     assert env.error_class == "kill_switch"
@@ -170,7 +186,7 @@ def test_report_info_shows_both_switches_and_the_threshold() -> None:
 def test_threshold_must_not_be_negative() -> None:
     from llmgw.kernel import ConfigError
 
-    with pytest.raises(ConfigError, match="kill_switch.expensive_threshold_usd"):
+    with pytest.raises(ConfigError, match=r"kill_switch\.expensive_threshold_usd"):
         gateway_from_yaml(
             BASE.format(plugins="kill_switch, router, fake").replace("0.1", "-1"),
             providers=[fake()],

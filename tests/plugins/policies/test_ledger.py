@@ -39,13 +39,20 @@ task_classes:
 W = worst_micro("hi", 100)  # ~$0.0103 per attempt of `quick`
 
 
-def gw(tmp_path: Path, *, env: dict[str, str] | None = None, extra: str = "",
-       plugins: str = "ledger, router, fake", providers: list[FakeProvider] | None = None,
-       **kw: Any):  # noqa: ANN201
+def gw(
+    tmp_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    extra: str = "",
+    plugins: str = "ledger, router, fake",
+    providers: list[FakeProvider] | None = None,
+    **kw: Any,
+):
     env = {"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db"), **(env or {})}
     provs = providers or [fake(), fake("alt")]
-    return gateway_from_yaml(BASE.format(plugins=plugins, extra=extra), env=env,
-                             providers=provs, **kw), provs[0]
+    return gateway_from_yaml(
+        BASE.format(plugins=plugins, extra=extra), env=env, providers=provs, **kw
+    ), provs[0]
 
 
 def cap_yaml(total: float | None = None, **providers: float) -> str:
@@ -53,19 +60,25 @@ def cap_yaml(total: float | None = None, **providers: float) -> str:
     if total is not None:
         lines.append(f"    total_monthly_usd: {total}")
     if providers:
-        lines.append("    providers: {" + ", ".join(f"{k}: {v}" for k, v in providers.items())
-                     + "}")
+        lines.append(
+            "    providers: {" + ", ".join(f"{k}: {v}" for k, v in providers.items()) + "}"
+        )
     return "\n".join(lines)
 
 
 @pytest.mark.anyio
 async def test_each_call_reserves_then_settles_what_it_cost(tmp_path: Path) -> None:
-    g, p = gw(tmp_path)
+    g, _p = gw(tmp_path)
     env = await g.route(Request("quick", "hi", request_id="r-1"))
     assert env.ok
     (row,) = rows(tmp_path / "l.db")
-    assert (row["state"], row["provider"], row["model"], row["task_class"], row["request_id"]) \
-        == ("settled", "fake", "m1", "quick", "r-1")
+    assert (row["state"], row["provider"], row["model"], row["task_class"], row["request_id"]) == (
+        "settled",
+        "fake",
+        "m1",
+        "quick",
+        "r-1",
+    )
     assert row["reserved_micro"] == W
     assert row["cost_micro"] == round(env.meta["cost_usd_approx"] * 1e6)
     assert row["month"] == "2026-11" or row["month"] == datetime.now(UTC).strftime("%Y-%m")
@@ -77,8 +90,12 @@ async def test_total_cap_refuses_with_scope_cap_and_headroom_and_no_fallback(
     tmp_path: Path,
 ) -> None:
     # a call's worst case is $0.01026 and the fake echo bills $0.00031: the cap fits one call
-    g, p = gw(tmp_path, extra=cap_yaml(total=0.0105), plugins="ledger, chain, router, fake",
-              extra_plugins={"chain": Chain(Target("fake", "m1", 100), Target("fake", "m2", 10))})
+    g, p = gw(
+        tmp_path,
+        extra=cap_yaml(total=0.0105),
+        plugins="ledger, chain, router, fake",
+        extra_plugins={"chain": Chain(Target("fake", "m1", 100), Target("fake", "m2", 10))},
+    )
     assert (await g.route(Request("quick", "hi"))).ok  # the echo costs far less than W
     env = await g.route(Request("chain", "hi"))
     # headroom is under a quick call's worst case: refused, and no fallback past a total cap
@@ -96,9 +113,13 @@ async def test_total_cap_refuses_with_scope_cap_and_headroom_and_no_fallback(
 @pytest.mark.anyio
 async def test_provider_cap_refusal_falls_back_to_another_provider(tmp_path: Path) -> None:
     alt = fake("alt")
-    g, p = gw(tmp_path, extra=cap_yaml(fake=0.005), plugins="ledger, chain, router, fake",
-              providers=[fake(), alt],
-              extra_plugins={"chain": Chain(Target("fake", "m1", 100), Target("alt", "m1", 100))})
+    g, _p = gw(
+        tmp_path,
+        extra=cap_yaml(fake=0.005),
+        plugins="ledger, chain, router, fake",
+        providers=[fake(), alt],
+        extra_plugins={"chain": Chain(Target("fake", "m1", 100), Target("alt", "m1", 100))},
+    )
     env = await g.route(Request("chain", "hi"))
     assert env.ok
     assert env.meta["provider"] == "alt"
@@ -112,8 +133,9 @@ async def test_env_caps_override_config_and_are_enforced_without_max_tokens(
     tmp_path: Path,
 ) -> None:
     # config says $100, the env says $0.001: the env wins; the request sets no max_tokens
-    g, p = gw(tmp_path, extra=cap_yaml(total=100, fake=100),
-              env={"LLM_GATEWAY_CAP_FAKE_MONTHLY": "0.001"})
+    g, p = gw(
+        tmp_path, extra=cap_yaml(total=100, fake=100), env={"LLM_GATEWAY_CAP_FAKE_MONTHLY": "0.001"}
+    )
     env = await g.route(Request("quick", "hi"))
     assert env.error_class == "budget_exceeded"
     assert "LLM_GATEWAY_CAP_FAKE_MONTHLY" in (env.error or "")
@@ -132,8 +154,10 @@ async def test_env_caps_override_config_and_are_enforced_without_max_tokens(
         ({"LLM_GATEWAY_CAP_FAKE_MONTHLY": "nan"}, "LLM_GATEWAY_CAP_FAKE_MONTHLY='nan' is not"),
         ({"LLM_GATEWAY_CAP_OPENIA_MONTHLY": "5"}, "provider 'openia', which routing.yaml"),
         ({"LLM_GATEWAY_LEDGER": "maybe"}, "LLM_GATEWAY_LEDGER='maybe' is not understood"),
-        ({"LLM_GATEWAY_LEDGER": "0", "LLM_GATEWAY_CAP_TOTAL_MONTHLY": "5"},
-         "LLM_GATEWAY_LEDGER=0 turns the spend ledger off, but a monthly cap is set"),
+        (
+            {"LLM_GATEWAY_LEDGER": "0", "LLM_GATEWAY_CAP_TOTAL_MONTHLY": "5"},
+            "LLM_GATEWAY_LEDGER=0 turns the spend ledger off, but a monthly cap is set",
+        ),
     ],
 )
 def test_bad_environment_is_a_clear_config_error(
@@ -146,7 +170,7 @@ def test_bad_environment_is_a_clear_config_error(
 
 
 def test_caps_must_name_known_providers(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="caps.providers names 'nope'"):
+    with pytest.raises(ConfigError, match=r"caps\.providers names 'nope'"):
         gw(tmp_path, extra=cap_yaml(nope=1))
     with pytest.raises(ConfigError, match="lease_s"):
         gw(tmp_path, extra="ledger: {lease_s: 30}")
@@ -167,7 +191,7 @@ async def test_essential_when_a_cap_is_set_even_if_omitted_from_plugins(tmp_path
 async def test_removed_from_plugins_without_caps_the_gateway_serves_without_a_ledger(
     tmp_path: Path,
 ) -> None:
-    g, p = gw(tmp_path, plugins="router, fake")
+    g, _p = gw(tmp_path, plugins="router, fake")
     assert "ledger" not in [pl.name for pl in g.plugins]
     assert (await g.route(Request("quick", "hi"))).ok
     assert not (tmp_path / "l.db").exists()
@@ -175,7 +199,7 @@ async def test_removed_from_plugins_without_caps_the_gateway_serves_without_a_le
 
 @pytest.mark.anyio
 async def test_ledger_off_by_env_when_no_cap(tmp_path: Path) -> None:
-    g, p = gw(tmp_path, env={"LLM_GATEWAY_LEDGER": "0"})
+    g, _p = gw(tmp_path, env={"LLM_GATEWAY_LEDGER": "0"})
     assert (await g.route(Request("quick", "hi"))).ok
     assert not (tmp_path / "l.db").exists()
     assert g.routing_info()["ledger"]["enabled"] is False
@@ -190,7 +214,10 @@ async def test_unknown_price_refused_while_a_cap_applies(tmp_path: Path) -> None
     assert "total monthly cap ($10.0000" in (env.error or "")
     assert p.received == []
     # a cap on another provider does not apply to this call
-    g2, p2 = gw(tmp_path, extra=cap_yaml(alt=10), )
+    g2, _p2 = gw(
+        tmp_path,
+        extra=cap_yaml(alt=10),
+    )
     assert (await g2.route(Request("unpriced", "hi"))).ok
     unpriced = [r for r in rows(tmp_path / "l.db") if r["model"] == "nopr"]
     assert [(r["state"], r["priced"]) for r in unpriced] == [("settled", 0)]
@@ -223,10 +250,15 @@ async def test_billed_errors_are_recorded_and_unbilled_ones_released(tmp_path: P
 async def test_fallback_spend_recorded_once_per_attempt(tmp_path: Path) -> None:
     p = fake()
     p.then(Outcome.failure(ErrorClass.SERVER_ERROR, "x", sent=True, usage=Usage(5, 7)))
-    g, _ = gw(tmp_path, plugins="ledger, fallback_always, chain, router, fake",
-              providers=[p, fake("alt")],
-              extra_plugins={"fallback_always": Advise("fallback"),
-                             "chain": Chain(Target("fake", "m1", 100), Target("fake", "m2", 50))})
+    g, _ = gw(
+        tmp_path,
+        plugins="ledger, fallback_always, chain, router, fake",
+        providers=[p, fake("alt")],
+        extra_plugins={
+            "fallback_always": Advise("fallback"),
+            "chain": Chain(Target("fake", "m1", 100), Target("fake", "m2", 50)),
+        },
+    )
     env = await g.route(Request("chain", "hi"))
     assert env.ok and env.meta["model"] == "m2"
     got = rows(tmp_path / "l.db")
@@ -243,9 +275,12 @@ async def test_fallback_spend_recorded_once_per_attempt(tmp_path: Path) -> None:
 async def test_retries_reserve_for_themselves(tmp_path: Path) -> None:
     p = fake()
     p.fail_with(ErrorClass.OVERLOADED, sent=True).fail_with(ErrorClass.OVERLOADED, sent=False)
-    g, _ = gw(tmp_path, plugins="ledger, retry_always, router, fake",
-              providers=[p, fake("alt")],
-              extra_plugins={"retry_always": Advise("retry")})
+    g, _ = gw(
+        tmp_path,
+        plugins="ledger, retry_always, router, fake",
+        providers=[p, fake("alt")],
+        extra_plugins={"retry_always": Advise("retry")},
+    )
     assert (await g.route(Request("quick", "hi"))).ok
     assert [r["state"] for r in rows(tmp_path / "l.db")] == ["unknown", "released", "settled"]
 
@@ -278,19 +313,21 @@ async def test_panel_reserves_all_members_at_once_or_nothing(tmp_path: Path) -> 
 async def test_panel_members_use_the_panel_reservation_and_unused_ones_are_released(
     tmp_path: Path,
 ) -> None:
-    g, p = gw(tmp_path)
+    g, _p = gw(tmp_path)
     assert (await g.route(Request("duo", "hi"))).ok
     got = rows(tmp_path / "l.db")
     assert sorted((r["model"], r["state"]) for r in got) == [("m1", "settled"), ("m2", "settled")]
     # member m2's target is rejected in its own preflight: its pre-reservation is released
-    g2, p2 = gw(tmp_path / "2", plugins="ledger, reject_m2, router, fake",
-                extra_plugins={"reject_m2": RejectModel("m2")})
+    g2, _p2 = gw(
+        tmp_path / "2",
+        plugins="ledger, reject_m2, router, fake",
+        extra_plugins={"reject_m2": RejectModel("m2")},
+    )
     (tmp_path / "2").mkdir(exist_ok=True)
     env = await g2.route(Request("duo", "hi"))
     assert not env.ok
     got = rows(tmp_path / "2" / "l.db")
-    assert sorted((r["model"], r["state"]) for r in got) == [("m1", "settled"),
-                                                             ("m2", "released")]
+    assert sorted((r["model"], r["state"]) for r in got) == [("m1", "settled"), ("m2", "released")]
     assert states(tmp_path / "2" / "l.db")["reserved"] == 0
 
 
@@ -304,8 +341,12 @@ async def test_panel_member_retry_reserves_for_itself(tmp_path: Path) -> None:
         return Outcome.success("ok", Usage(1, 1))
 
     p.then(script, script, script)
-    g, _ = gw(tmp_path, providers=[p, fake("alt")], plugins="ledger, retry_always, router, fake",
-              extra_plugins={"retry_always": Advise("retry")})
+    g, _ = gw(
+        tmp_path,
+        providers=[p, fake("alt")],
+        plugins="ledger, retry_always, router, fake",
+        extra_plugins={"retry_always": Advise("retry")},
+    )
     assert (await g.route(Request("duo", "hi"))).ok
     got = sorted((r["model"], r["state"]) for r in rows(tmp_path / "l.db"))
     assert got == [("m1", "settled"), ("m2", "settled"), ("m2", "unknown")]
@@ -315,8 +356,9 @@ async def test_panel_member_retry_reserves_for_itself(tmp_path: Path) -> None:
 async def test_expired_reservations_become_unknown_at_start(tmp_path: Path) -> None:
     s = store(tmp_path / "l.db")
     clock = FakeClock()
-    s.reserve([Item("crashed", "fake", "m1", "quick", "r", 500)], Caps(), now=clock.now(),
-              lease_s=600)
+    s.reserve(
+        [Item("crashed", "fake", "m1", "quick", "r", 500)], Caps(), now=clock.now(), lease_s=600
+    )
     s.close()
     clock.advance(601)
     g, _ = gw(tmp_path, clock=clock)
@@ -339,8 +381,10 @@ async def test_months_follow_the_injected_utc_clock(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_fails_closed_when_the_ledger_cannot_be_opened(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
-    env_vars = {"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "file" / "l.db"),
-                "LLM_GATEWAY_CAP_TOTAL_MONTHLY": "5"}
+    env_vars = {
+        "LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "file" / "l.db"),
+        "LLM_GATEWAY_CAP_TOTAL_MONTHLY": "5",
+    }
     g, p = gw(tmp_path, env=env_vars)
     env = await g.route(Request("quick", "hi"))
     assert env.error_class == "budget_exceeded"
@@ -387,8 +431,9 @@ async def test_spend_report_without_a_gateway(tmp_path: Path) -> None:
     out = format_spend(report)
     assert "total" in out and "provider fake" in out and "$0.5000" in out and "quick" in out
     # no ledger file: an empty report, and no file is created
-    empty = spend_report(load_settings(text=text, env={
-        "LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "none.db")}))
+    empty = spend_report(
+        load_settings(text=text, env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "none.db")})
+    )
     assert empty["total"]["settled_usd"] == 0
     assert not (tmp_path / "none.db").exists()
 
@@ -407,3 +452,21 @@ def test_default_path_is_the_user_data_dir(tmp_path: Path) -> None:
     from llmgw.plugins.policies.ledger_config import LedgerConfig
 
     assert ledger_path(settings, LedgerConfig(path="data/l.db")) == tmp_path / "data" / "l.db"
+
+
+@pytest.mark.anyio
+async def test_llmgw_spend_prints_the_month(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmgw.kernel.cli import main
+
+    g, _ = gw(tmp_path)
+    assert (await g.route(Request("quick", "hi"))).ok
+    await g.aclose()
+    config = tmp_path / "routing.yaml"
+    config.write_text(BASE.format(plugins="ledger, router", extra=cap_yaml(total=2)))
+    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(tmp_path / "l.db"))
+    assert main(["spend", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "l.db") in out
+    assert "$2.0000" in out and "fake/m1" in out and "quick" in out

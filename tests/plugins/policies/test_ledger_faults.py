@@ -22,19 +22,29 @@ task_classes:
     max_tokens: 100
 """
 UPSTREAM = [
-    ErrorClass.RATE_LIMITED, ErrorClass.OVERLOADED, ErrorClass.SERVER_ERROR,
-    ErrorClass.TIMEOUT, ErrorClass.CONNECTION_ERROR, ErrorClass.MALFORMED_RESPONSE,
-    ErrorClass.QUOTA_EXHAUSTED, ErrorClass.AUTH_ERROR, ErrorClass.MODEL_NOT_FOUND,
-    ErrorClass.INVALID_REQUEST, ErrorClass.CONTEXT_LENGTH_EXCEEDED,
-    ErrorClass.REQUEST_TOO_LARGE, ErrorClass.CONTENT_REFUSED, ErrorClass.TRUNCATED_OUTPUT,
+    ErrorClass.RATE_LIMITED,
+    ErrorClass.OVERLOADED,
+    ErrorClass.SERVER_ERROR,
+    ErrorClass.TIMEOUT,
+    ErrorClass.CONNECTION_ERROR,
+    ErrorClass.MALFORMED_RESPONSE,
+    ErrorClass.QUOTA_EXHAUSTED,
+    ErrorClass.AUTH_ERROR,
+    ErrorClass.MODEL_NOT_FOUND,
+    ErrorClass.INVALID_REQUEST,
+    ErrorClass.CONTEXT_LENGTH_EXCEEDED,
+    ErrorClass.REQUEST_TOO_LARGE,
+    ErrorClass.CONTENT_REFUSED,
+    ErrorClass.TRUNCATED_OUTPUT,
 ]
 
 
-def gw(tmp_path: Path, provider: FakeProvider, plugins: str = "ledger, router, fake",
-       **kw: Any):  # noqa: ANN201
+def gw(tmp_path: Path, provider: FakeProvider, plugins: str = "ledger, router, fake", **kw: Any):
     return gateway_from_yaml(
-        YAML.format(plugins=plugins), env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
-        providers=[provider], **kw,
+        YAML.format(plugins=plugins),
+        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+        providers=[provider],
+        **kw,
     )
 
 
@@ -55,8 +65,10 @@ async def test_fault_matrix_leaves_no_open_reservation(tmp_path: Path, advice: s
     extra: dict[str, object] = {}
     if advice:
         plugins = "ledger, advise, chain, router, fake"
-        extra = {"advise": Advise(advice),
-                 "chain": Chain(Target("fake", "m1", 100), Target("fake", "m2", 100))}
+        extra = {
+            "advise": Advise(advice),
+            "chain": Chain(Target("fake", "m1", 100), Target("fake", "m2", 100)),
+        }
     g = gw(tmp_path, p, plugins=plugins, extra_plugins=extra)
     task = "chain" if advice else "quick"
     while p.script:
@@ -73,8 +85,10 @@ async def test_fault_matrix_leaves_no_open_reservation(tmp_path: Path, advice: s
     assert got["settled"] == billed + 6 + (len(p.received) - len(cases) - 6)
     settled = [r for r in rows(tmp_path / "l.db") if r["error_class"] and r["state"] == "settled"]
     assert all(r["cost_micro"] == 7 * 10 + 9 * 100 for r in settled)
-    print(f"\nfault matrix ({advice=}): {len(cases)} faults, open reservations at end: "
-          f"{got['reserved']}")
+    print(
+        f"\nfault matrix ({advice=}): {len(cases)} faults, open reservations at end: "
+        f"{got['reserved']}"
+    )
 
 
 @pytest.mark.anyio
@@ -152,7 +166,9 @@ async def test_many_cancellations_at_random_points_leak_nothing(tmp_path: Path) 
             await g.route(Request("duo" if i % 2 else "quick", "hi"))
     await g.aclose()  # let the ledger thread finish what cancelled callers left it
     got = states(tmp_path / "l.db")
-    print(f"\nrandom cancellations: 100 calls, entries {got}, open reservations at end: "
-          f"{got['reserved']}")
+    print(
+        f"\nrandom cancellations: 100 calls, entries {got}, open reservations at end: "
+        f"{got['reserved']}"
+    )
     assert got["reserved"] == 0, got
     assert got["unknown"] > 0 and got["settled"] > 0

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from llmgw.plugins.policies.ledger_store import (
-    Caps,
     CapExceeded,
+    Caps,
     Item,
     LedgerError,
     LedgerStore,

@@ -1,0 +1,55 @@
+"""The benchmark harness, smallest configuration: correctness only, never timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_run_measures_every_column_correctly(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    # 0: every goal passed, 1: some goal missed (timing: not judged here), 2: a failure.
+    assert proc.returncode in {0, 1}, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text(encoding="utf-8"))
+
+    cols = doc["columns"]
+    assert {"direct", "gw_full", "mcp_gw", "mcp_bare"} <= set(cols)
+    for key, col in cols.items():
+        assert col["errors"] == 0, (key, col["first_error"])
+        # One upstream request per call: no hidden retry, nothing lost.
+        assert col["upstream_requests_per_call"] == 1.0, key
+        assert col["latency_ms"]["p50"]["median"] > 0
+    assert cols["gw_full"]["baseline"] == "direct"
+    assert cols["mcp_gw"]["baseline"] == "mcp_bare"
+    assert cols["gw_full"]["calls_per_s"]["median"] > 0
+
+    assert doc["panel"]["errors"] == 0
+    assert doc["panel"]["ratio"]["median"] >= 1.0  # a panel cannot beat its slowest member
+
+    cold = doc["cold_start"]
+    assert {"llm_route", "llm_routing_info"} <= set(cold["llmgw"]["tools"])
+    assert cold["bare"]["tools"] == ["ask"]
+    assert cold["llmgw"]["rss_mb"]["median"] > 10
+
+    ledger = doc["ledger"]
+    assert ledger["procs_1"]["invariant_ok"] and ledger["procs_4"]["invariant_ok"]
+    assert ledger["procs_4"]["reservations_per_s"]["median"] > 0
+    assert ledger["cap_race"] == {
+        "room": 10, "accepted": 10, "overshoot_micro": 0, "ok": True
+    }  # fmt: skip
+
+    names = {g["goal"] for g in doc["goals"]}
+    assert "in-process added p50, full stack + ledger" in names
+    assert all(isinstance(g["pass"], bool) for g in doc["goals"])
+    assert "Goals" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
