@@ -24,7 +24,10 @@ class PanelContract(Model):
     """The visibility contract of one panel."""
 
     mode: Literal["blind"] = "blind"
+    """blind: each member sees only the original system prompt and prompt, no other output."""
     enforce: Literal["hard", "soft"] = "hard"
+    """hard: a violation refuses the panel (or the member) before sending; soft: run and
+    report certified false with the reasons."""
 
 
 @dataclass

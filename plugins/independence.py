@@ -83,6 +83,7 @@ class IndependencePlugin:
         """The ``independence:`` section: ``panels.<task_class>: {mode, enforce}``."""
 
         panels: dict[str, PanelContract] = Field(default_factory=dict)
+        """Visibility contract per panel task class."""
 
         @model_validator(mode="after")
         def _panels_exist(self, info: ValidationInfo) -> IndependencePlugin.Config:

@@ -61,23 +61,31 @@ class Candidate(Model):
     """A provider and model a role may use."""
 
     provider: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+    """Provider name, as registered by a provider plugin."""
     model: str = Field(min_length=1)
+    """Model name, as the provider spells it."""
 
 
 class Candidates(Model):
     """Ordered candidates per role; the ones after the first are fallbacks."""
 
     planner: list[Candidate] = Field(min_length=1)
+    """Thinker candidates: write the plan; they see only the task."""
     worker: list[Candidate] = Field(min_length=1)
+    """Worker candidates: do the task from task + plan; rotated to another vendor on re-plan."""
     verifier: list[Candidate] = Field(min_length=1)
+    """Verifier candidates: judge the artifact against the task, never seeing the plan."""
 
 
 class RoleTokens(Model):
     """``max_tokens`` per role."""
 
     planner: PositiveInt = 1024
+    """Output bound of a planning step."""
     worker: PositiveInt = 2048
+    """Output bound of a work step."""
     verifier: PositiveInt = 512
+    """Output bound of a verification step."""
 
 
 class Instructions(Model):
@@ -88,17 +96,20 @@ class Instructions(Model):
         "Do not do the task itself.",
         min_length=1,
     )
+    """System prompt of the planner (Thinker)."""
     worker: str = Field(
         default="You are the Worker. Carry out the task following the plan. "
         "Return only the result.",
         min_length=1,
     )
+    """System prompt of the worker."""
     verifier: str = Field(
         default="You are the Verifier. Judge whether the artifact fully and correctly does "
         "the task. You have not seen how it was made. Answer with JSON only: "
         '{"verdict": "ACCEPT" or "REVISE", "reasons": ["..."]}',
         min_length=1,
     )
+    """System prompt of the verifier; it must ask for the strict JSON verdict."""
 
 
 def _default_depths() -> dict[str, list[Step]]:
@@ -116,12 +127,19 @@ class RolesPlugin:
         """The ``roles:`` section."""
 
         candidates: Candidates
+        """Ordered candidates per role; later ones are that step's fallbacks."""
         max_tokens: RoleTokens = Field(default_factory=RoleTokens)
+        """Output bound per role."""
         instructions: Instructions = Field(default_factory=Instructions)
+        """System prompt per role."""
         depth: dict[str, list[Step]] = Field(default_factory=_default_depths)
+        """Depth name to its steps, in the order plan, work, verify (work always present)."""
         default_depth: str = "standard"
+        """Depth used when llm_orchestrate is called without one."""
         max_replans: int = Field(default=1, ge=0, le=5)
+        """Re-plans after a REVISE verdict before the result needs human review."""
         budget_usd: float | None = Field(default=None, gt=0)
+        """Optional spend limit of one orchestration (worst case checked before each step)."""
 
         @model_validator(mode="after")
         def _depths(self) -> RolesPlugin.Config:
