@@ -215,9 +215,9 @@ class McpStdio:
 
     async def call(self) -> None:
         r = await self.client.call_tool(self.tool, self.arguments)
+        text: Any = getattr(r.content[0], "text", None)
         if r.is_error:
-            raise BenchError(f"tool error: {r.content[0].text[:300]!r}")
-        text = r.content[0].text
+            raise BenchError(f"tool error: {str(text)[:300]!r}")
         if self.tool == "llm_route":
             body = json.loads(text)
             if body["status"] != "success":

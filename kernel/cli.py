@@ -286,8 +286,11 @@ def cmd_spend(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    path = config_path(args.config, os.environ)
+    config = path if (args.config or path.is_file()) else None
+
     async def run() -> int:
-        return await run_demo(sys.stdout)
+        return await run_demo(sys.stdout, config=config)
 
     code: int = anyio.run(run)
     return code

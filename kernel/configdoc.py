@@ -34,11 +34,17 @@ ENV_VARS: list[tuple[str, str, str]] = [
     ("LLM_GATEWAY_CONFIG", "kernel", "Path of routing.yaml when --config is not given."),
     ("LLM_GATEWAY_LOG_LEVEL", "kernel", "Log level of the JSON logs on stderr."),
     ("LLM_GATEWAY_HTTP_TOKEN", "kernel", "Bearer token required by `llmgw serve --http`."),
-    ("LLM_GATEWAY_DISABLED", "kill_switch", "Truthy (1, true, yes, on): refuse every call."),
+    (
+        "LLM_GATEWAY_DISABLED",
+        "kill_switch",
+        "Refuse every call. Any value but 0, false, no, off or empty counts as on; read from "
+        "the environment and from the .env beside routing.yaml on every call.",
+    ),
     (
         "LLM_GATEWAY_EXPENSIVE_DISABLED",
         "kill_switch",
-        "Truthy: refuse calls whose worst case exceeds `kill_switch.expensive_threshold_usd`.",
+        "Refuse calls whose worst case exceeds `kill_switch.expensive_threshold_usd` (same "
+        "values and sources as LLM_GATEWAY_DISABLED).",
     ),
     ("LLM_GATEWAY_LEDGER", "ledger", "`0` turns the ledger off (refused while a cap is set)."),
     ("LLM_GATEWAY_LEDGER_PATH", "ledger", "Ledger file; overrides `ledger.path`."),

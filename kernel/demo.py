@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
+
 from .build import build_gateway
 from .config import load_settings
 from .envelope import Envelope
 from .fake_upstream import FakeUpstream
+from .gateway import Gateway
 from .types import Request
 
 #: The plugins the demo enables, in order (adjust to what is installed).
@@ -181,39 +184,123 @@ def format_envelope(title: str, env: Envelope) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def run_demo(out: TextIO, plugins: Sequence[str] | None = None) -> int:
-    """Run the demo, writing to ``out``; 0 when every step behaved as shown."""
-    plugins = tuple(plugins or DEMO_PLUGINS)
+def _redirected(config: Path, up: FakeUpstream) -> str:
+    """The user's routing.yaml with every built-in provider pointed at the fake upstream."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    providers = data.setdefault("providers", {}) or {}
+    data["providers"] = providers
+    enabled = set(data.get("plugins") or [])
+    for name in _PROVIDERS:
+        if name not in enabled:
+            continue
+        spec = providers.get(name) or {}
+        spec["base_url"] = up.base_url(name)
+        providers[name] = spec
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _check_offline(gateway: Gateway) -> str | None:
+    """The demo never talks to a real provider: every base URL must be loopback."""
+    for name, provider in gateway.providers.items():
+        base = provider.status().base_url or ""
+        host = base.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        if base and host not in {"127.0.0.1", "localhost", "[::1]"}:
+            return f"provider {name!r} points at {base}; the demo only runs against loopback"
+    return None
+
+
+def format_certificate(env: Envelope) -> str:
+    vis = env.meta.get("visibility")
+    if not isinstance(vis, dict):
+        return ""
+    lines = [
+        f"independence: certified={vis.get('certified')} mode={vis.get('mode')} "
+        f"enforce={vis.get('enforce')} original_sha256={str(vis.get('original_sha256'))[:16]}…"
+    ]
+    for m in vis.get("members") or []:
+        lines.append(
+            f"  {m.get('provider')}/{m.get('model')}: request_sha256="
+            f"{str(m.get('request_sha256'))[:16]}… access={m.get('access')}"
+        )
+    for reason in vis.get("reasons") or []:
+        lines.append(f"  not certified: {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def format_steps(env: Envelope) -> str:
+    lines = []
+    for step in env.meta.get("steps") or []:
+        verdict = step.get("verdict") or {}
+        extra = f" verdict={verdict.get('verdict')}" if verdict else ""
+        lines.append(
+            f"  round {step.get('round')} {step.get('step'):<6} {step.get('role'):<8} "
+            f"{step.get('provider')}/{step.get('model')} access={step.get('access')}{extra}"
+        )
+    return ("steps:\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+async def run_demo(
+    out: TextIO, plugins: Sequence[str] | None = None, config: Path | None = None
+) -> int:
+    """Run the demo, writing to ``out``; 0 when every step behaved as shown.
+
+    With ``config`` (a routing.yaml), the demo runs that file, its plugins and task
+    classes, with every built-in provider redirected to the fake upstream. Without it,
+    a built-in configuration of the shipped task classes and ``plugins`` is used.
+    """
     ok = True
     with tempfile.TemporaryDirectory(prefix="llmgw-demo-") as tmp, FakeUpstream() as up:
-        text = demo_yaml(up, plugins, Path(tmp) / "ledger.db")
+        env_vars = demo_env()
+        env_vars["LLM_GATEWAY_LEDGER_PATH"] = str(Path(tmp) / "ledger.db")
+        if config is not None:
+            settings = load_settings(config, text=_redirected(config, up), env=env_vars)
+            source = str(config)
+        else:
+            names = tuple(plugins or DEMO_PLUGINS)
+            text = demo_yaml(up, names, Path(tmp) / "ledger.db")
+            settings = load_settings(text=text, env=env_vars)
+            source = "built-in demo configuration"
         # Not testing.gateway_from_yaml: that module needs pytest, which users may lack.
-        gateway = build_gateway(load_settings(text=text, env=demo_env()))
+        gateway = build_gateway(settings)
         try:
-            out.write(f"fake upstream at {up.root}; plugins: {', '.join(plugins)}\n\n")
-            env = await gateway.route(Request("quick_answer", "What is the capital of France?"))
-            out.write(format_envelope("single route: quick_answer", env) + "\n")
+            problem = _check_offline(gateway)
+            if problem:
+                out.write(f"llmgw demo: {problem}\n")
+                return 1
+            classes = settings.task_classes
+            loaded = ", ".join(p.name for p in gateway.plugins)
+            out.write(f"config: {source}\nfake upstream at {up.root}; plugins: {loaded}\n\n")
+            single = (
+                "quick_answer"
+                if "quick_answer" in classes
+                else next(n for n, c in classes.items() if not c.members)
+            )
+            env = await gateway.route(Request(single, "What is the capital of France?"))
+            out.write(format_envelope(f"single route: {single}", env) + "\n")
             ok = ok and env.ok
 
-            panel = "triple_review" if "gemini" in plugins else "dual_opinion"
-            env = await gateway.route(Request(panel, "Review: def add(a, b): return a - b"))
-            out.write(format_envelope(f"blind panel: {panel}", env) + "\n")
-            ok = ok and env.ok
+            panels = [n for n, c in classes.items() if c.members]
+            panel = "triple_review" if "triple_review" in panels else (panels or [None])[0]
+            if panel is not None:
+                env = await gateway.route(Request(panel, "Review: def add(a, b): return a - b"))
+                out.write(format_envelope(f"blind panel: {panel}", env))
+                out.write(format_certificate(env) + "\n")
+                ok = ok and env.ok
 
             tool = next((t for t in gateway.tools if t.name == "llm_orchestrate"), None)
-            if "roles" in plugins and tool is not None:
-                result = await tool.fn(task="Write a haiku about routers", depth="standard")
-                if isinstance(result, Envelope):
-                    out.write(format_envelope("orchestrate (standard)", result) + "\n")
-                    ok = ok and result.status != "error"
-                else:
-                    out.write(f"== orchestrate ==\n{result}\n\n")
+            if tool is not None:
+                result = await tool.fn(task="Write a haiku about routers", depth="complex")
+                out.write(format_envelope("orchestrate (complex)", result))
+                out.write(format_steps(result) + "\n")
+                ok = ok and result.status != "error"
 
-            up.fail_model("gpt-4o-mini", "overloaded")
-            env = await gateway.route(Request("quick_answer", "Is 17 prime?"))
-            up.fail_model("gpt-4o-mini", None)
-            title = "fault: primary answers 503"
-            if "fallback" in plugins:
+            spec = classes[single]
+            primary = spec.model or ""
+            up.fail_model(primary, "overloaded")
+            env = await gateway.route(Request(single, "Is 17 prime?"))
+            up.fail_model(primary, None)
+            title = f"fault: {spec.provider}/{primary} answers 503"
+            if any(p.name == "fallback" for p in gateway.plugins):
                 title += ", then falls back"
                 ok = ok and env.ok and bool(env.meta.get("fallback_from"))
             out.write(format_envelope(title, env))

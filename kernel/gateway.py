@@ -397,9 +397,16 @@ class Gateway:
                 sent=True,
             )
         latency = (time.perf_counter() - t0) * 1000
-        cost = None
+        cost: int | None = None
         if outcome.usage is not None and call.price is not None:
             cost = call.price.cost_micro_usd(outcome.usage)
+        elif not outcome.sent or (
+            outcome.usage is None and outcome.status_code is not None and outcome.status_code >= 400
+        ):
+            # Nothing left the process, or the upstream refused with an error status and
+            # reported no usage: providers do not bill those. A timeout or a reset (no
+            # status) stays unknown.
+            cost = 0
         return _replace(outcome, latency_ms=latency, cost_micro_usd=cost)
 
     def _log_attempt(self, call: Call, outcome: Outcome, disposition: str, by: str | None) -> None:

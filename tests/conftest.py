@@ -6,7 +6,11 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _no_real_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_real_keys(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A ledger without an explicit path lands in the user data dir: keep it in a temp dir.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
     for name in (
         "OPENAI_API_KEY",
         "ANTHROPIC_API_KEY",

@@ -136,6 +136,9 @@ class GeminiProvider(BaseProvider):
         config = types.GenerateContentConfig(
             system_instruction=system or None,
             max_output_tokens=request.max_tokens,
+            # No tools are sent, and the gateway must make exactly one upstream call per
+            # attempt: turn the SDK's automatic function calling loop off.
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
             # Per request: the remaining deadline when it is shorter (milliseconds).
             http_options=types.HttpOptions(timeout=max(1, int((timeout.read or 1) * 1000))),
         )

@@ -35,6 +35,7 @@ for t in range(trials):
         try:
             s = LedgerStore(path)
             s.open()
+            os.write(w, b"O\n")
             i = 0
             while True:
                 rid = f"{t}-{i}"
@@ -49,10 +50,17 @@ for t in range(trials):
         finally:
             os._exit(1)
     os.close(w)
-    time.sleep(rng.uniform(0, 0.012))
+    data = b""
+    # 3 trials in 4 wait for the first acknowledged reservation, so that the kill lands
+    # among commits whatever the machine's load; the others may kill it while it opens.
+    while t % 4 and b"R " not in data:
+        chunk = os.read(r, 256)
+        if not chunk:
+            break
+        data += chunk
+    time.sleep(rng.uniform(0, 0.008))
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    data = b""
     while chunk := os.read(r, 1 << 16):
         data += chunk
     os.close(r)
@@ -80,11 +88,14 @@ def test_sigkill_at_random_points_loses_no_acknowledged_entry(tmp_path: Path) ->
     settled: dict[str, int] = {}
     for text in json.loads(out):
         for line in text.splitlines():
-            kind, rid, *rest = line.split()
+            kind, *rest = line.split()
+            if kind == "O":
+                continue
+            rid = rest[0]
             if kind == "R":
                 reserved.add(rid)
             else:
-                settled[rid] = int(rest[0])
+                settled[rid] = int(rest[1])
     s = store(path)
     try:
         lost = 0
@@ -116,7 +127,7 @@ def test_sigkill_at_random_points_loses_no_acknowledged_entry(tmp_path: Path) ->
         f"entries lost: {lost}; integrity_check: {integrity}; open reservations "
         f"{open_before} -> unknown on next start: {turned} (open after: {open_after})"
     )
-    assert len(reserved) > TRIALS  # the kills really landed between many commits
+    assert len(reserved) >= TRIALS // 2  # the kills really landed among commits
     assert lost == 0
     assert integrity == "ok"
     assert turned == open_before >= len(reserved - settled.keys())
