@@ -261,6 +261,21 @@ class LedgerPlugin:
                 ),
                 rid,
             )
+        elif outcome.sent and outcome.cost_micro_usd is not None:
+            # The upstream answered with an error status and no usage (the kernel prices
+            # that at 0): a definite answer, not an unknown.
+            cost = outcome.cost_micro_usd
+            await self._safe(
+                lambda: self.store.settle(
+                    rid,
+                    cost_micro=cost,
+                    now=now,
+                    input_tokens=0,
+                    output_tokens=0,
+                    error_class=error,
+                ),
+                rid,
+            )
         elif outcome.sent:
             await self._safe(lambda: self.store.mark_unknown(rid, now=now, error_class=error), rid)
         else:

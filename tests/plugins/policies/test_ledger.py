@@ -230,15 +230,18 @@ async def test_billed_errors_are_recorded_and_unbilled_ones_released(tmp_path: P
         Outcome.failure(ErrorClass.CONTENT_REFUSED, "x", sent=True, usage=Usage(10, 20)),
         Outcome.failure(ErrorClass.TIMEOUT, "x", sent=True),
         Outcome.failure(ErrorClass.CONNECTION_ERROR, "x", sent=False),
+        # an HTTP error answer without usage: definite, not billed
+        Outcome.failure(ErrorClass.OVERLOADED, "x", sent=True, status_code=503),
     )
     g, _ = gw(tmp_path, providers=[p, fake("alt")])
-    for _ in range(3):
+    for _ in range(4):
         assert not (await g.route(Request("quick", "hi"))).ok
     got = [(r["state"], r["cost_micro"], r["error_class"]) for r in rows(tmp_path / "l.db")]
     assert got == [
         ("settled", 10 * 10 + 20 * 100, "content_refused"),
         ("unknown", None, "timeout"),
         ("released", 0, "connection_error"),
+        ("settled", 0, "overloaded"),
     ]
     total = g.routing_info()["ledger"]["total"]
     assert total["settled_usd"] == 0.0021
