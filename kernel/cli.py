@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("check-config", parents=[common], help="validate routing.yaml and summarise it")
     sub.add_parser("spend", parents=[common], help="month-to-date spend, reservations and caps")
     sub.add_parser("demo", parents=[common], help="offline demo against a local fake upstream")
+    b = sub.add_parser(
+        "bench", help="benchmarks against a local fake upstream (run from the repository)"
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for python -m bench")
     i = sub.add_parser(
         "init",
         parents=[common],
@@ -296,6 +300,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        import bench  # type: ignore[import-not-found]
+    except ImportError:
+        sys.stderr.write(
+            "llmgw bench: the bench/ suite lives in the repository; run it from a checkout "
+            '(pip install -e ".[bench]", then llmgw bench or python -m bench)\n'
+        )
+        return EXIT_USAGE
+    code: int = bench.main(list(args.bench_args))
+    return code
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from llmgw.plugins.starter import InitError, write_starter
 
@@ -342,6 +359,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "spend": cmd_spend,
     "demo": cmd_demo,
     "init": cmd_init,
+    "bench": cmd_bench,
 }
 
 

@@ -7,7 +7,9 @@ file with this output. Sections come from the kernel's :class:`Settings` and fro
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 import types
 import typing
 from importlib.metadata import entry_points
@@ -118,12 +120,39 @@ def _nested_models(tp: Any) -> list[tuple[str, type[BaseModel]]]:
     return []
 
 
+def field_docstrings(model: type[BaseModel]) -> dict[str, str]:
+    """The string literal under each field of a model class (and its bases), by name."""
+    found: dict[str, str] = {}
+    for klass in reversed(model.__mro__):
+        if not (inspect.isclass(klass) and issubclass(klass, BaseModel)) or klass is BaseModel:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0]
+        if not isinstance(body, ast.ClassDef):
+            continue
+        stmts = body.body
+        for first, second in zip(stmts, stmts[1:], strict=False):
+            if (
+                isinstance(first, ast.AnnAssign)
+                and isinstance(first.target, ast.Name)
+                and isinstance(second, ast.Expr)
+                and isinstance(second.value, ast.Constant)
+                and isinstance(second.value.value, str)
+            ):
+                found[first.target.id] = inspect.cleandoc(second.value.value)
+    return found
+
+
 def model_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
     """(key, type, default, description) for every field, nested models flattened."""
     rows: list[tuple[str, str, str, str]] = []
+    docs = field_docstrings(model)
     for name, field in model.model_fields.items():
         key = f"{prefix}.{name}" if prefix else name
-        desc = (field.description or "").replace("\n", " ").strip()
+        desc = (field.description or docs.get(name, "")).replace("\n", " ").strip()
         rows.append((key, _type_name(field.annotation), _default(field), desc))
         for suffix, sub in _nested_models(field.annotation):
             rows.extend(model_rows(sub, f"{key}{suffix}"))
