@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 import textwrap
 import types
 import typing
@@ -134,7 +135,7 @@ def field_docstrings(model: type[BaseModel]) -> dict[str, str]:
         if not isinstance(body, ast.ClassDef):
             continue
         stmts = body.body
-        for first, second in zip(stmts, stmts[1:], strict=False):
+        for first, second in itertools.pairwise(stmts):
             if (
                 isinstance(first, ast.AnnAssign)
                 and isinstance(first.target, ast.Name)
