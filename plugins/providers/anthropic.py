@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -23,14 +22,11 @@ import httpx2
 from llmgw.kernel import (
     ErrorClass,
     Outcome,
-    PluginContext,
-    Provider,
     ProviderRequest,
     Usage,
-    hookimpl,
 )
 
-from .base import BaseProvider, Connection, resolve_connection
+from .base import BaseProvider, Connection, ProviderPlugin
 from .http_errors import (
     failure,
     find_cause,
@@ -197,29 +193,14 @@ class AnthropicProvider(BaseProvider):
         return finish_outcome(self.name, model, text, usage, stop, truncated=stop in _TRUNCATED)
 
 
-class AnthropicPlugin:
+class AnthropicPlugin(ProviderPlugin):
     """Registers the ``anthropic`` provider (the SDK is imported on its first call)."""
 
-    def __init__(self, ctx: PluginContext) -> None:
-        self.ctx = ctx
-        conn = resolve_connection(
-            NAME,
-            ctx,
-            default_key_env="ANTHROPIC_API_KEY",
-            default_base_url="https://api.anthropic.com",
-            base_url_env="ANTHROPIC_BASE_URL",
-        )
-        spec = ctx.settings.providers.get(NAME)
-        self.provider = AnthropicProvider(
-            conn,
-            PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="anthropic"),
-            list(spec.models) if spec else [],
-        )
+    NAME = NAME
+    KEY_ENV = "ANTHROPIC_API_KEY"
+    DEFAULT_BASE_URL = "https://api.anthropic.com"
+    BASE_URL_ENV = "ANTHROPIC_BASE_URL"
+    GENAI_PROVIDER = "anthropic"
 
-    @hookimpl
-    def register_providers(self, register: Callable[[Provider], None]) -> None:
-        register(self.provider)
-
-    @hookimpl
-    def report_info(self) -> dict[str, Any]:
-        return self.provider.report()
+    def build(self, conn: Connection, prices: PriceBook, models: list[str]) -> BaseProvider:
+        return AnthropicProvider(conn, prices, models)

@@ -8,7 +8,7 @@ trouble.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -17,7 +17,16 @@ import httpx2
 import structlog
 from pydantic import SecretStr
 
-from llmgw.kernel import ErrorClass, Outcome, PluginContext, Price, ProviderRequest, ProviderStatus
+from llmgw.kernel import (
+    ErrorClass,
+    Outcome,
+    PluginContext,
+    Price,
+    Provider,
+    ProviderRequest,
+    ProviderStatus,
+    hookimpl,
+)
 from llmgw.kernel.config import ProviderSpec
 from llmgw.kernel.logs import REDACTOR
 
@@ -198,3 +207,41 @@ class BaseProvider:
             "timeout_s": self.conn.timeout_s,
             "models": models,
         }
+
+
+class ProviderPlugin:
+    """A plugin that registers one provider from routing.yaml and the environment.
+
+    Subclasses name the provider and its defaults and say how to build the provider
+    object; key, base URL, timeouts, prices and the override models are resolved here.
+    """
+
+    NAME: str = ""
+    KEY_ENV: str = ""
+    DEFAULT_BASE_URL: str = ""
+    BASE_URL_ENV: str = ""
+    GENAI_PROVIDER: str = ""
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.ctx = ctx
+        conn = resolve_connection(
+            self.NAME,
+            ctx,
+            default_key_env=self.KEY_ENV,
+            default_base_url=self.DEFAULT_BASE_URL,
+            base_url_env=self.BASE_URL_ENV,
+        )
+        spec = ctx.settings.providers.get(self.NAME)
+        prices = PriceBook(self.NAME, ctx.settings, ctx.clock, genai_provider=self.GENAI_PROVIDER)
+        self.provider = self.build(conn, prices, list(spec.models) if spec else [])
+
+    def build(self, conn: Connection, prices: PriceBook, models: list[str]) -> BaseProvider:
+        raise NotImplementedError
+
+    @hookimpl
+    def register_providers(self, register: Callable[[Provider], None]) -> None:
+        register(self.provider)
+
+    @hookimpl
+    def report_info(self) -> dict[str, Any]:
+        return self.provider.report()

@@ -13,42 +13,21 @@ accepts ``/v1``). DeepSeek prices vary with the time of day: see :mod:`.pricing`
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from llmgw.kernel import PluginContext, Provider, hookimpl
-
-from .base import resolve_connection
+from .base import BaseProvider, Connection, ProviderPlugin
 from .chat_completions import DEEPSEEK, ChatCompletionsProvider
 from .pricing import PriceBook
 
 NAME = "deepseek"
 
 
-class DeepSeekPlugin:
+class DeepSeekPlugin(ProviderPlugin):
     """Registers the ``deepseek`` provider."""
 
-    def __init__(self, ctx: PluginContext) -> None:
-        self.ctx = ctx
-        conn = resolve_connection(
-            NAME,
-            ctx,
-            default_key_env="DEEPSEEK_API_KEY",
-            default_base_url="https://api.deepseek.com",
-            base_url_env="DEEPSEEK_BASE_URL",
-        )
-        spec = ctx.settings.providers.get(NAME)
-        self.provider = ChatCompletionsProvider(
-            conn,
-            PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="deepseek"),
-            list(spec.models) if spec else [],
-            dialect=DEEPSEEK,
-        )
+    NAME = NAME
+    KEY_ENV = "DEEPSEEK_API_KEY"
+    DEFAULT_BASE_URL = "https://api.deepseek.com"
+    BASE_URL_ENV = "DEEPSEEK_BASE_URL"
+    GENAI_PROVIDER = "deepseek"
 
-    @hookimpl
-    def register_providers(self, register: Callable[[Provider], None]) -> None:
-        register(self.provider)
-
-    @hookimpl
-    def report_info(self) -> dict[str, Any]:
-        return self.provider.report()
+    def build(self, conn: Connection, prices: PriceBook, models: list[str]) -> BaseProvider:
+        return ChatCompletionsProvider(conn, prices, models, dialect=DEEPSEEK)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -24,14 +23,11 @@ import httpx2
 from llmgw.kernel import (
     ErrorClass,
     Outcome,
-    PluginContext,
-    Provider,
     ProviderRequest,
     Usage,
-    hookimpl,
 )
 
-from .base import BaseProvider, Connection, resolve_connection
+from .base import BaseProvider, Connection, ProviderPlugin
 from .http_errors import (
     failure,
     find_cause,
@@ -272,29 +268,14 @@ class GeminiProvider(BaseProvider):
         )
 
 
-class GeminiPlugin:
+class GeminiPlugin(ProviderPlugin):
     """Registers the ``gemini`` provider (google.genai is imported on its first call)."""
 
-    def __init__(self, ctx: PluginContext) -> None:
-        self.ctx = ctx
-        conn = resolve_connection(
-            NAME,
-            ctx,
-            default_key_env="GEMINI_API_KEY",
-            default_base_url="https://generativelanguage.googleapis.com",
-            base_url_env="GEMINI_BASE_URL",
-        )
-        spec = ctx.settings.providers.get(NAME)
-        self.provider = GeminiProvider(
-            conn,
-            PriceBook(NAME, ctx.settings, ctx.clock, genai_provider="google"),
-            list(spec.models) if spec else [],
-        )
+    NAME = NAME
+    KEY_ENV = "GEMINI_API_KEY"
+    DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+    BASE_URL_ENV = "GEMINI_BASE_URL"
+    GENAI_PROVIDER = "google"
 
-    @hookimpl
-    def register_providers(self, register: Callable[[Provider], None]) -> None:
-        register(self.provider)
-
-    @hookimpl
-    def report_info(self) -> dict[str, Any]:
-        return self.provider.report()
+    def build(self, conn: Connection, prices: PriceBook, models: list[str]) -> BaseProvider:
+        return GeminiProvider(conn, prices, models)
