@@ -127,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAIL
+    except BrokenPipeError:
+        # The reader went away (`llmgw info | head`): stop quietly, like other CLI tools.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAIL
 
 
 def _settings(args: argparse.Namespace) -> Settings:
