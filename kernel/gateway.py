@@ -349,21 +349,38 @@ class Gateway:
                 if self.clock.monotonic() + advice.delay_s >= deadline:
                     move_on = True
                     break
-                if advice.delay_s > 0:
-                    await self.clock.sleep(advice.delay_s)
-                attempt += 1
                 call = self._new_call(
                     request,
                     route,
                     target,
                     deadline=deadline,
                     index=index,
-                    attempt=attempt,
+                    attempt=attempt + 1,
                     meta=meta,
                     history=tuple(history),
                     member_index=member_index,
                     panel=panel,
                 )
+                # Preflight again before waiting: a breaker that the last failure opened,
+                # or a kill switch flipped meanwhile, ends the retries now, not after a sleep.
+                rejection = await self.hooks.preflight(call)
+                if rejection is not None:
+                    last = Outcome.failure(
+                        rejection.error_class,
+                        rejection.message,
+                        sent=False,
+                        details={"rejected_by": rejection.plugin, **rejection.details},
+                    )
+                    attempts.append(
+                        Attempt(target, attempt + 1, last, "rejected", rejection.plugin)
+                    )
+                    history.append((target, last))
+                    self._log_attempt(call, last, "rejected", rejection.plugin)
+                    move_on = rejection.fallback
+                    break
+                if advice.delay_s > 0:
+                    await self.clock.sleep(advice.delay_s)
+                attempt += 1
             if not move_on:
                 break
         if last is None:

@@ -88,7 +88,8 @@ def resolve_route(request: Request, settings: Settings) -> Route | None:
 def preflight(call: Call) -> Awaitable[Rejection | None] | Rejection | None:
     """Decide whether a target may be tried at all, before anything is sent or reserved.
 
-    When: once per target in a route, before its first attempt; for a panel, first once
+    When: once per target in a route, before its first attempt, and again before each
+    retry of that target (before the retry delay is slept); for a panel, first once
     with the panel-level call (``call.is_panel``: ``call.members`` holds each member's
     first call, final and complete), then per member target.
 

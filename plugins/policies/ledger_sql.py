@@ -1,0 +1,361 @@
+"""The ledger's data and SQL: the schema, the value types, and each write as a function of an
+open transaction.
+
+No connection handling here: :mod:`.ledger_store` opens the file, runs these functions
+inside ``BEGIN IMMEDIATE`` (one per call, or many per group commit, each in a
+``SAVEPOINT``) and turns SQLite errors into :class:`LedgerError`.
+
+Two tables. ``entries`` holds one row per attempt (a reservation and what became of
+it). ``totals`` holds, per UTC month and scope (``total``, ``provider:<name>``), the
+sums the caps are checked against; it is updated in the same transaction as the entry,
+and a ``CHECK`` constraint on it refuses any write that would put a scope over the cap
+recorded with it: a second line of defence behind the check in :func:`reserve`.
+
+Money is integer micro-dollars. Entry states: ``reserved`` (worst case held),
+``settled`` (usage known, its cost counted), ``unknown`` (possibly billed, no usage:
+the reservation stays charged), ``released`` (never sent, nothing charged).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+SCHEMA_VERSION = 1
+TOTAL = "total"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    month TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    task_class TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL CHECK (state IN ('reserved', 'settled', 'unknown', 'released')),
+    reserved_micro INTEGER NOT NULL CHECK (reserved_micro >= 0),
+    cost_micro INTEGER CHECK (cost_micro IS NULL OR cost_micro >= 0),
+    priced INTEGER NOT NULL DEFAULT 1 CHECK (priced IN (0, 1)),
+    error_class TEXT,
+    input_tokens INTEGER,
+    output_tokens INTEGER,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    CHECK (state <> 'settled' OR cost_micro IS NOT NULL)
+);
+CREATE INDEX IF NOT EXISTS entries_open ON entries (state, lease_until);
+CREATE INDEX IF NOT EXISTS entries_month ON entries (month);
+CREATE TABLE IF NOT EXISTS totals (
+    month TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    cap_micro INTEGER CHECK (cap_micro IS NULL OR cap_micro >= 0),
+    settled_micro INTEGER NOT NULL DEFAULT 0 CHECK (settled_micro >= 0),
+    overage_micro INTEGER NOT NULL DEFAULT 0 CHECK (overage_micro >= 0),
+    reserved_micro INTEGER NOT NULL DEFAULT 0 CHECK (reserved_micro >= 0),
+    unknown_micro INTEGER NOT NULL DEFAULT 0 CHECK (unknown_micro >= 0),
+    PRIMARY KEY (month, scope),
+    -- overage (usage above its own reservation) is real spend the bound did not foresee:
+    -- reserve() counts it, but it cannot make a settle fail.
+    CHECK (cap_micro IS NULL OR
+           settled_micro - overage_micro + reserved_micro + unknown_micro <= cap_micro)
+);
+"""
+
+
+class LedgerError(Exception):
+    """The ledger could not be read or written (cannot open, locked, disk error)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One reservation to make: an attempt's worst case and what it is for."""
+
+    id: str
+    provider: str
+    model: str
+    task_class: str
+    request_id: str
+    amount_micro: int
+    priced: bool = True
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class ScopeUse:
+    """What one scope holds in a month."""
+
+    scope: str
+    settled_micro: int = 0
+    overage_micro: int = 0
+    reserved_micro: int = 0
+    unknown_micro: int = 0
+    cap_micro: int | None = None
+
+    @property
+    def used_micro(self) -> int:
+        """What counts against a cap: settled (with overage), reserved and unknown."""
+        return self.settled_micro + self.reserved_micro + self.unknown_micro
+
+
+@dataclass(frozen=True)
+class Breach:
+    """One scope a reservation would push over its cap."""
+
+    use: ScopeUse
+    cap_micro: int
+    needed_micro: int
+
+    @property
+    def headroom_micro(self) -> int:
+        return max(0, self.cap_micro - self.use.used_micro)
+
+
+class CapExceeded(Exception):
+    """A reservation was refused: it would put one or more scopes over their cap."""
+
+    def __init__(self, breaches: Sequence[Breach]) -> None:
+        self.breaches = list(breaches)
+        super().__init__(", ".join(b.use.scope for b in breaches))
+
+    @property
+    def provider_only(self) -> bool:
+        """True when only provider caps are hit (another provider may have headroom)."""
+        return all(b.use.scope != TOTAL for b in self.breaches)
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Monthly caps in micro-dollars: ``total`` and per provider name (None: no cap)."""
+
+    total: int | None = None
+    providers: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def any(self) -> bool:
+        return self.total is not None or bool(self.providers)
+
+    def for_scope(self, scope: str) -> int | None:
+        if scope == TOTAL:
+            return self.total
+        return self.providers.get(scope.removeprefix("provider:"))
+
+
+def month_of(now: datetime) -> str:
+    """The UTC month key, ``YYYY-MM`` (a naive time is taken as UTC)."""
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    return now.astimezone(UTC).strftime("%Y-%m")
+
+
+def provider_scope(provider: str) -> str:
+    return f"provider:{provider}"
+
+
+# --- writes (each runs inside a transaction the caller holds) -----------------------
+
+_INSERT_ENTRY = (
+    "INSERT INTO entries (id, month, provider, model, task_class, request_id, attempt, "
+    "state, reserved_micro, priced, created_at, updated_at, lease_until) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?, ?)"
+)
+_OPEN_ENTRY = (
+    "SELECT month, provider, state, reserved_micro FROM entries WHERE id = ? "
+    "AND state IN ('reserved', 'unknown')"
+)
+# One statement per transition for both scopes of the month (total and the provider).
+_BOTH = "WHERE month = ? AND scope IN ('total', ?)"
+_SETTLE_FROM = {
+    state: f"UPDATE totals SET {col} = {col} - ?, settled_micro = settled_micro + ?, "
+    f"overage_micro = overage_micro + ? {_BOTH}"
+    for state, col in (("reserved", "reserved_micro"), ("unknown", "unknown_micro"))
+}
+_TO_UNKNOWN = (
+    "UPDATE totals SET reserved_micro = reserved_micro - ?, unknown_micro = unknown_micro + ? "
+    + _BOTH
+)
+_RELEASE = "UPDATE totals SET reserved_micro = reserved_micro - ? " + _BOTH
+
+
+def reserve(
+    db: sqlite3.Connection, items: Sequence[Item], caps: Caps, *, now: datetime, lease_s: float
+) -> None:
+    """Reserve every item or none: refuse with :class:`CapExceeded` if any scope (the
+    month's total, each provider) would go over its cap. The caller holds the write lock,
+    so the check and the write cannot interleave with another connection."""
+    month = month_of(now)
+    deltas: dict[str, int] = {}
+    for item in items:
+        deltas[TOTAL] = deltas.get(TOTAL, 0) + item.amount_micro
+        scope = provider_scope(item.provider)
+        deltas[scope] = deltas.get(scope, 0) + item.amount_micro
+    uses = _read_scopes(db, month, list(deltas))
+    breaches = [
+        Breach(uses[scope], cap, delta)
+        for scope, delta in deltas.items()
+        if (cap := caps.for_scope(scope)) is not None and uses[scope].used_micro + delta > cap
+    ]
+    if breaches:
+        raise CapExceeded(breaches)
+    stamp = now.isoformat()
+    lease_until = now.timestamp() + lease_s
+    db.executemany(
+        _INSERT_ENTRY,
+        [
+            (
+                i.id,
+                month,
+                i.provider,
+                i.model,
+                i.task_class,
+                i.request_id,
+                i.attempt,
+                i.amount_micro,
+                int(i.priced),
+                stamp,
+                stamp,
+                lease_until,
+            )
+            for i in items
+        ],
+    )
+    db.executemany(
+        "UPDATE totals SET reserved_micro = reserved_micro + ?, cap_micro = ? "
+        "WHERE month = ? AND scope = ?",
+        [(delta, caps.for_scope(scope), month, scope) for scope, delta in deltas.items()],
+    )
+
+
+def settle(
+    db: sqlite3.Connection,
+    entry_id: str,
+    *,
+    cost_micro: int | None,
+    now: datetime,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    error_class: str | None = None,
+) -> bool:
+    """Record what an attempt cost (idempotent: False if already settled/released).
+
+    ``cost_micro`` None means the usage is known but the price is not: recorded as 0
+    with ``priced = 0``. An ``unknown`` entry may still be settled (late usage).
+    """
+    row = db.execute(_OPEN_ENTRY, (entry_id,)).fetchone()
+    if row is None:
+        return False
+    month, provider, state, reserved = row
+    cost = cost_micro or 0
+    db.execute(
+        "UPDATE entries SET state = 'settled', cost_micro = ?, priced = ?, input_tokens = ?, "
+        "output_tokens = ?, error_class = ?, updated_at = ? WHERE id = ?",
+        (
+            cost,
+            int(cost_micro is not None),
+            input_tokens,
+            output_tokens,
+            error_class,
+            now.isoformat(),
+            entry_id,
+        ),
+    )
+    db.execute(
+        _SETTLE_FROM[state],
+        (reserved, cost, max(0, cost - reserved), month, provider_scope(provider)),
+    )
+    return True
+
+
+def mark_unknown(
+    db: sqlite3.Connection, entry_id: str, *, now: datetime, error_class: str | None = None
+) -> bool:
+    """Sent but no usage came back: keep the reservation charged as ``unknown``."""
+    row = db.execute(_OPEN_ENTRY, (entry_id,)).fetchone()
+    if row is None or row[2] != "reserved":
+        return False
+    month, provider, _, reserved = row
+    db.execute(
+        "UPDATE entries SET state = 'unknown', error_class = ?, updated_at = ? WHERE id = ?",
+        (error_class, now.isoformat(), entry_id),
+    )
+    db.execute(_TO_UNKNOWN, (reserved, reserved, month, provider_scope(provider)))
+    return True
+
+
+def release(
+    db: sqlite3.Connection, entry_id: str, *, now: datetime, error_class: str | None = None
+) -> bool:
+    """Nothing was sent: give the reservation back. Only a ``reserved`` entry."""
+    row = db.execute(_OPEN_ENTRY, (entry_id,)).fetchone()
+    if row is None or row[2] != "reserved":
+        return False
+    month, provider, _, reserved = row
+    db.execute(
+        "UPDATE entries SET state = 'released', cost_micro = 0, error_class = ?, "
+        "updated_at = ? WHERE id = ?",
+        (error_class, now.isoformat(), entry_id),
+    )
+    db.execute(_RELEASE, (reserved, month, provider_scope(provider)))
+    return True
+
+
+def expire_leases(db: sqlite3.Connection, now: datetime) -> int:
+    """Turn reservations whose lease ran out into ``unknown`` (their process died or
+    hung: they may have been billed). Returns how many."""
+    rows = db.execute(
+        "SELECT id, month, provider, reserved_micro FROM entries "
+        "WHERE state = 'reserved' AND lease_until < ?",
+        (now.timestamp(),),
+    ).fetchall()
+    for entry_id, month, provider, reserved in rows:
+        db.execute(
+            "UPDATE entries SET state = 'unknown', error_class = 'lease_expired', "
+            "updated_at = ? WHERE id = ?",
+            (now.isoformat(), entry_id),
+        )
+        db.execute(_TO_UNKNOWN, (reserved, reserved, month, provider_scope(provider)))
+    return len(rows)
+
+
+# --- reads ---------------------------------------------------------------------------
+
+_SCOPE_COLUMNS = "scope, settled_micro, overage_micro, reserved_micro, unknown_micro, cap_micro"
+
+
+def scopes(db: sqlite3.Connection, month: str) -> dict[str, ScopeUse]:
+    """Every scope with activity in ``month``."""
+    rows = db.execute(
+        f"SELECT {_SCOPE_COLUMNS} FROM totals WHERE month = ?",  # noqa: S608 (a constant)
+        (month,),
+    ).fetchall()
+    return {r[0]: ScopeUse(*r) for r in rows}
+
+
+def breakdown(db: sqlite3.Connection, month: str) -> list[dict[str, Any]]:
+    """Sums per (provider, model, task class, state) for ``month``."""
+    rows = db.execute(
+        "SELECT provider, model, task_class, state, COUNT(*), "
+        "SUM(CASE state WHEN 'settled' THEN cost_micro WHEN 'released' THEN 0 "
+        "ELSE reserved_micro END), SUM(1 - priced) "
+        "FROM entries WHERE month = ? GROUP BY provider, model, task_class, state",
+        (month,),
+    ).fetchall()
+    keys = ("provider", "model", "task_class", "state", "count", "micro", "unpriced")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def _read_scopes(db: sqlite3.Connection, month: str, names: list[str]) -> dict[str, ScopeUse]:
+    db.executemany(
+        "INSERT OR IGNORE INTO totals (month, scope) VALUES (?, ?)", [(month, s) for s in names]
+    )
+    marks = ",".join("?" * len(names))
+    rows = db.execute(
+        # Only '?' marks are formatted in: the values are bound parameters.
+        f"SELECT {_SCOPE_COLUMNS} FROM totals WHERE month = ? AND scope IN ({marks})",  # noqa: S608
+        (month, *names),
+    ).fetchall()
+    return {r[0]: ScopeUse(*r) for r in rows}
