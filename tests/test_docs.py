@@ -84,5 +84,7 @@ def test_every_environment_variable_read_by_the_code_is_documented() -> None:
         for path in (ROOT / folder).rglob("*.py"):
             used.update(re.findall(r"\bLLM_GATEWAY_[A-Z_]+[A-Z]\b", path.read_text()))
     prefixes = {n.split("<")[0] for n in documented if "<" in n}
-    missing = {n for n in used if n not in documented and not any(n.startswith(p) for p in prefixes)}
+    missing = {
+        n for n in used if n not in documented and not any(n.startswith(p) for p in prefixes)
+    }
     assert not missing, f"document these in kernel/configdoc.py ENV_VARS: {sorted(missing)}"

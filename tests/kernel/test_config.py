@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from llmgw.kernel import ConfigError, GatewayError, load_settings
+from llmgw.kernel.build import build_gateway
 from llmgw.kernel.cli import main
 from llmgw.kernel.config import config_path
-from llmgw.kernel.build import build_gateway
 from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin
 
 GOOD = """
