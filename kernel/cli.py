@@ -306,16 +306,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
     try:
-        import bench  # type: ignore[import-not-found]
+        # By name: bench/ is a directory of the repository, not part of the package.
+        bench = importlib.import_module("bench")
     except ImportError:
         sys.stderr.write(
             "llmgw bench: the bench/ suite lives in the repository; run it from a checkout "
             '(pip install -e ".[bench]", then llmgw bench or python -m bench)\n'
         )
         return EXIT_USAGE
-    code: int = bench.main(list(args.bench_args))
-    return code
+    code = bench.main(list(args.bench_args))
+    return int(code)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -280,8 +280,8 @@ async def run_demo(
             ok = ok and env.ok
 
             panels = [n for n, c in classes.items() if c.members]
-            panel = "triple_review" if "triple_review" in panels else (panels or [None])[0]
-            if panel is not None:
+            panel = "triple_review" if "triple_review" in panels else next(iter(panels), "")
+            if panel:
                 env = await gateway.route(Request(panel, "Review: def add(a, b): return a - b"))
                 out.write(format_envelope(f"blind panel: {panel}", env))
                 out.write(format_certificate(env) + "\n")
