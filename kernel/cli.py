@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         help="allow a non-loopback --host (the bearer token is still required)",
     )
     s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="an extra Host header value to accept, e.g. gw.example:8765 (repeatable)",
+    )
+    s.add_argument(
         "--allowed-origin",
         action="append",
         default=[],
@@ -154,8 +161,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     gateway = _gateway(args)
     if not args.http:
+        from .server import run_stdio
+
         server = build_server(gateway)
-        anyio.run(server.run_stdio_async)
+        anyio.run(run_stdio, server)
         return EXIT_OK
     try:
         server, run_kwargs = http_server(
@@ -164,6 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             allow_remote=args.allow_remote,
+            extra_hosts=args.allowed_host,
             extra_origins=args.allowed_origin,
         )
     except HttpConfigError as exc:
@@ -276,8 +286,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         st = provider.status()
         state = "key present" if st.available else f"UNAVAILABLE ({st.reason})"
         out.write(f"  {name:<22} {state}\n")
+    # A plugin reports a start-up problem (a ledger it cannot open) as an "error" key.
+    problems = [
+        (name, section["error"])
+        for name, section in gateway.hooks.report_info().items()
+        if isinstance(section, dict) and section.get("error")
+    ]
     anyio.run(gateway.aclose)
-    return EXIT_OK
+    for name, error in problems:
+        sys.stderr.write(f"llmgw: plugin {name!r} cannot work: {error}\n")
+    return EXIT_USAGE if problems else EXIT_OK
 
 
 def cmd_spend(args: argparse.Namespace) -> int:

@@ -397,6 +397,23 @@ class Gateway:
         assert call.target is not None
         provider = self.providers[call.target.provider]
         request = call.provider_request()
+        if call.cost_ceiling_micro is not None:
+            worst = call.worst_case_micro_usd()
+            if worst is not None and worst > call.cost_ceiling_micro:
+                log.error(
+                    "request.grew_after_approval",
+                    provider=provider.name,
+                    approved_micro_usd=call.cost_ceiling_micro,
+                    worst_case_micro_usd=worst,
+                )
+                return Outcome.failure(
+                    ErrorClass.BUDGET_EXCEEDED,
+                    "a plugin enlarged the request after its cost was approved (worst case "
+                    f"${worst / 1e6:.6f} > approved ${call.cost_ceiling_micro / 1e6:.6f}); "
+                    "nothing was sent. Order request-rewriting plugins before cost and ledger",
+                    sent=False,
+                    details={"refused_by": "kernel"},
+                )
         call.stash["kernel.sent_request"] = request
         t0 = time.perf_counter()
         try:
@@ -414,17 +431,7 @@ class Gateway:
                 sent=True,
             )
         latency = (time.perf_counter() - t0) * 1000
-        cost: int | None = None
-        if outcome.usage is not None and call.price is not None:
-            cost = call.price.cost_micro_usd(outcome.usage)
-        elif not outcome.sent or (
-            outcome.usage is None and outcome.status_code is not None and outcome.status_code >= 400
-        ):
-            # Nothing left the process, or the upstream refused with an error status and
-            # reported no usage: providers do not bill those. A timeout or a reset (no
-            # status) stays unknown.
-            cost = 0
-        return _replace(outcome, latency_ms=latency, cost_micro_usd=cost)
+        return _replace(outcome, latency_ms=latency, cost_micro_usd=attempt_cost(call, outcome))
 
     def _log_attempt(self, call: Call, outcome: Outcome, disposition: str, by: str | None) -> None:
         t = call.target
@@ -556,6 +563,27 @@ class Gateway:
             "plugins": [p.name for p in self.plugins],
             **self.hooks.report_info(),
         }
+
+
+#: Error answers given before the model ran: the provider does not bill them. 408 and
+#: 5xx other than 503/529 are left out: the model may have run (a timeout at a proxy).
+_UNBILLED_STATUS = frozenset(range(400, 500)) - {408} | {503, 529}
+_MAYBE_BILLED = frozenset({ErrorClass.TIMEOUT, ErrorClass.CONNECTION_ERROR})
+
+
+def attempt_cost(call: Call, outcome: Outcome) -> int | None:
+    """Micro-dollars an attempt cost: from usage, 0 when surely unbilled, else None."""
+    if outcome.usage is not None and call.price is not None:
+        return call.price.cost_micro_usd(outcome.usage)
+    if not outcome.sent:
+        return 0
+    if (
+        outcome.usage is None
+        and outcome.status_code in _UNBILLED_STATUS
+        and outcome.error_class not in _MAYBE_BILLED
+    ):
+        return 0
+    return None  # sent, no usage: may be billed (timeout, reset, proxy error)
 
 
 def effective_system(request: Request, route: Route) -> str | None:

@@ -78,12 +78,29 @@ class LoadedPlugin:
     essential_reason: str | None = None
 
 
+def _dist_name(ep: EntryPoint) -> str:
+    return ep.dist.metadata["Name"] if ep.dist is not None else "?"
+
+
 def available_entry_points() -> dict[str, EntryPoint]:
-    """Entry points in group ``llmgw`` (first one wins on a name clash)."""
+    """Entry points in group ``llmgw`` by name; ours wins where a name is also elsewhere.
+
+    :func:`entry_point_clashes` lists names that several distributions provide; the
+    loader refuses to load such a name rather than pick one silently.
+    """
     found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=GROUP):
-        found.setdefault(ep.name, ep)
+        if ep.name not in found or _dist_name(ep) == OWN_DISTRIBUTION:
+            found[ep.name] = ep
     return found
+
+
+def entry_point_clashes() -> dict[str, list[str]]:
+    """Plugin names provided by more than one installed distribution."""
+    by_name: dict[str, set[str]] = {}
+    for ep in entry_points(group=GROUP):
+        by_name.setdefault(ep.name, set()).add(_dist_name(ep))
+    return {n: sorted(d) for n, d in by_name.items() if len(d) > 1}
 
 
 def describe_entry_point(ep: EntryPoint) -> str:
@@ -183,6 +200,7 @@ def load_plugins(
     """
     extra = extra or {}
     eps = available_entry_points()
+    clashes = entry_point_clashes()
     names = list(settings.plugins)
 
     # Built-in plugins that refuse to be left out (kill switch, ledger with caps).
@@ -221,6 +239,14 @@ def load_plugins(
             name, raw = _load_file(entry, base)
             origin = f"file {entry}"
         elif entry in eps:
+            if entry in clashes:
+                raise PluginError(
+                    entry,
+                    f"several installed packages provide a plugin of this name: "
+                    f"{', '.join(clashes[entry])}",
+                    fix="uninstall all but one of them (a plugin that shadows a built-in, "
+                    "such as kill_switch or ledger, is never loaded silently)",
+                )
             ep = eps[entry]
             try:
                 raw = ep.load()

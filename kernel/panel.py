@@ -77,7 +77,7 @@ async def run_panel(
         )
 
     results: list[ChainResult | None] = [None] * len(members)
-    claims = Claims(members)
+    claims = Claims(members, route.min_distinct_providers)
     quorum = route.quorum or len(members)
     done = 0
 
@@ -194,18 +194,35 @@ def panel_envelope(
 
 
 class Claims:
-    """Which (provider, model) each panel member uses, so fallbacks never collide."""
+    """Which (provider, model) each panel member uses, so fallbacks never collide.
 
-    def __init__(self, members: tuple[Route, ...]) -> None:
+    A member may not move to a model another member uses, nor, when the panel asks for
+    ``min_distinct_providers``, to a provider that would leave fewer distinct providers
+    than that among the members.
+    """
+
+    def __init__(self, members: tuple[Route, ...], min_distinct_providers: int = 1) -> None:
         self._owner: dict[str, int] = {
             m.targets[0].key: i for i, m in enumerate(members) if m.targets
         }
+        self._provider: dict[int, str] = {
+            i: m.targets[0].provider for i, m in enumerate(members) if m.targets
+        }
+        self._min_distinct = min_distinct_providers
 
     def claim(self, member: int | None, target: Target) -> bool:
         if member is None:
             return True
-        owner = self._owner.setdefault(target.key, member)
-        return owner == member
+        owner = self._owner.get(target.key)
+        if owner is not None and owner != member:
+            return False
+        if self._min_distinct > 1:
+            after = {**self._provider, member: target.provider}
+            if len(set(after.values())) < self._min_distinct:
+                return False
+        self._owner[target.key] = member
+        self._provider[member] = target.provider
+        return True
 
 
 async def _safe_progress(progress: ProgressFn, done: float, total: float, msg: str) -> None:

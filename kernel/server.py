@@ -9,12 +9,16 @@ enums) and closed by the server's lifespan. Nothing lives in module globals.
 
 import hmac
 import inspect
+import io
 import ipaddress
 import json
+import re
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import anyio
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
@@ -45,11 +49,33 @@ INFO_DESCRIPTION = (
 )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(value: Any) -> Any:
+    """Replace lone surrogates, which cannot be encoded as UTF-8 on the wire."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
 def to_result(envelope: Envelope) -> CallToolResult:
     """An envelope as an MCP tool result: JSON text plus the same structured content."""
     body = envelope.to_dict()
+    text = json.dumps(body, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A caller's argument or an upstream answer held a lone surrogate: without this
+        # the response could not be written and the client would wait forever.
+        body = _clean(body)
+        text = json.dumps(body, ensure_ascii=False, default=str)
     return CallToolResult(
-        content=[TextContent(type="text", text=json.dumps(body, ensure_ascii=False, default=str))],
+        content=[TextContent(type="text", text=text)],
         structured_content=body,
         is_error=envelope.status == "error",
     )
@@ -139,8 +165,10 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
         return to_result(envelope)
 
     async def llm_routing_info() -> CallToolResult:
-        info = gateway.routing_info()
-        body = {"status": "success", "data": info, "meta": {"version": __version__}}
+        # In a worker thread: a plugin's report may wait on a file lock (the ledger, when
+        # another process writes), and that must not stall every other request.
+        info = await anyio.to_thread.run_sync(gateway.routing_info)
+        body = _clean({"status": "success", "data": info, "meta": {"version": __version__}})
         return CallToolResult(
             content=[TextContent(type="text", text=json.dumps(body, default=str))],
             structured_content=body,
@@ -202,6 +230,52 @@ def _adapt(spec: ToolSpec) -> Callable[..., Awaitable[CallToolResult]]:
     return tool
 
 
+# --- stdio -----------------------------------------------------------------------------
+
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def sanitize_frame(line: str) -> str:
+    """Replace lone surrogates escaped in a JSON-RPC frame with U+FFFD.
+
+    The SDK's JSON parser refuses them, drops the frame and never answers its id, so the
+    client would wait forever; with the replacement the tool answers with a clear error.
+    """
+    if not _LONE_SURROGATE_ESCAPE.search(line):
+        return line
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return line
+    return json.dumps(_clean(data)) + "\n"
+
+
+class _SanitizedLines:
+    """The stdin lines of the stdio transport, passed through :func:`sanitize_frame`."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._lines()
+
+    async def _lines(self) -> AsyncIterator[str]:
+        async for line in self._inner:
+            yield sanitize_frame(line)
+
+
+async def run_stdio(server: MCPServer) -> None:
+    """Serve ``server`` over stdin/stdout (stdout carries nothing but JSON-RPC)."""
+    from mcp.server.stdio import stdio_server
+
+    stdin = anyio.wrap_file(
+        io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="")
+    )
+    lowlevel = server._lowlevel_server
+    async with stdio_server(stdin=_SanitizedLines(stdin)) as (read_stream, write_stream):  # type: ignore[arg-type]
+        await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+
+
 # --- HTTP ------------------------------------------------------------------------------
 
 
@@ -232,7 +306,7 @@ def http_security(
     """Host and Origin allow-lists, checked on every request (DNS-rebinding protection)."""
     hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", *extra_hosts]
     origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *extra_origins]
-    if not is_loopback(host):
+    if not is_loopback(host) and host not in {"0.0.0.0", "::", "[::]"}:  # noqa: S104
         hosts.append(f"{host}:{port}")
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
@@ -265,6 +339,11 @@ def http_server(
         raise HttpConfigError(
             f"refusing to bind {host}: not a loopback address. Pass --allow-remote to accept "
             "connections from other machines (the bearer token is still required)"
+        )
+    if host in {"0.0.0.0", "::", "[::]"} and not extra_hosts:  # noqa: S104 - checking, not binding
+        raise HttpConfigError(
+            f"binding {host} accepts any address: name the host names clients will use with "
+            "--allowed-host NAME:PORT (repeatable), so Host headers can be checked"
         )
     server = build_server(
         gateway,

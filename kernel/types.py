@@ -407,6 +407,19 @@ class Call:
     call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     timeout_s: float = 60.0
     price: Price | None = None
+    cost_ceiling_micro: int | None = None
+    """The smallest worst case a plugin has committed to (reserved, checked against a
+    threshold). The kernel refuses to send a request whose final worst case exceeds it."""
+
+    def limit_cost(self, micro_usd: int) -> None:
+        """Record that this attempt was approved for at most ``micro_usd`` worst case.
+
+        Plugins that reserve money or check a cost threshold call this, so that a plugin
+        listed after them cannot enlarge the request (more tokens, a longer prompt)
+        beyond what was approved: the kernel refuses such a request before sending.
+        """
+        if self.cost_ceiling_micro is None or micro_usd < self.cost_ceiling_micro:
+            self.cost_ceiling_micro = micro_usd
 
     @property
     def is_panel(self) -> bool:

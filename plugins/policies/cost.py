@@ -141,6 +141,9 @@ class CostPlugin:
                 )
         if self.block_micro is not None and estimate > self.block_micro:
             return self._reject(self._block_message(call, what, estimate), fallback=True)
+        if self.block_micro is not None and not call.is_panel:
+            # The kernel refuses to send it if a later plugin pushes it over block_usd.
+            call.limit_cost(self.block_micro)
         if self.warn_micro is not None and estimate > self.warn_micro:
             info["warning"] = (
                 f"worst-case cost {usd(estimate)} is above cost.warn_usd {usd(self.warn_micro)}"

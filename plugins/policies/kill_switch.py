@@ -80,6 +80,7 @@ class KillSwitchPlugin:
         self.ctx = ctx
         config = ctx.config if ctx.config is not None else self.Config()
         self.threshold_micro = int(config.expensive_threshold_usd * 1_000_000)
+        self._expensive_on = False  # as of the last check (set and read without an await)
         source = ctx.settings.source
         self._dotenv_path: Path | None = source.parent / ".env" if source else None
         self._dotenv_mtime: int | None = None
@@ -129,6 +130,7 @@ class KillSwitchPlugin:
     def _check(self, call: Call) -> tuple[str, bool] | None:
         """(message, fallback allowed) when a switch refuses ``call``, else None."""
         st = self.state()
+        self._expensive_on = bool(st["expensive_disabled"])
         if st["dotenv_error"]:
             return (
                 f"the kill switch cannot read {self._dotenv_path} ({st['dotenv_error']}); "
@@ -183,6 +185,9 @@ class KillSwitchPlugin:
         if found is not None:
             message, fallback = found
             raise CallRefused(ErrorClass.KILL_SWITCH, message, fallback=fallback)
+        if not call.is_panel and self._expensive_on:
+            # Approved as not expensive: a later plugin may not push it over the threshold.
+            call.limit_cost(self.threshold_micro)
 
     @hookimpl
     def report_info(self) -> dict[str, Any]:

@@ -16,23 +16,32 @@ sharing the ledger file. How:
   ``unknown``, never released.
 - Fail closed: a ledger error, or an unknown price while a cap applies, refuses the call.
 
-The SQLite work runs in a worker thread, one transaction at a time per gateway
-(a capacity limiter of 1), shielded from cancellation. Measured on the reference machine:
-reserve + settle inline p50 0.34 ms, through the thread 0.58 ms. The thread costs a
-quarter of a millisecond but keeps the event loop (every other MCP request and panel
-member) free during the ``fsync`` of ``synchronous=FULL`` (p99 1.3-2.6 ms here, far more
-on slow disks) and while waiting for another process's write lock (up to
-``busy_timeout_s``).
+Speed without weakening any of that (figures in docs/performance.md):
+
+- The SQLite work runs on the ledger's writer thread (:mod:`.ledger_writer`), never on the
+  event loop: a ``synchronous=FULL`` commit waits for the disk and a write may wait for
+  another process's lock, and every other request would wait with it.
+- Group commit: the writer runs everything queued in one transaction, one savepoint per
+  write, so concurrent calls share one ``fsync``; a write is acknowledged only after that
+  COMMIT (durable).
+- A reservation is waited for (nothing is sent before it is on disk); a settle, unknown
+  or release is handed to the writer and ``after_call`` returns at once. That is safe:
+  until it commits, the reservation keeps the worst case counted (the invariant is only
+  more conservative meanwhile), and if the process dies first the lease turns the
+  reservation ``unknown`` at the next start (charged, never lost). Whatever reads spend
+  (``report_info``, :meth:`LedgerPlugin.flush`, ``shutdown``) first waits for the writes
+  queued before it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sqlite3
 import uuid
 from collections.abc import Callable
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from llmgw.kernel import (
     Call,
@@ -46,6 +55,7 @@ from llmgw.kernel import (
 )
 from llmgw.kernel.types import input_token_bound
 
+from . import ledger_sql as sql
 from .ledger_config import (
     LEDGER_ENV,
     LedgerConfig,
@@ -57,10 +67,10 @@ from .ledger_config import (
 from .ledger_messages import cap_message, ledger_failed, scope_label
 from .ledger_report import build_report, format_spend, spend_report
 from .ledger_store import TOTAL, CapExceeded, Item, LedgerError, LedgerStore, month_of
+from .ledger_writer import LedgerWriter
 
 __all__ = ["LedgerPlugin", "format_spend", "spend_report"]
 
-T = TypeVar("T")
 MICRO = 1_000_000
 
 
@@ -93,8 +103,8 @@ class LedgerPlugin:
         self.open_error: str | None = None
         self.opened = False
         self.expired_at_start = 0
-        # One thread of its own: operations run one at a time, in submission order.
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmgw-ledger")
+        # One thread of its own: writes run in submission order, group-committed.
+        self.writer = LedgerWriter(self.store)
         if self.enabled:
             self._open()
 
@@ -120,33 +130,6 @@ class LedgerPlugin:
                 note="reservations of a process that stopped are kept charged as unknown",
             )
 
-    async def _run(
-        self, fn: Callable[[], T], *, if_abandoned: Callable[[T], object] | None = None
-    ) -> T:
-        """Run one store operation on the ledger thread and wait for it.
-
-        The operation is handed to the thread before the first ``await``, so it runs to
-        the end even if this task is cancelled while waiting (a shield of the caller's
-        does not stop a native ``Task.cancel()``); ``if_abandoned`` then gets its result
-        on the ledger thread (a reservation nobody will use is released there).
-        """
-        job = self._worker.submit(fn)
-        try:
-            return await asyncio.shield(asyncio.wrap_future(job))
-        except asyncio.CancelledError:
-            if if_abandoned is not None:
-                callback = if_abandoned
-
-                def done(f: concurrent.futures.Future[T]) -> None:
-                    if not f.cancelled() and f.exception() is None:
-                        try:
-                            callback(f.result())
-                        except Exception as exc:
-                            self.ctx.log.error("ledger.abandon_failed", error=str(exc))
-
-                job.add_done_callback(done)
-            raise
-
     # --- before_call: reserve --------------------------------------------------------
 
     @hookimpl
@@ -155,12 +138,13 @@ class LedgerPlugin:
         if not self.enabled:
             return
         if not self.opened:
-            await self._run(self._open)
+            await self.writer.run_plain(self._open)
             if not self.opened:
                 raise ledger_failed(self.open_error or "not open", self.caps, self.cap_origin)
         mine = call.stash.get(self.ctx.name)
         if mine is not None and mine.get("pre"):
             mine["used"] = True  # a panel member's first attempt: reserved with the panel
+            call.limit_cost(int(mine["amount"]))
             return
         calls = call.members if call.is_panel else (call,)
         items = [self._item(c) for c in calls]
@@ -168,11 +152,14 @@ class LedgerPlugin:
 
         def release_all(_: None) -> None:
             for item in items:
-                self.store.release(item.id, now=now, error_class="cancelled")
+                self._later(
+                    partial(sql.release, entry_id=item.id, now=now, error_class="cancelled"),
+                    item.id,
+                )
 
         try:
-            await self._run(
-                lambda: self.store.reserve(items, self.caps, now=now, lease_s=self.config.lease_s),
+            await self.writer.run(
+                lambda db: sql.reserve(db, items, self.caps, now=now, lease_s=self.config.lease_s),
                 if_abandoned=release_all,
             )
         except CapExceeded as exc:
@@ -196,6 +183,10 @@ class LedgerPlugin:
             "reservation": items[0].id if not call.is_panel else None,
             "amount": sum(i.amount_micro for i in items),
         }
+        if not call.is_panel and worst_known(call):
+            # A plugin listed after the ledger may not enlarge what was reserved: the
+            # kernel refuses to send a request whose worst case exceeds this.
+            call.limit_cost(items[0].amount_micro)
 
     def _item(self, call: Call) -> Item:
         assert call.target is not None
@@ -240,7 +231,7 @@ class LedgerPlugin:
                 if (s := m.stash.get(self.ctx.name)) and s.get("pre") and not s.get("used")
             ]
             for rid in unused:
-                await self._safe(partial(self.store.release, rid, now=now), rid)
+                self._later(partial(sql.release, entry_id=rid, now=now), rid)
             return
         mine = call.stash.get(self.ctx.name)
         if mine is None or mine.get("reservation") is None or mine.get("settled"):
@@ -248,46 +239,60 @@ class LedgerPlugin:
         rid = str(mine["reservation"])
         error = outcome.error_class.value if outcome.error_class else None
         self._check_growth(call, mine["amount"])
+        op: Callable[[sqlite3.Connection], bool]
         if outcome.usage is not None:
-            usage = outcome.usage
-            await self._safe(
-                lambda: self.store.settle(
-                    rid,
-                    cost_micro=outcome.cost_micro_usd,
-                    now=now,
-                    input_tokens=usage.input_tokens,
-                    output_tokens=usage.output_tokens,
-                    error_class=error,
-                ),
-                rid,
+            op = partial(
+                sql.settle,
+                entry_id=rid,
+                cost_micro=outcome.cost_micro_usd,
+                now=now,
+                input_tokens=outcome.usage.input_tokens,
+                output_tokens=outcome.usage.output_tokens,
+                error_class=error,
             )
         elif outcome.sent and outcome.cost_micro_usd is not None:
             # The upstream answered with an error status and no usage (the kernel prices
             # that at 0): a definite answer, not an unknown.
-            cost = outcome.cost_micro_usd
-            await self._safe(
-                lambda: self.store.settle(
-                    rid,
-                    cost_micro=cost,
-                    now=now,
-                    input_tokens=0,
-                    output_tokens=0,
-                    error_class=error,
-                ),
-                rid,
+            op = partial(
+                sql.settle,
+                entry_id=rid,
+                cost_micro=outcome.cost_micro_usd,
+                now=now,
+                input_tokens=0,
+                output_tokens=0,
+                error_class=error,
             )
         elif outcome.sent:
-            await self._safe(lambda: self.store.mark_unknown(rid, now=now, error_class=error), rid)
+            op = partial(sql.mark_unknown, entry_id=rid, now=now, error_class=error)
         else:
-            await self._safe(lambda: self.store.release(rid, now=now, error_class=error), rid)
+            op = partial(sql.release, entry_id=rid, now=now, error_class=error)
+        self._later(op, rid)
         mine["settled"] = True
 
-    async def _safe(self, fn: Callable[[], bool], rid: str) -> None:
+    def _later(self, op: Callable[[sqlite3.Connection], bool], rid: str) -> None:
+        """Hand a settle, unknown or release to the writer without waiting for its commit
+        (see the module docstring for why that is safe); a failure is logged."""
+
+        def done(f: concurrent.futures.Future[bool]) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if exc is not None:
+                # The entry stays reserved; its lease turns it unknown (charged) at next start.
+                self.ctx.log.error("ledger.settle_failed", reservation=rid, error=str(exc))
+
+        self.writer.submit(op, lazy=True).add_done_callback(done)
+
+    async def flush(self) -> None:
+        """Wait until every ledger write queued so far has committed (or failed)."""
+        if self.enabled:
+            await asyncio.wrap_future(self.writer.flush())
+
+    def _flush_blocking(self) -> str | None:
+        """:meth:`flush` for sync callers; an error text if it did not finish in time."""
         try:
-            await self._run(fn)
-        except LedgerError as exc:
-            # The entry stays reserved; its lease turns it unknown (charged) at next start.
-            self.ctx.log.error("ledger.settle_failed", reservation=rid, error=str(exc))
+            self.writer.flush().result(timeout=self.config.busy_timeout_s + 1)
+        except concurrent.futures.TimeoutError:
+            return f"{self.writer.pending} ledger write(s) still pending"
+        return None
 
     def _check_growth(self, call: Call, reserved: int) -> None:
         sent = call.stash.get("kernel.sent_request")
@@ -313,6 +318,8 @@ class LedgerPlugin:
             self._open()
         store = self.store if self.opened else None
         error = self.open_error
+        if store is not None:
+            error = self._flush_blocking() or error  # the report includes every settle
         try:
             report = build_report(
                 store,
@@ -339,5 +346,11 @@ class LedgerPlugin:
 
     @hookimpl
     def shutdown(self) -> None:
-        self._worker.shutdown(wait=True)
+        """Commit every queued write, then close the file."""
+        self.writer.close()
         self.store.close()
+
+
+def worst_known(call: Call) -> bool:
+    """True when the call's worst case is computable (a known price)."""
+    return call.worst_case_micro_usd() is not None

@@ -98,7 +98,10 @@ def build_report(
 def spend_report(settings: Settings, *, now: datetime | None = None) -> dict[str, Any]:
     """Month-to-date spend for ``llmgw spend``: reads the ledger the config points at.
 
-    Never creates a ledger: with no file yet the report is all zeros. Raises
+    Never creates a ledger: with no file yet the report is all zeros. It reads the file
+    as it is: in a process that also runs a gateway, ``await`` its ledger plugin's
+    ``flush()`` first, or the settles still queued there are not counted yet (their
+    reservations are, at the worst case). Raises
     :class:`llmgw.kernel.ConfigError` for an invalid ``ledger`` section or cap variable.
     """
     try:

@@ -167,18 +167,21 @@ _OPEN_ENTRY = (
     "SELECT month, provider, state, reserved_micro FROM entries WHERE id = ? "
     "AND state IN ('reserved', 'unknown')"
 )
-# One statement per transition for both scopes of the month (total and the provider).
-_BOTH = "WHERE month = ? AND scope IN ('total', ?)"
+# One statement per transition updates both scopes of the month (total and the provider).
 _SETTLE_FROM = {
-    state: f"UPDATE totals SET {col} = {col} - ?, settled_micro = settled_micro + ?, "
-    f"overage_micro = overage_micro + ? {_BOTH}"
-    for state, col in (("reserved", "reserved_micro"), ("unknown", "unknown_micro"))
+    "reserved": "UPDATE totals SET reserved_micro = reserved_micro - ?, "
+    "settled_micro = settled_micro + ?, overage_micro = overage_micro + ? "
+    "WHERE month = ? AND scope IN ('total', ?)",
+    "unknown": "UPDATE totals SET unknown_micro = unknown_micro - ?, "
+    "settled_micro = settled_micro + ?, overage_micro = overage_micro + ? "
+    "WHERE month = ? AND scope IN ('total', ?)",
 }
 _TO_UNKNOWN = (
     "UPDATE totals SET reserved_micro = reserved_micro - ?, unknown_micro = unknown_micro + ? "
-    + _BOTH
+    "WHERE month = ? AND scope IN ('total', ?)"
 )
-_RELEASE = "UPDATE totals SET reserved_micro = reserved_micro - ? " + _BOTH
+_RELEASE = """UPDATE totals SET reserved_micro = reserved_micro - ?
+WHERE month = ? AND scope IN ('total', ?)"""
 
 
 def reserve(

@@ -249,9 +249,7 @@ class LedgerStore:
             if not db.in_transaction:
                 # SQLite rolled the whole transaction back (disk full, I/O error): the
                 # ops before this one are gone too, so the batch fails as a whole.
-                raise LedgerError(
-                    f"{self.path}: the transaction was rolled back ({exc})"
-                ) from None
+                raise LedgerError(f"{self.path}: the transaction was rolled back ({exc})") from None
             db.execute("ROLLBACK TO op")
             db.execute("RELEASE op")
             return (False, self._op_error(exc))

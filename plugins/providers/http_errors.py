@@ -95,7 +95,9 @@ def retry_hint(headers: Mapping[str, str] | None, now: float | None = None) -> f
             return None
         value = when.timestamp() - (time.time() if now is None else now)
         value = max(0.0, value)
-    return value if 0 <= value <= _MAX_HINT_S else None
+    # A hint beyond the ceiling is clamped, not dropped: "wait a day" must still read as
+    # longer than any retry budget, so the call falls back instead of retrying.
+    return min(value, _MAX_HINT_S) if value >= 0 else None
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
@@ -111,8 +113,7 @@ def gemini_retry_delay(body: Any) -> float | None:
         if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
             m = _DURATION.match(str(item.get("retryDelay", "")))
             if m:
-                value = float(m.group(1))
-                return value if value <= _MAX_HINT_S else None
+                return min(float(m.group(1)), _MAX_HINT_S)
     return None
 
 

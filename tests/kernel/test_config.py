@@ -234,3 +234,22 @@ def test_shipped_routing_yaml_is_valid() -> None:
 
 def test_all_config_errors_are_gateway_errors() -> None:
     assert issubclass(ConfigError, GatewayError)
+
+
+def test_check_config_fails_when_a_plugin_cannot_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(
+        "plugins: [kill_switch, ledger, router, fakes.py]\n"
+        f"ledger: {{path: '{blocker}/ledger.db', caps: {{total_monthly_usd: 5}}}}\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n"
+    )
+    (tmp_path / "fakes.py").write_text(
+        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
+        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+    )
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    assert "plugin 'ledger' cannot work" in capsys.readouterr().err

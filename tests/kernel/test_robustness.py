@@ -108,6 +108,8 @@ def test_malformed_stdio_frames_do_not_kill_the_server(tmp_path: Path) -> None:
                 "params": {"name": "llm_route", "arguments": "not a dict"},
             }
         ),
+        '{"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "llm_route", '
+        '"arguments": {"task_class": "\\ud800", "prompt": "\\udfff"}}}',
         json.dumps(
             {
                 "jsonrpc": "2.0",
@@ -144,13 +146,15 @@ def test_malformed_stdio_frames_do_not_kill_the_server(tmp_path: Path) -> None:
             if not line:
                 break
             replies.append(json.loads(line))
-            if replies[-1].get("id") == 5:
+            if {5, 6} <= {r.get("id") for r in replies}:
                 break
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
     by_id = {r.get("id"): r for r in replies}
     assert "result" in by_id[3]
+    # a lone surrogate in the arguments still gets an answer (an error envelope)
+    assert by_id[6]["result"]["isError"] is True
     final = by_id[5]["result"]["structuredContent"]
     assert final["data"]["text"] == "echo[m1]: alive?"
     # stdout carried nothing but JSON-RPC

@@ -314,3 +314,34 @@ def test_http_refuses_to_start_without_token_or_on_a_public_bind(config_dir: Pat
     )
     assert r.returncode == 2
     assert "not a loopback address" in r.stderr
+
+
+def test_wildcard_bind_needs_named_hosts() -> None:
+    from llmgw.kernel.server import HttpConfigError, http_server
+
+    gw = _gateway()
+    with pytest.raises(HttpConfigError, match="--allowed-host"):
+        http_server(gw, token=TOKEN, host="0.0.0.0", port=8765, allow_remote=True)
+    _server, kwargs = http_server(
+        gw,
+        token=TOKEN,
+        host="0.0.0.0",
+        port=8765,
+        allow_remote=True,
+        extra_hosts=["gw.example:8765"],
+    )
+    allowed = kwargs["transport_security"].allowed_hosts
+    assert "gw.example:8765" in allowed
+    assert "0.0.0.0:8765" not in allowed
+    with pytest.raises(HttpConfigError, match="too short"):
+        http_server(gw, token="short", host="127.0.0.1", port=8765)
+
+
+def test_sanitize_frame_replaces_only_lone_surrogates() -> None:
+    from llmgw.kernel.server import sanitize_frame
+
+    ok = '{"a": "\\ud83d\\ude00 fine"}\n'
+    assert sanitize_frame(ok) == ok
+    out = json.loads(sanitize_frame('{"a": "x\\ud800y", "b": ["\\udfff"]}\n'))
+    assert out == {"a": "x\ufffdy", "b": ["\ufffd"]}
+    assert sanitize_frame("not json \\ud800") == "not json \\ud800"

@@ -47,8 +47,9 @@ def test_init_writes_a_valid_config_for_the_keys_present(
     anyio.run(gw.aclose)
 
 
-def test_init_refuses_to_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_refuses_to_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "test-key-openai-0000000")
     cfg = tmp_path / "routing.yaml"
     cfg.write_text("# mine\n")

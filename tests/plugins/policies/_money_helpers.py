@@ -78,6 +78,14 @@ class GatedProvider(FakeProvider):
         return await super().complete(request)
 
 
+async def flush(gateway: Any) -> None:
+    """Wait until the ledger has committed every write queued so far: ``after_call`` hands
+    settles to the ledger's writer without waiting for them (the documented flush)."""
+    for plugin in gateway.plugins:
+        if plugin.name == "ledger":
+            await plugin.obj.flush()
+
+
 def store(path: Path) -> LedgerStore:
     s = LedgerStore(path)
     s.open()

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _money_helpers import Advise, Chain, fake, rows, states, store, worst_micro
+from _money_helpers import Advise, Chain, fake, flush, rows, states, store, worst_micro
 
 from llmgw.kernel import (
     ConfigError,
@@ -71,6 +71,7 @@ async def test_each_call_reserves_then_settles_what_it_cost(tmp_path: Path) -> N
     g, _p = gw(tmp_path)
     env = await g.route(Request("quick", "hi", request_id="r-1"))
     assert env.ok
+    await flush(g)
     (row,) = rows(tmp_path / "l.db")
     assert (row["state"], row["provider"], row["model"], row["task_class"], row["request_id"]) == (
         "settled",
@@ -99,6 +100,7 @@ async def test_total_cap_refuses_with_scope_cap_and_headroom_and_no_fallback(
     assert (await g.route(Request("quick", "hi"))).ok  # the echo costs far less than W
     env = await g.route(Request("chain", "hi"))
     # headroom is under a quick call's worst case: refused, and no fallback past a total cap
+    await flush(g)
     used = sum(r["cost_micro"] for r in rows(tmp_path / "l.db"))
     assert used == 310
     assert env.error_class == "budget_exceeded"
@@ -219,6 +221,7 @@ async def test_unknown_price_refused_while_a_cap_applies(tmp_path: Path) -> None
         extra=cap_yaml(alt=10),
     )
     assert (await g2.route(Request("unpriced", "hi"))).ok
+    await flush(g2)
     unpriced = [r for r in rows(tmp_path / "l.db") if r["model"] == "nopr"]
     assert [(r["state"], r["priced"]) for r in unpriced] == [("settled", 0)]
 
@@ -236,6 +239,7 @@ async def test_billed_errors_are_recorded_and_unbilled_ones_released(tmp_path: P
     g, _ = gw(tmp_path, providers=[p, fake("alt")])
     for _ in range(4):
         assert not (await g.route(Request("quick", "hi"))).ok
+    await flush(g)
     got = [(r["state"], r["cost_micro"], r["error_class"]) for r in rows(tmp_path / "l.db")]
     assert got == [
         ("settled", 10 * 10 + 20 * 100, "content_refused"),
@@ -264,6 +268,7 @@ async def test_fallback_spend_recorded_once_per_attempt(tmp_path: Path) -> None:
     )
     env = await g.route(Request("chain", "hi"))
     assert env.ok and env.meta["model"] == "m2"
+    await flush(g)
     got = rows(tmp_path / "l.db")
     assert [(r["model"], r["state"]) for r in got] == [("m1", "settled"), ("m2", "settled")]
     assert len({r["id"] for r in got}) == 2
@@ -285,6 +290,7 @@ async def test_retries_reserve_for_themselves(tmp_path: Path) -> None:
         extra_plugins={"retry_always": Advise("retry")},
     )
     assert (await g.route(Request("quick", "hi"))).ok
+    await flush(g)
     assert [r["state"] for r in rows(tmp_path / "l.db")] == ["unknown", "released", "settled"]
 
 
@@ -318,6 +324,7 @@ async def test_panel_members_use_the_panel_reservation_and_unused_ones_are_relea
 ) -> None:
     g, _p = gw(tmp_path)
     assert (await g.route(Request("duo", "hi"))).ok
+    await flush(g)
     got = rows(tmp_path / "l.db")
     assert sorted((r["model"], r["state"]) for r in got) == [("m1", "settled"), ("m2", "settled")]
     # member m2's target is rejected in its own preflight: its pre-reservation is released
@@ -329,6 +336,7 @@ async def test_panel_members_use_the_panel_reservation_and_unused_ones_are_relea
     (tmp_path / "2").mkdir(exist_ok=True)
     env = await g2.route(Request("duo", "hi"))
     assert not env.ok
+    await flush(g2)
     got = rows(tmp_path / "2" / "l.db")
     assert sorted((r["model"], r["state"]) for r in got) == [("m1", "settled"), ("m2", "released")]
     assert states(tmp_path / "2" / "l.db")["reserved"] == 0
@@ -351,6 +359,7 @@ async def test_panel_member_retry_reserves_for_itself(tmp_path: Path) -> None:
         extra_plugins={"retry_always": Advise("retry")},
     )
     assert (await g.route(Request("duo", "hi"))).ok
+    await flush(g)
     got = sorted((r["model"], r["state"]) for r in rows(tmp_path / "l.db"))
     assert got == [("m1", "settled"), ("m2", "settled"), ("m2", "unknown")]
 
@@ -378,6 +387,7 @@ async def test_months_follow_the_injected_utc_clock(tmp_path: Path) -> None:
     assert (await g.route(Request("quick", "hi"))).ok
     clock.advance(2)
     assert (await g.route(Request("quick", "hi"))).ok
+    await flush(g)
     assert [r["month"] for r in rows(tmp_path / "l.db")] == ["2027-01", "2027-02"]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _money_helpers import PRICE, Advise, Chain, GatedProvider, fake, rows, states
+from _money_helpers import PRICE, Advise, Chain, GatedProvider, fake, flush, rows, states
 
 from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Request, Target, Usage, hookimpl
 from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
@@ -75,6 +75,7 @@ async def test_fault_matrix_leaves_no_open_reservation(tmp_path: Path, advice: s
         await g.route(Request(task, "hi"))
     for _ in range(3):  # and panels over the echo
         assert (await g.route(Request("duo", "hi"))).ok
+    await flush(g)
     got = states(tmp_path / "l.db")
     assert got["reserved"] == 0, got
     billed = sum(1 for _, s, u in cases if u is not None)
@@ -96,6 +97,7 @@ async def test_provider_crash_is_charged_as_unknown(tmp_path: Path) -> None:
     g = gw(tmp_path, Exploding(prices={"m1": PRICE}))
     env = await g.route(Request("quick", "hi"))
     assert env.error_class == "internal_error"
+    await flush(g)
     assert [r["state"] for r in rows(tmp_path / "l.db")] == ["unknown"]
 
 

@@ -1,0 +1,253 @@
+"""The ledger's writer thread: every write of a gateway, in submission order, group-committed.
+
+Why a thread: a ``synchronous=FULL`` commit waits for the disk (``fsync``), and a write may
+wait for another process's lock (up to ``busy_timeout_s``); on the event loop that would
+stall every other request. Why one: the writes of one process are then ordered (a settle
+submitted before a reservation frees its headroom first).
+
+Group commit: the thread drains what is queued (up to :attr:`LedgerWriter.max_batch`
+writes) and runs it in ONE ``BEGIN IMMEDIATE ... COMMIT`` (:meth:`LedgerStore.run_batch`),
+each write in its own savepoint, so N concurrent calls pay one ``fsync`` instead of N. A
+write's future completes only after that ``COMMIT`` returned: acknowledged means durable,
+exactly as with one transaction per write. When the transaction cannot begin or commit,
+every write of the batch fails with the :class:`LedgerError` (fail closed: a reservation is
+refused; a settle leaves its entry reserved, charged at the worst case, until the lease
+turns it ``unknown`` at the next start). The batch is not retried: a COMMIT fails on a
+disk error, which a second try at once would meet again, and a retry would only delay the
+refusals.
+
+Writes nobody waits for (settles, marked ``lazy``) may wait up to :attr:`LedgerWriter.linger_s`
+(5 ms) for a write somebody waits for (a reservation) and join its commit: a gateway serving
+one call after another then pays one ``fsync`` per call, not two. Waiting longer only keeps
+the worst case counted a little longer (see :mod:`.ledger`).
+
+The thread is started on demand and stops after :attr:`idle_exit_s` without work (a test
+process builds many gateways); it is not a daemon, so work queued when the interpreter
+exits is still committed (it notices the main thread's end within 0.1 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .ledger_store import LedgerError, LedgerStore
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Job:
+    """A write (``op`` of the connection, batched) or a plain step (``fn``, run alone)."""
+
+    future: cf.Future[Any]
+    op: Callable[[sqlite3.Connection], Any] | None = None
+    fn: Callable[[], Any] | None = None
+    lazy: bool = False
+    queued_at: float = 0.0
+
+
+@dataclass
+class WriterStats:
+    """What the writer has done (tests, benchmarks)."""
+
+    batches: int = 0
+    writes: int = 0
+    largest: int = 0
+    sizes: list[int] = field(default_factory=list)
+
+
+class LedgerWriter:
+    """Runs a store's writes on one thread, many per transaction."""
+
+    max_batch = 256
+    idle_exit_s = 1.0
+    #: How long lazy writes (settles) may wait for an urgent one (a reservation) to share
+    #: its commit; a flush, a close or a full batch commits them at once.
+    linger_s = 0.005
+
+    def __init__(self, store: LedgerStore, *, name: str = "llmgw-ledger") -> None:
+        self.store = store
+        self.name = name
+        self.stats = WriterStats()
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._urgent = 0  # queued jobs that are not lazy
+
+    # --- submitting ------------------------------------------------------------------
+
+    def submit(self, op: Callable[[sqlite3.Connection], T], *, lazy: bool = False) -> cf.Future[T]:
+        """Queue a write; its future completes after the COMMIT of its batch.
+
+        ``lazy``: nobody waits for it (a settle), so it may wait up to :attr:`linger_s`
+        for an urgent write (a reservation someone waits for) and share its ``fsync``.
+        """
+        return self._put(_Job(cf.Future(), op=op, lazy=lazy, queued_at=time.monotonic()))
+
+    def submit_plain(self, fn: Callable[[], T]) -> cf.Future[T]:
+        """Queue a step that runs alone, outside any transaction, after every earlier write
+        has committed (opening the store, a flush)."""
+        return self._put(_Job(cf.Future(), fn=fn))
+
+    def flush(self) -> cf.Future[None]:
+        """A future done once every write submitted before it has committed (or failed)."""
+        return self.submit_plain(lambda: None)
+
+    @property
+    def pending(self) -> int:
+        """Writes queued and not yet started."""
+        return len(self._queue)
+
+    def _put(self, job: _Job) -> cf.Future[Any]:
+        with self._cond:
+            # Closed: refuse, except the follow-ups the thread queues while it drains
+            # (releasing a reservation whose caller was cancelled).
+            if self._closed and threading.current_thread() is not self._thread:
+                job.future.set_exception(LedgerError(f"{self.store.path}: the ledger is closed"))
+                return job.future
+            self._queue.append(job)
+            self._urgent += not job.lazy
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.name)
+                self._thread.start()
+            else:
+                self._cond.notify()
+        return job.future
+
+    async def run(
+        self,
+        op: Callable[[sqlite3.Connection], T],
+        *,
+        if_abandoned: Callable[[T], object] | None = None,
+    ) -> T:
+        """Queue a write and wait for its commit on the event loop.
+
+        The write is queued before the first ``await``, so it runs to the end even if this
+        task is cancelled while waiting (a native ``Task.cancel()`` is not stopped by a
+        shield of the caller's); ``if_abandoned`` then gets its result on the writer thread
+        (a reservation nobody will use is released there).
+        """
+        return await self._wait(self.submit(op), if_abandoned)
+
+    async def run_plain(self, fn: Callable[[], T]) -> T:
+        """Queue a plain step (:meth:`submit_plain`) and wait for it."""
+        return await self._wait(self.submit_plain(fn), None)
+
+    async def _wait(self, job: cf.Future[T], if_abandoned: Callable[[T], object] | None) -> T:
+        try:
+            return await asyncio.shield(asyncio.wrap_future(job))
+        except asyncio.CancelledError:
+            if if_abandoned is not None:
+                callback = if_abandoned
+
+                def done(f: cf.Future[T]) -> None:
+                    if not f.cancelled() and f.exception() is None:
+                        callback(f.result())
+
+                job.add_done_callback(done)
+            raise
+
+    # --- closing ---------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new work, let the thread commit everything queued, and wait for it."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # --- the thread ------------------------------------------------------------------
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch: a plain step alone, or the queued writes up to the next plain
+        step (at most ``max_batch``). None when the thread should stop."""
+        idle = 0.0
+        with self._cond:
+            while not self._queue or self._lingering():
+                if not self._queue:
+                    if self._closed or idle >= self.idle_exit_s:
+                        self._thread = None
+                        return None
+                    if not threading.main_thread().is_alive():
+                        idle = self.idle_exit_s  # the interpreter is exiting: stop when empty
+                        continue
+                    self._cond.wait(0.1)
+                    idle += 0.1
+                else:
+                    idle = 0.0
+                    self._cond.wait(self._queue[0].queued_at + self.linger_s - time.monotonic())
+            if self._queue[0].op is None:
+                jobs = [self._queue.popleft()]
+            else:
+                jobs = []
+                while self._queue and self._queue[0].op is not None and len(jobs) < self.max_batch:
+                    jobs.append(self._queue.popleft())
+            self._urgent -= sum(not j.lazy for j in jobs)
+            return jobs
+
+    def _lingering(self) -> bool:
+        """Only lazy writes are queued, fewer than a batch, and the oldest may still wait
+        for an urgent write to share its commit."""
+        return (
+            self._urgent == 0
+            and len(self._queue) < self.max_batch
+            and not self._closed
+            and time.monotonic() < self._queue[0].queued_at + self.linger_s
+            and threading.main_thread().is_alive()
+        )
+
+    def _loop(self) -> None:
+        while (jobs := self._take()) is not None:
+            if jobs[0].fn is not None:
+                self._run_plain(jobs[0])
+            else:
+                self._run_batch(jobs)
+
+    @staticmethod
+    def _run_plain(job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        assert job.fn is not None
+        try:
+            value = job.fn()
+        except BaseException as exc:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(value)
+
+    def _run_batch(self, jobs: list[_Job]) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        ops = [j.op for j in live if j.op is not None]
+        try:
+            results = self.store.run_batch(ops)
+        except BaseException as exc:
+            # Nothing of the batch was written: every write of it fails (fail closed).
+            for j in live:
+                j.future.set_exception(exc)
+            return
+        n = len(live)
+        self.stats.batches += 1
+        self.stats.writes += n
+        self.stats.largest = max(self.stats.largest, n)
+        if len(self.stats.sizes) < 10_000:
+            self.stats.sizes.append(n)
+        # After the COMMIT: completing a future runs its callbacks here (they may queue
+        # more writes, e.g. releasing an abandoned reservation) and wakes its event loop.
+        for j, (ok, value) in zip(live, results, strict=True):
+            if ok:
+                j.future.set_result(value)
+            else:
+                j.future.set_exception(value)
