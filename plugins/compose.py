@@ -50,6 +50,25 @@ def compose_verify(task: str, artifact: str) -> str:
 
 
 @dataclass
+class RunBudget:
+    """The spend of one orchestration, attempt by attempt (retries and fallbacks too).
+
+    ``spent_micro`` is what attempts cost by their reported usage; ``unknown_micro`` is
+    the worst case of attempts that were sent without usage coming back (charged in
+    full, as the ledger does); ``held_micro`` is the worst case of the attempt in flight.
+    """
+
+    limit_micro: int | None
+    spent_micro: int = 0
+    unknown_micro: int = 0
+    held_micro: int = 0
+
+    @property
+    def committed_micro(self) -> int:
+        return self.spent_micro + self.unknown_micro + self.held_micro
+
+
+@dataclass
 class StepWatch:
     """What one step may send (its content and access set) and what it did send."""
 
@@ -57,6 +76,7 @@ class StepWatch:
     system: str
     prompt: str
     access: tuple[str, ...]
+    budget: RunBudget | None = None
     sent: list[dict[str, Any]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 

@@ -20,6 +20,7 @@ from llmgw.kernel.types import Status, input_token_bound, micro_to_usd
 
 from .compose import (
     STEP_ROLE,
+    RunBudget,
     StepWatch,
     compose_plan,
     compose_verify,
@@ -54,7 +55,9 @@ class Orchestration:
         self.progress = progress
         self.started = self.clock.monotonic()
         self.steps: list[dict[str, Any]] = []
-        self.spent_micro = 0
+        limit = self.cfg.budget_usd
+        self.budget = RunBudget(None if limit is None else round(limit * 1_000_000))
+        self.cost_unknown = False
         self.total_steps = 0
         self.rounds = 0
         self.plan: str | None = None
@@ -147,7 +150,7 @@ class Orchestration:
             max_tokens=bound,
             access=access,
         )
-        watch = StepWatch(role, system, prompt, access)
+        watch = StepWatch(role, system, prompt, access, budget=self.budget)
         self.plugin.watches[request.request_id] = watch
         try:
             env = await self.gateway.run_route(
@@ -157,7 +160,10 @@ class Orchestration:
             self.plugin.watches.pop(request.request_id, None)
         self.steps.append(self._step_meta(n, step, env, watch))
         self.violations += watch.violations
-        self.spent_micro += round((env.meta.get("cost_usd_approx") or 0) * 1_000_000)
+        if env.meta.get("cost_usd_approx") is None and any(
+            a.get("sent") for a in env.meta.get("attempts") or ()
+        ):
+            self.cost_unknown = True
         await self._report(n, role, env)
         if env.status == "error":
             raise StopRun(self._failed(n, role, env))
@@ -192,12 +198,12 @@ class Orchestration:
                 break
             worst = max(worst, price.worst_case_micro_usd(bound, t.max_tokens))
         else:
-            if self.spent_micro + worst <= round(budget * 1_000_000):
+            if self.budget.committed_micro + worst <= round(budget * 1_000_000):
                 return
             why = (
                 f"the {role} step could cost up to ${worst / 1e6:.6f}; with "
-                f"${self.spent_micro / 1e6:.6f} spent it would pass roles.budget_usd "
-                f"(${budget})"
+                f"${self.budget.committed_micro / 1e6:.6f} committed it would pass "
+                f"roles.budget_usd (${budget})"
             )
         if self.artifact is None:
             env = self._envelope("error", ErrorClass.BUDGET_EXCEEDED, why + "; nothing was sent")
@@ -267,7 +273,13 @@ class Orchestration:
             "model": self.worker_target.model if self.worker_target else None,
             "latency_ms": round((self.clock.monotonic() - self.started) * 1000, 2),
             "tokens": {"input": tokens_in, "output": tokens_out, "total": tokens_in + tokens_out},
-            "cost_usd_approx": micro_to_usd(self.spent_micro),
+            "cost_usd_approx": (
+                None
+                if self.cost_unknown or self.budget.unknown_micro
+                else micro_to_usd(self.budget.spent_micro)
+            ),
+            "cost_usd_known": micro_to_usd(self.budget.spent_micro),
+            "cost_usd_unknown_worst_case": micro_to_usd(self.budget.unknown_micro),
             "task_class": "orchestrate",
             "depth": self.depth,
             "rounds": self.rounds,

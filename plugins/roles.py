@@ -36,7 +36,7 @@ from llmgw.kernel import (
 from llmgw.kernel.config import Model
 from llmgw.kernel.gateway import ProgressFn
 
-from .compose import StepWatch
+from .compose import RunBudget, StepWatch
 from .pipeline import Orchestration
 from .visibility import CANONICAL_FORM, CONTENT_FORM, REQUEST_FORM, call_request_sha256
 from .visibility import content_sha256 as _content_sha256
@@ -260,6 +260,8 @@ class RolesPlugin:
         if tuple(call.access) != watch.access:
             problems.append(f"its access set {list(call.access)} is not {list(watch.access)}")
         call.stash[self.ctx.name] = call_request_sha256(call)
+        if not problems and watch.budget is not None:
+            self._hold_budget(call, watch.budget, watch.role)
         if problems:
             target = call.target.key if call.target else "?"
             found = [f"{watch.role} ({target}): {p}" for p in problems]
@@ -271,11 +273,43 @@ class RolesPlugin:
                 details={"reasons": found},
             )
 
+    def _hold_budget(self, call: Call, budget: RunBudget, role: str) -> None:
+        """Hold this attempt's worst case against roles.budget_usd before it is sent."""
+        worst = call.worst_case_micro_usd()
+        if budget.limit_micro is not None:
+            target = call.target.key if call.target else "?"
+            if worst is None:
+                raise CallRefused(
+                    ErrorClass.BUDGET_EXCEEDED,
+                    f"the {role} step cannot be bounded: no price for {target}, so "
+                    "roles.budget_usd cannot be kept; add it under prices: in routing.yaml",
+                    fallback=True,
+                )
+            if budget.committed_micro + worst > budget.limit_micro:
+                raise CallRefused(
+                    ErrorClass.BUDGET_EXCEEDED,
+                    f"the {role} step on {target} could cost up to ${worst / 1e6:.6f}; with "
+                    f"${budget.committed_micro / 1e6:.6f} already committed it would pass "
+                    f"roles.budget_usd (${budget.limit_micro / 1e6:.6f})",
+                    fallback=True,
+                )
+            call.limit_cost(worst)
+        budget.held_micro = worst or 0
+        call.stash[f"{self.ctx.name}.held"] = worst
+
     @hookimpl
     def after_call(self, call: Call, outcome: Outcome) -> None:
         watch = self.watches.get(call.request.request_id)
         if watch is None or call.is_panel:
             return
+        if watch.budget is not None and f"{self.ctx.name}.held" in call.stash:
+            held = call.stash.pop(f"{self.ctx.name}.held")
+            watch.budget.held_micro = 0
+            if outcome.cost_micro_usd is not None:
+                watch.budget.spent_micro += outcome.cost_micro_usd
+            elif outcome.sent:
+                # sent, no usage: may be billed; count its worst case (0 when unpriced)
+                watch.budget.unknown_micro += held or 0
         sent = call.stash.get("kernel.sent_request")
         if not isinstance(sent, ProviderRequest):
             return

@@ -81,7 +81,7 @@ class LedgerConfig(Model):
     Default: the user data dir of llm-gateway-mcp (platformdirs), ledger.db."""
     caps: CapsConfig = Field(default_factory=CapsConfig)
     """Monthly spend caps; any cap makes the ledger essential (it cannot be removed)."""
-    lease_s: float = Field(default=600.0, gt=0)
+    lease_s: float = Field(default=600.0, gt=0, validate_default=True)
     """Seconds a reservation is held; at start, older open reservations (a crashed
     process) become unknown and stay charged. Must exceed gateway.deadline_s."""
     busy_timeout_s: float = Field(default=5.0, gt=0, le=120)

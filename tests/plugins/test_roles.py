@@ -460,6 +460,32 @@ async def test_budget_too_small_for_the_first_step_sends_nothing() -> None:
     assert env.error_class == ErrorClass.BUDGET_EXCEEDED.value
 
 
+class RetryAll:
+    """Retries every failure (a stand-in for the retry plugin)."""
+
+    @hookimpl
+    def after_call(self, call: Any, outcome: Outcome) -> Disposition | None:
+        return None if outcome.ok else Disposition("retry", 0.0)
+
+
+@pytest.mark.anyio
+async def test_budget_counts_every_attempt_and_unknown_ones_in_full() -> None:
+    f = Fakes()
+    price = Price(Decimal("100"), Decimal("100"), source="test")
+    for p in f.all:
+        p.prices = {"b-work": price, "d-work": price, "g-verify": price, "a-verify": price}
+    # the worker times out twice after sending (may be billed: counted at worst case),
+    # then answers; its worst case is ~$0.07, so the budget of $0.15 is gone by then.
+    f.beta.fail_with(ErrorClass.TIMEOUT).fail_with(ErrorClass.TIMEOUT).then(ok("ARTIFACT"))
+    env = await run(build(f, budget="0.15", extra={"retry_all": RetryAll()}), "standard")
+    assert len(f.beta.received) == 2  # the third attempt was refused before sending
+    assert f.gamma.received == []
+    assert env.status == "error"
+    assert env.meta["error_class"] == "budget_exceeded"
+    assert env.meta["cost_usd_approx"] is None  # two attempts of unknown cost
+    assert env.meta["cost_usd_unknown_worst_case"] > 0.1
+
+
 @pytest.mark.anyio
 async def test_budget_with_an_unknown_price_fails_closed() -> None:
     f = Fakes()

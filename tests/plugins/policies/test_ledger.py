@@ -483,3 +483,10 @@ async def test_llmgw_spend_prints_the_month(
     out = capsys.readouterr().out
     assert str(tmp_path / "l.db") in out
     assert "$2.0000" in out and "fake/m1" in out and "quick" in out
+
+
+def test_default_lease_must_outlast_a_long_deadline(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        gw(tmp_path, extra="gateway: {deadline_s: 1000}\n")
+    assert "ledger.lease_s" in str(err.value)
+    assert "gateway.deadline_s" in str(err.value)
