@@ -45,14 +45,13 @@ def call_order(pm: pluggy.PluginManager, hook: str) -> list[pluggy.HookImpl]:
     return list(reversed(caller.get_hookimpls()))
 
 
-async def _resolve(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
 def _bind(impl: pluggy.HookImpl, **kwargs: Any) -> dict[str, Any]:
     return {name: kwargs[name] for name in impl.argnames}
+
+
+def _is_awaitable(value: Any) -> bool:
+    # Most implementations return None: answer that without inspect (hot path).
+    return value is not None and inspect.isawaitable(value)
 
 
 class HookFacade:
@@ -114,7 +113,9 @@ class HookFacade:
         """First rejection wins; a plugin that crashes refuses (fail closed)."""
         for impl in self.impls("preflight"):
             try:
-                result = await _resolve(impl.function(**_bind(impl, call=call)))
+                result = impl.function(**_bind(impl, call=call))
+                if _is_awaitable(result):
+                    result = await result
             except Exception:
                 log.exception("hook.failed", hook="preflight", plugin=impl.plugin_name)
                 return Rejection(
@@ -166,7 +167,9 @@ class HookFacade:
                     ran.append(name)
                     continue
                 try:
-                    await _resolve(impl.function(**_bind(impl, call=call)))
+                    pending = impl.function(**_bind(impl, call=call))
+                    if _is_awaitable(pending):
+                        await pending
                 except CallRefused as refused:
                     result.refusal = refused
                     result.refused_by = impl.plugin_name
@@ -213,7 +216,9 @@ class HookFacade:
             if impl.plugin_name not in done:
                 continue
             try:
-                value = await _resolve(impl.function(**_bind(impl, call=call, outcome=outcome)))
+                value = impl.function(**_bind(impl, call=call, outcome=outcome))
+                if _is_awaitable(value):
+                    value = await value
             except Exception:
                 log.exception("hook.failed", hook="after_call", plugin=impl.plugin_name)
                 continue
@@ -227,7 +232,9 @@ class HookFacade:
         verdicts: list[Verdict] = []
         for impl in self.impls("verify"):
             try:
-                value = await _resolve(impl.function(**_bind(impl, request=request, result=result)))
+                value = impl.function(**_bind(impl, request=request, result=result))
+                if _is_awaitable(value):
+                    value = await value
             except Exception:
                 log.exception("hook.failed", hook="verify", plugin=impl.plugin_name)
                 verdicts.append(
@@ -245,7 +252,9 @@ class HookFacade:
     async def shutdown(self) -> None:
         for impl in reversed(self.impls("shutdown")):
             try:
-                await _resolve(impl.function())
+                pending = impl.function()
+                if _is_awaitable(pending):
+                    await pending
             except Exception:
                 log.exception("hook.failed", hook="shutdown", plugin=impl.plugin_name)
 

@@ -5,6 +5,7 @@ stdout belongs to the MCP stdio protocol, so nothing here ever writes to it.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -25,13 +26,16 @@ class Redactor:
     """
 
     def __init__(self) -> None:
-        self._secrets: set[str] = set()
+        self._secrets: tuple[str, ...] = ()  # replaced whole on add: safe to read unlocked
         self._lock = threading.Lock()
 
     def add(self, value: str | None) -> None:
         if value and len(value) >= 8:
+            # Also the JSON-escaped form, so a rendered line is scrubbed however the key
+            # was written into it.
+            forms = {value, json.dumps(value)[1:-1]}
             with self._lock:
-                self._secrets.add(value)
+                self._secrets = tuple(sorted(set(self._secrets) | forms, key=len, reverse=True))
 
     def scrub(self, text: str) -> str:
         for secret in self._secrets:
@@ -73,12 +77,12 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
     out: Any = stream or _Stderr()
     numeric = logging.getLevelName(level)
     structlog.configure(
+        # Secrets are removed from the rendered line, which holds every field, exception
+        # text included: one pass per event instead of a walk over each value.
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            REDACTOR,
             structlog.processors.JSONRenderer(),
             _scrub_rendered,
         ],
