@@ -493,6 +493,13 @@ class Gateway:
         error_class = outcome.error_class or ErrorClass.INTERNAL_ERROR
         meta["error_class"] = error_class.value
         message = outcome.message or default_message(error_class)
+        earlier: dict[str, str] = {}
+        for a in result.attempts:
+            if a.target != target and a.outcome.error_class is not None:
+                earlier[a.target.key] = a.outcome.error_class.value
+        if earlier:
+            tried = ", ".join(f"{key} ({cls})" for key, cls in earlier.items())
+            message = f"{message}; also tried: {tried}"
         return Envelope("error", None, meta, error=message)
 
     async def _verify(self, request: Request, envelope: Envelope) -> Envelope:
