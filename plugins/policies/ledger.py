@@ -105,6 +105,9 @@ class LedgerPlugin:
         self.expired_at_start = 0
         # One thread of its own: writes run in submission order, group-committed.
         self.writer = LedgerWriter(self.store)
+        # Attempts of this gateway between their reservation and their after_call: while
+        # another one is out, a reservation goes to the writer thread (group commit).
+        self.in_flight = 0
         if self.enabled:
             self._open()
 
@@ -161,6 +164,7 @@ class LedgerPlugin:
             await self.writer.run(
                 lambda db: sql.reserve(db, items, self.caps, now=now, lease_s=self.config.lease_s),
                 if_abandoned=release_all,
+                inline=self.in_flight == 0,
             )
         except CapExceeded as exc:
             raise CallRefused(
@@ -182,7 +186,9 @@ class LedgerPlugin:
         call.stash[self.ctx.name] = {
             "reservation": items[0].id if not call.is_panel else None,
             "amount": sum(i.amount_micro for i in items),
+            "out": True,  # counted in in_flight until its after_call
         }
+        self.in_flight += 1
         if not call.is_panel and worst_known(call):
             # A plugin listed after the ledger may not enlarge what was reserved: the
             # kernel refuses to send a request whose worst case exceeds this.
@@ -224,6 +230,9 @@ class LedgerPlugin:
         if not self.enabled:
             return
         now = self.ctx.clock.now()
+        mine = call.stash.get(self.ctx.name)
+        if mine is not None and mine.pop("out", False):
+            self.in_flight -= 1
         if call.is_panel:
             unused = [
                 s["reservation"]
@@ -233,7 +242,6 @@ class LedgerPlugin:
             for rid in unused:
                 self._later(partial(sql.release, entry_id=rid, now=now), rid)
             return
-        mine = call.stash.get(self.ctx.name)
         if mine is None or mine.get("reservation") is None or mine.get("settled"):
             return
         rid = str(mine["reservation"])

@@ -222,24 +222,47 @@ class LedgerStore:
         with self._lock:
             db = self._open_db()
             self._begin(db)
-            results: list[Result] = []
+            return self._batch(db, ops)
+
+    def try_batch(self, ops: Sequence[Op]) -> list[Result] | None:
+        """:meth:`run_batch` without waiting: ``None``, and nothing done, when another
+        thread holds this store or another connection holds the database's write lock
+        (``BEGIN IMMEDIATE`` is tried once; ``busy_timeout`` is 0 after :meth:`open`).
+        The caller then queues the batch for :meth:`run_batch`, which waits."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            db = self._open_db()
             try:
-                if len(ops) == 1:  # alone: the transaction is its savepoint
-                    try:
-                        results.append((True, ops[0](db)))
-                    except Exception as exc:
-                        self._rollback(db)
-                        return [(False, self._op_error(exc))]
-                else:
-                    for op in ops:
-                        results.append(self._savepoint(db, op))
-                self._commit(db)
-            except BaseException as exc:
-                self._rollback(db)
-                if isinstance(exc, sqlite3.Error):
-                    raise LedgerError(f"{self.path}: {exc}") from None
-                raise
-            return results
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                if _busy(exc):
+                    return None
+                raise LedgerError(f"{self.path}: {exc}") from None
+            return self._batch(db, ops)
+        finally:
+            self._lock.release()
+
+    def _batch(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
+        """The body of a batch, inside the transaction just begun (the lock held)."""
+        results: list[Result] = []
+        try:
+            if len(ops) == 1:  # alone: the transaction is its savepoint
+                try:
+                    results.append((True, ops[0](db)))
+                except Exception as exc:
+                    self._rollback(db)
+                    return [(False, self._op_error(exc))]
+            else:
+                for op in ops:
+                    results.append(self._savepoint(db, op))
+            self._commit(db)
+        except BaseException as exc:
+            self._rollback(db)
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerError(f"{self.path}: {exc}") from None
+            raise
+        return results
 
     def _savepoint(self, db: sqlite3.Connection, op: Op) -> Result:
         db.execute("SAVEPOINT op")

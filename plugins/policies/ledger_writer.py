@@ -36,7 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from .ledger_store import LedgerError, LedgerStore
 
@@ -52,6 +52,7 @@ class _Job:
     fn: Callable[[], Any] | None = None
     lazy: bool = False
     queued_at: float = 0.0
+    running: bool = False  # taken by an inline batch that could not begin, then put back
 
 
 @dataclass
@@ -62,6 +63,11 @@ class WriterStats:
     writes: int = 0
     largest: int = 0
     sizes: list[int] = field(default_factory=list)
+    #: Batches run inline on the caller's thread (:meth:`LedgerWriter.run` with ``inline``).
+    inline: int = 0
+    #: Inline attempts that found the database locked by another connection and went to
+    #: the thread instead.
+    inline_fallbacks: int = 0
 
 
 class LedgerWriter:
@@ -82,6 +88,8 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._urgent = 0  # queued jobs that are not lazy
+        self._running = False  # the thread has taken a batch and not finished it
+        self._inline = False  # a caller runs a batch inline (the thread must wait)
 
     # --- submitting ------------------------------------------------------------------
 
@@ -128,6 +136,7 @@ class LedgerWriter:
         op: Callable[[sqlite3.Connection], T],
         *,
         if_abandoned: Callable[[T], object] | None = None,
+        inline: bool = False,
     ) -> T:
         """Queue a write and wait for its commit on the event loop.
 
@@ -135,8 +144,73 @@ class LedgerWriter:
         task is cancelled while waiting (a native ``Task.cancel()`` is not stopped by a
         shield of the caller's); ``if_abandoned`` then gets its result on the writer thread
         (a reservation nobody will use is released there).
+
+        ``inline``: first try :meth:`run_inline` (no ``await`` at all, so nothing to
+        abandon); when it cannot run at once, queue as above.
         """
+        if inline:
+            done, value = self.run_inline(op)
+            if done:
+                return cast(T, value)
         return await self._wait(self.submit(op), if_abandoned)
+
+    def run_inline(self, op: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
+        """Run ``op`` on this thread, now, when the writer is idle: ``(True, value)`` after
+        its COMMIT (or its exception raised), ``(False, None)`` when it must be queued.
+
+        Idle: the thread runs nothing and only lazy writes are queued. Those were submitted
+        before ``op``, so they join its transaction ahead of it, in order (a settle frees
+        its headroom before the reservation is checked), each in its savepoint, and their
+        futures complete after the COMMIT: one ``fsync`` for both, as on the thread. The
+        store's lock is taken without waiting and ``BEGIN IMMEDIATE`` tried once: locked
+        by another connection, the lazy writes go back to the head of the queue and the
+        caller queues ``op`` behind them (the thread waits for the lock).
+        """
+        with self._cond:
+            if (
+                self._closed
+                or self._running
+                or self._inline
+                or self._urgent
+                or len(self._queue) >= self.max_batch
+                or any(j.op is None for j in self._queue)
+            ):
+                return False, None
+            jobs = list(self._queue)
+            self._queue.clear()
+            self._inline = True
+        try:
+            live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
+            for j in live:
+                j.running = True
+            ops = [j.op for j in live if j.op is not None]
+            try:
+                results = self.store.try_batch([*ops, op])
+            except BaseException as exc:
+                for j in live:
+                    j.future.set_exception(exc)
+                raise
+            if results is None:
+                with self._cond:
+                    self._queue.extendleft(reversed(live))
+                    self.stats.inline_fallbacks += 1
+                return False, None
+            self._count(len(results))  # still alone: the thread waits while _inline
+            self.stats.inline += 1
+        finally:
+            with self._cond:
+                self._inline = False
+                if self._queue:
+                    self._cond.notify()
+        *theirs, (ok, value) = results
+        for j, (j_ok, j_value) in zip(live, theirs, strict=True):
+            if j_ok:
+                j.future.set_result(j_value)
+            else:
+                j.future.set_exception(j_value)
+        if not ok:
+            raise value
+        return True, value
 
     async def run_plain(self, fn: Callable[[], T]) -> T:
         """Queue a plain step (:meth:`submit_plain`) and wait for it."""
@@ -174,7 +248,11 @@ class LedgerWriter:
         step (at most ``max_batch``). None when the thread should stop."""
         idle = 0.0
         with self._cond:
-            while not self._queue or self._lingering():
+            self._running = False
+            while not self._queue or self._lingering() or self._inline:
+                if self._inline:  # a caller runs a batch inline: it notifies when done
+                    self._cond.wait(0.1)
+                    continue
                 if not self._queue:
                     if self._closed or idle >= self.idle_exit_s:
                         self._thread = None
@@ -194,7 +272,15 @@ class LedgerWriter:
                 while self._queue and self._queue[0].op is not None and len(jobs) < self.max_batch:
                     jobs.append(self._queue.popleft())
             self._urgent -= sum(not j.lazy for j in jobs)
+            self._running = True
             return jobs
+
+    def _count(self, n: int) -> None:
+        self.stats.batches += 1
+        self.stats.writes += n
+        self.stats.largest = max(self.stats.largest, n)
+        if len(self.stats.sizes) < 10_000:
+            self.stats.sizes.append(n)
 
     def _lingering(self) -> bool:
         """Only lazy writes are queued, fewer than a batch, and the oldest may still wait
@@ -227,7 +313,7 @@ class LedgerWriter:
             job.future.set_result(value)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
         if not live:
             return
         ops = [j.op for j in live if j.op is not None]
@@ -238,12 +324,7 @@ class LedgerWriter:
             for j in live:
                 j.future.set_exception(exc)
             return
-        n = len(live)
-        self.stats.batches += 1
-        self.stats.writes += n
-        self.stats.largest = max(self.stats.largest, n)
-        if len(self.stats.sizes) < 10_000:
-            self.stats.sizes.append(n)
+        self._count(len(live))
         # After the COMMIT: completing a future runs its callbacks here (they may queue
         # more writes, e.g. releasing an abandoned reservation) and wakes its event loop.
         for j, (ok, value) in zip(live, results, strict=True):
