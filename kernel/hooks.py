@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import anyio
 import pluggy
@@ -49,7 +49,7 @@ def _bind(impl: pluggy.HookImpl, **kwargs: Any) -> dict[str, Any]:
     return {name: kwargs[name] for name in impl.argnames}
 
 
-def _is_awaitable(value: Any) -> bool:
+def _is_awaitable(value: Any) -> TypeGuard[Awaitable[Any]]:
     # Most implementations return None: answer that without inspect (hot path).
     return value is not None and inspect.isawaitable(value)
 

@@ -18,12 +18,18 @@ sharing the ledger file. How:
 
 Speed without weakening any of that (figures in docs/performance.md):
 
-- The SQLite work runs on the ledger's writer thread (:mod:`.ledger_writer`), never on the
-  event loop: a ``synchronous=FULL`` commit waits for the disk and a write may wait for
-  another process's lock, and every other request would wait with it.
+- The SQLite work runs on the ledger's writer thread (:mod:`.ledger_writer`): a
+  ``synchronous=FULL`` commit waits for the disk and a write may wait for another
+  process's lock, and every other request would wait with it. The one exception is below
+  (inline when alone): then no other request of this gateway is waiting on the ledger and
+  it never waits for a lock.
 - Group commit: the writer runs everything queued in one transaction, one savepoint per
   write, so concurrent calls share one ``fsync``; a write is acknowledged only after that
   COMMIT (durable).
+- Inline when alone: a reservation made while no other call of this gateway is out and
+  the writer is idle commits on the event loop thread (same connection, same lock, one
+  ``BEGIN IMMEDIATE`` try, together with the queued settles), saving the hop to the
+  thread and back; locked by another process, it goes to the thread as above.
 - A reservation is waited for (nothing is sent before it is on disk); a settle, unknown
   or release is handed to the writer and ``after_call`` returns at once. That is safe:
   until it commits, the reservation keeps the worst case counted (the invariant is only
@@ -188,11 +194,12 @@ class LedgerPlugin:
             "amount": sum(i.amount_micro for i in items),
             "out": True,  # counted in in_flight until its after_call
         }
-        self.in_flight += 1
         if not call.is_panel and worst_known(call):
             # A plugin listed after the ledger may not enlarge what was reserved: the
             # kernel refuses to send a request whose worst case exceeds this.
             call.limit_cost(items[0].amount_micro)
+        # Last: after_call runs (and counts it back) once before_call has completed.
+        self.in_flight += 1
 
     def _item(self, call: Call) -> Item:
         assert call.target is not None

@@ -18,7 +18,8 @@ Waiting for another process's lock: SQLite's own busy handler sleeps in growing 
 other processes' transactions and starve for seconds. The store sets ``busy_timeout`` to 0
 after opening and retries ``BEGIN IMMEDIATE`` itself every 0.25-1 ms (uniform jitter, so
 waiters do not retry in step) until ``busy_timeout_s`` has passed; then it fails closed
-with a :class:`LedgerError` saying the database is locked.
+with a :class:`LedgerError` saying the database is locked. :meth:`LedgerStore.try_batch`
+does not wait at all (one try, the caller queues the batch for the writer thread instead).
 """
 
 from __future__ import annotations
