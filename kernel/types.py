@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +23,19 @@ from .errors import ErrorClass
 
 if TYPE_CHECKING:
     from .config import Settings
+
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_id() -> str:
+    """A 32-hex-character id unique across processes and restarts, without a syscall.
+
+    A random prefix drawn once per process plus a counter: ids for requests, attempts and
+    ledger entries are made on every call, and ``uuid4`` costs a ``getrandom`` each time.
+    """
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
 
 Role = Literal["system", "user", "assistant"]
 Status = Literal["success", "error", "needs_human_review"]
@@ -44,7 +58,7 @@ class Request:
     system: str | None = None
     max_tokens: int | None = None
     override_model: str | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_id)
     access: tuple[str, ...] = ()
     """Earlier outputs whose text this prompt includes (set by orchestrating plugins,
     e.g. ``("plan",)`` for a worker); empty for a caller's request: a blind request."""
@@ -404,7 +418,7 @@ class Call:
     history: tuple[tuple[Target, Outcome], ...] = ()
     stash: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    call_id: str = field(default_factory=new_id)
     timeout_s: float = 60.0
     price: Price | None = None
     cost_ceiling_micro: int | None = None

@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sqlite3
-import uuid
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -59,7 +58,7 @@ from llmgw.kernel import (
     Settings,
     hookimpl,
 )
-from llmgw.kernel.types import input_token_bound
+from llmgw.kernel.types import input_token_bound, new_id
 
 from . import ledger_sql as sql
 from .ledger_config import (
@@ -219,7 +218,7 @@ class LedgerPlugin:
                     fallback=True,
                 )
         return Item(
-            id=uuid.uuid4().hex,
+            id=new_id(),
             provider=call.target.provider,
             model=call.target.model,
             task_class=call.task_class,
