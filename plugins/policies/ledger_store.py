@@ -8,8 +8,10 @@ Every write runs in a ``BEGIN IMMEDIATE`` transaction: SQLite takes the database
 lock at ``BEGIN``, so the check "settled + reserved + unknown + this <= cap" and the write
 that follows cannot interleave with another connection, in this process or another one
 sharing the file. :meth:`LedgerStore.run_batch` runs many writes in one transaction (a
-group commit), each in its own ``SAVEPOINT`` so that a refused or failed one rolls back
-alone; the caps are checked write by write, so the invariant holds inside a batch too.
+group commit), each as if in its own ``SAVEPOINT`` so that a refused or failed one rolls
+back alone (the batch first runs under one savepoint and is redone with one per write only
+when a write fails: :meth:`LedgerStore._optimistic`); the caps are checked write by write,
+so the invariant holds inside a batch too.
 
 The file is in WAL mode with ``synchronous=FULL``: a returned write is on disk.
 
@@ -213,12 +215,12 @@ class LedgerStore:
         """Run ``ops`` in order in ONE transaction (a group commit) and return, per op,
         ``(True, value)`` or ``(False, exception)``.
 
-        Each op runs in its own ``SAVEPOINT``: one that raises (a refused reservation,
-        :class:`CapExceeded`; a failed statement, as :class:`LedgerError`) is rolled back
-        alone and the others still commit. Returns only after the ``COMMIT``: every
-        result is durable. Raises :class:`LedgerError` when the transaction cannot begin
-        (locked past the timeout) or commit, or when SQLite rolled it back itself: then
-        nothing of the batch was written and every op has failed (fail closed).
+        Each op runs as if in its own ``SAVEPOINT`` (:meth:`_optimistic`): one that raises
+        (a refused reservation, :class:`CapExceeded`; a failed statement, as
+        :class:`LedgerError`) is rolled back alone and the others still commit. Returns only
+        after the ``COMMIT``: every result is durable. Raises :class:`LedgerError` when the
+        transaction cannot begin (locked past the timeout) or commit, or when SQLite rolled
+        it back itself: then nothing of the batch was written and every op has failed (fail closed).
         """
         with self._lock:
             db = self._open_db()
@@ -255,14 +257,37 @@ class LedgerStore:
                     self._rollback(db)
                     return [(False, self._op_error(exc))]
             else:
-                for op in ops:
-                    results.append(self._savepoint(db, op))
+                results = self._optimistic(db, ops)
             self._commit(db)
         except BaseException as exc:
             self._rollback(db)
             if isinstance(exc, sqlite3.Error):
                 raise LedgerError(f"{self.path}: {exc}") from None
             raise
+        return results
+
+    def _optimistic(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
+        """Run the ops of a batch, each as if in its own savepoint, at the cost of one.
+
+        A savepoint per op costs two statements per write. So the ops first run bare, inside
+        ONE savepoint for the whole batch; if all of them succeed, that is exactly what the
+        per-op savepoints would have left (a savepoint released without a rollback changes
+        nothing). If one raises, everything since the batch savepoint is rolled back and the
+        batch runs again with a savepoint per op (:meth:`_savepoint`), so a refused or failed
+        write is rolled back alone. An op may therefore run twice, the first run undone:
+        ops are functions of the database only (no other side effect)."""
+        db.execute("SAVEPOINT batch")
+        results: list[Result] = []
+        try:
+            for op in ops:
+                results.append((True, op(db)))
+        except Exception as exc:
+            if not db.in_transaction:
+                # SQLite rolled the whole transaction back (disk full, I/O error).
+                raise LedgerError(f"{self.path}: the transaction was rolled back ({exc})") from None
+            db.execute("ROLLBACK TO batch")
+            results = [self._savepoint(db, op) for op in ops]
+        db.execute("RELEASE batch")
         return results
 
     def _savepoint(self, db: sqlite3.Connection, op: Op) -> Result:

@@ -7,14 +7,15 @@ submitted before a reservation frees its headroom first).
 
 Group commit: the thread drains what is queued (up to :attr:`LedgerWriter.max_batch`
 writes) and runs it in ONE ``BEGIN IMMEDIATE ... COMMIT`` (:meth:`LedgerStore.run_batch`),
-each write in its own savepoint, so N concurrent calls pay one ``fsync`` instead of N. A
-write's future completes only after that ``COMMIT`` returned: acknowledged means durable,
-exactly as with one transaction per write. When the transaction cannot begin or commit,
-every write of the batch fails with the :class:`LedgerError` (fail closed: a reservation is
-refused; a settle leaves its entry reserved, charged at the worst case, until the lease
-turns it ``unknown`` at the next start). The batch is not retried: a COMMIT fails on a
-disk error, which a second try at once would meet again, and a retry would only delay the
-refusals.
+each write as if in its own savepoint, so N concurrent calls pay one ``fsync`` instead of
+N. A write's future completes only after that ``COMMIT`` returned: acknowledged means
+durable, exactly as with one transaction per write; the awaited writes of a batch are
+handed back to their event loop in one wake-up (one ``call_soon_threadsafe`` per batch).
+When the transaction cannot begin or commit, every write of the batch fails with the
+:class:`LedgerError` (fail closed: a reservation is refused; a settle leaves its entry
+reserved, charged at the worst case, until the lease turns it ``unknown`` at the next
+start). The batch is not retried: a COMMIT fails on a disk error, which a second try at
+once would meet again, and a retry would only delay the refusals.
 
 Writes nobody waits for (settles, marked ``lazy``) may wait up to :attr:`LedgerWriter.linger_s`
 (5 ms) for a write somebody waits for (a reservation) and join its commit: a gateway serving
@@ -65,6 +66,9 @@ class _Job:
     lazy: bool = False
     queued_at: float = 0.0
     running: bool = False  # taken by an inline batch that could not begin, then put back
+    #: The asyncio future a caller awaits (:meth:`LedgerWriter.run`), resolved from
+    #: ``future`` on its loop, one loop wake-up per batch (see :func:`_wake`).
+    waiter: asyncio.Future[Any] | None = None
 
 
 @dataclass
@@ -164,7 +168,16 @@ class LedgerWriter:
             done, value = self.run_inline(op)
             if done:
                 return cast(T, value)
-        return await self._wait(self.submit(op), if_abandoned)
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        job = self._put(_Job(cf.Future(), op=op, queued_at=time.monotonic(), waiter=waiter))
+        if job.done():  # refused at once (closed): no batch will resolve the waiter
+            _resolve([(waiter, job)])
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # The write still runs (it is queued); the waiter alone is cancelled.
+            self._abandon(job, if_abandoned)
+            raise
 
     def run_inline(self, op: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
         """Run ``op`` on this thread, now, when the writer is idle: ``(True, value)`` after
@@ -232,15 +245,20 @@ class LedgerWriter:
         try:
             return await asyncio.shield(asyncio.wrap_future(job))
         except asyncio.CancelledError:
-            if if_abandoned is not None:
-                callback = if_abandoned
-
-                def done(f: cf.Future[T]) -> None:
-                    if not f.cancelled() and f.exception() is None:
-                        callback(f.result())
-
-                job.add_done_callback(done)
+            self._abandon(job, if_abandoned)
             raise
+
+    @staticmethod
+    def _abandon(job: cf.Future[T], if_abandoned: Callable[[T], object] | None) -> None:
+        """Its caller is gone: ``if_abandoned`` gets the write's result once committed."""
+        if if_abandoned is not None:
+            callback = if_abandoned
+
+            def done(f: cf.Future[T]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    callback(f.result())
+
+            job.add_done_callback(done)
 
     # --- closing ---------------------------------------------------------------------
 
@@ -327,6 +345,7 @@ class LedgerWriter:
     def _run_batch(self, jobs: list[_Job]) -> None:
         live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
         if not live:
+            _wake(jobs)
             return
         ops = [j.op for j in live if j.op is not None]
         try:
@@ -335,6 +354,7 @@ class LedgerWriter:
             # Nothing of the batch was written: every write of it fails (fail closed).
             for j in live:
                 j.future.set_exception(exc)
+            _wake(jobs)
             return
         self._count(len(live))
         # After the COMMIT: completing a future runs its callbacks here (they may queue
@@ -344,3 +364,34 @@ class LedgerWriter:
                 j.future.set_result(value)
             else:
                 j.future.set_exception(value)
+        _wake(jobs)
+
+
+def _wake(jobs: list[_Job]) -> None:
+    """Hand the results of a batch's awaited writes to their event loops: one
+    ``call_soon_threadsafe`` per loop and batch (a wake-up of the loop's self-pipe), not one
+    per write as :func:`asyncio.wrap_future` would. Called after the futures completed."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], cf.Future[Any]]]]
+    by_loop = {}
+    for j in jobs:
+        if j.waiter is not None:
+            by_loop.setdefault(j.waiter.get_loop(), []).append((j.waiter, j.future))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, pairs)
+        except RuntimeError:  # the loop is closed: nobody awaits these any more
+            pass
+
+
+def _resolve(pairs: list[tuple[asyncio.Future[Any], cf.Future[Any]]]) -> None:
+    """On the waiters' loop: copy each completed write's outcome to its waiter (skipping
+    a waiter whose task was cancelled meanwhile)."""
+    for waiter, job in pairs:
+        if waiter.done():
+            continue
+        if job.cancelled():
+            waiter.cancel()
+        elif (exc := job.exception()) is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(job.result())

@@ -6,6 +6,7 @@ retried in short jittered steps, not SQLite's growing sleeps."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import sqlite3
 import subprocess
@@ -324,3 +325,76 @@ def test_futures_complete_only_after_the_commit(st: LedgerStore) -> None:
     writer.submit(reserve("a", 1, Caps())).add_done_callback(check)
     writer.close()
     assert seen == [1]
+
+
+@pytest.mark.anyio
+async def test_a_batch_wakes_the_event_loop_once(st: LedgerStore) -> None:
+    """The awaited writes of one batch come back to their loop in one wake-up, each with
+    its own result or refusal."""
+    loop = asyncio.get_running_loop()
+    real = loop.call_soon_threadsafe
+    wakes: list[object] = []
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+        wakes.append(callback)
+        return real(callback, *args, **kwargs)
+
+    writer = LedgerWriter(st)
+    caps = Caps(total=100)
+    stall = Stalled(writer)
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        tasks = [asyncio.ensure_future(writer.run(reserve(i, 40, caps))) for i in "abc"]
+        await asyncio.sleep(0)  # each run() has queued its write
+        stall.release()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        del loop.call_soon_threadsafe
+    writer.close()
+    assert results[:2] == [None, None] and isinstance(results[2], CapExceeded)
+    assert writer.stats.sizes[-1] == 3  # one transaction for the three
+    assert len(wakes) == 1
+    assert st.scopes("2026-11")["total"].reserved_micro == 80
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_still_gets_its_write_committed_and_handed_over(
+    st: LedgerStore,
+) -> None:
+    writer = LedgerWriter(st)
+    stall = Stalled(writer)
+    abandoned: list[object] = []
+    task = asyncio.ensure_future(
+        writer.run(reserve("a", 10, Caps()), if_abandoned=lambda v: abandoned.append(("a", v)))
+    )
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stall.release()
+    writer.close()
+    assert abandoned == [("a", None)]
+    assert st.entry("a") is not None and st.entry("a")["state"] == "reserved"
+
+
+def test_a_batch_without_failure_runs_each_write_once_without_per_write_savepoints(
+    st: LedgerStore,
+) -> None:
+    runs: list[str] = []
+    statements: list[str] = []
+
+    def counted(i: str) -> Any:
+        def op(db: sqlite3.Connection) -> None:
+            runs.append(i)
+            reserve(i, 10, Caps())(db)
+
+        return op
+
+    assert st._db is not None
+    st._db.set_trace_callback(statements.append)
+    results = st.run_batch([counted("a"), counted("b"), counted("c")])
+    st._db.set_trace_callback(None)
+    assert [ok for ok, _ in results] == [True, True, True]
+    assert runs == ["a", "b", "c"]
+    assert sum(s.startswith("SAVEPOINT") for s in statements) == 1  # the batch's, not per write
+    assert st.scopes("2026-11")["total"].reserved_micro == 30
