@@ -37,6 +37,7 @@ from .types import (
     Message,
     Outcome,
     Provider,
+    Rejection,
     Request,
     Route,
     Status,
@@ -304,16 +305,8 @@ class Gateway:
                 )
             rejection = await self.hooks.preflight(call)
             if rejection is not None:
-                last = Outcome.failure(
-                    rejection.error_class,
-                    rejection.message,
-                    sent=False,
-                    details={"rejected_by": rejection.plugin, **rejection.details},
-                )
+                last = self._rejected(call, rejection, 0, attempts, history)
                 last_target = target
-                attempts.append(Attempt(target, 0, last, "rejected", rejection.plugin))
-                history.append((target, last))
-                self._log_attempt(call, last, "rejected", rejection.plugin)
                 if rejection.fallback:
                     continue
                 break
@@ -365,17 +358,7 @@ class Gateway:
                 # or a kill switch flipped meanwhile, ends the retries now, not after a sleep.
                 rejection = await self.hooks.preflight(call)
                 if rejection is not None:
-                    last = Outcome.failure(
-                        rejection.error_class,
-                        rejection.message,
-                        sent=False,
-                        details={"rejected_by": rejection.plugin, **rejection.details},
-                    )
-                    attempts.append(
-                        Attempt(target, attempt + 1, last, "rejected", rejection.plugin)
-                    )
-                    history.append((target, last))
-                    self._log_attempt(call, last, "rejected", rejection.plugin)
+                    last = self._rejected(call, rejection, attempt + 1, attempts, history)
                     move_on = rejection.fallback
                     break
                 if advice.delay_s > 0:
@@ -392,6 +375,27 @@ class Gateway:
         return ChainResult(
             last, last_target, attempts, meta, (self.clock.monotonic() - started) * 1000
         )
+
+    def _rejected(
+        self,
+        call: Call,
+        rejection: Rejection,
+        attempt: int,
+        attempts: list[Attempt],
+        history: list[tuple[Target, Outcome]],
+    ) -> Outcome:
+        """Record a preflight refusal of ``call`` as an attempt that sent nothing."""
+        assert call.target is not None
+        outcome = Outcome.failure(
+            rejection.error_class,
+            rejection.message,
+            sent=False,
+            details={"rejected_by": rejection.plugin, **rejection.details},
+        )
+        attempts.append(Attempt(call.target, attempt, outcome, "rejected", rejection.plugin))
+        history.append((call.target, outcome))
+        self._log_attempt(call, outcome, "rejected", rejection.plugin)
+        return outcome
 
     async def _send(self, call: Call) -> Outcome:
         assert call.target is not None
