@@ -352,13 +352,16 @@ def breakdown(db: sqlite3.Connection, month: str) -> list[dict[str, Any]]:
 
 
 def _read_scopes(db: sqlite3.Connection, month: str, names: list[str]) -> dict[str, ScopeUse]:
-    db.executemany(
-        "INSERT OR IGNORE INTO totals (month, scope) VALUES (?, ?)", [(month, s) for s in names]
-    )
     marks = ",".join("?" * len(names))
-    rows = db.execute(
-        # Only '?' marks are formatted in: the values are bound parameters.
-        f"SELECT {_SCOPE_COLUMNS} FROM totals WHERE month = ? AND scope IN ({marks})",  # noqa: S608
-        (month, *names),
-    ).fetchall()
+    # Only '?' marks are formatted in: the values are bound parameters.
+    query = f"SELECT {_SCOPE_COLUMNS} FROM totals WHERE month = ? AND scope IN ({marks})"  # noqa: S608
+    rows = db.execute(query, (month, *names)).fetchall()
+    if len(rows) < len(set(names)):
+        # First use of a scope this month: create its row, then read again. (Reading
+        # first saves a statement on every other reservation.)
+        db.executemany(
+            "INSERT OR IGNORE INTO totals (month, scope) VALUES (?, ?)",
+            [(month, s) for s in names],
+        )
+        rows = db.execute(query, (month, *names)).fetchall()
     return {r[0]: ScopeUse(*r) for r in rows}
