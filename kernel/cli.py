@@ -249,7 +249,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"{describe_entry_point(ep)}  ->  add `- {ep.name}` to plugins: in routing.yaml")
         return EXIT_OK
     gateway = build_gateway(settings)
-    origin = {p.name: p for p in gateway.plugins}
     print("plugins (config order):")
     for p in gateway.plugins:
         where = f"{p.distribution} {p.version}" if p.distribution else p.origin
@@ -263,7 +262,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             flags = [f for f in ("tryfirst", "trylast", "wrapper") if getattr(impl, f, False)]
             names.append(impl.plugin_name + (f" ({', '.join(flags)})" if flags else ""))
         print(f"  {hook:<20} {' -> '.join(names) if names else '(none)'}")
-    del origin
     anyio.run(gateway.aclose)
     return EXIT_OK
 

@@ -172,6 +172,7 @@ class Settings(Model):
     _source: Path | None = PrivateAttr(default=None)
     _sections: dict[str, Any] = PrivateAttr(default_factory=dict)
     _env: dict[str, str] = PrivateAttr(default_factory=dict)
+    _declared: frozenset[tuple[str, str]] | None = PrivateAttr(default=None)
 
     @field_validator("task_classes")
     @classmethod
@@ -219,8 +220,13 @@ class Settings(Model):
     def sections(self) -> Mapping[str, Any]:
         return self._sections
 
-    def declared_models(self) -> set[tuple[str, str]]:
-        """Every (provider, model) named anywhere in the file."""
+    def declared_models(self) -> frozenset[tuple[str, str]]:
+        """Every (provider, model) named anywhere in the file (computed once)."""
+        if self._declared is None:
+            self._declared = frozenset(self._collect_declared())
+        return self._declared
+
+    def _collect_declared(self) -> set[tuple[str, str]]:
         found: set[tuple[str, str]] = set()
         for spec in self.task_classes.values():
             if spec.members:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -435,7 +435,7 @@ class Gateway:
                 sent=True,
             )
         latency = (time.perf_counter() - t0) * 1000
-        return _replace(outcome, latency_ms=latency, cost_micro_usd=attempt_cost(call, outcome))
+        return replace(outcome, latency_ms=latency, cost_micro_usd=attempt_cost(call, outcome))
 
     def _log_attempt(self, call: Call, outcome: Outcome, disposition: str, by: str | None) -> None:
         t = call.target
@@ -600,9 +600,3 @@ def attempt_cost(call: Call, outcome: Outcome) -> int | None:
 def effective_system(request: Request, route: Route) -> str | None:
     """The caller's system prompt, else the task class default carried by the route."""
     return request.system if request.system is not None else route.system
-
-
-def _replace(outcome: Outcome, **changes: Any) -> Outcome:
-    from dataclasses import replace
-
-    return replace(outcome, **changes)

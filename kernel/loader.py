@@ -360,8 +360,6 @@ def check_hooks(pm: pluggy.PluginManager, order: list[str]) -> None:
                     "an async body runs)",
                     fix="drop wrapper=True; use before_call and after_call instead",
                 )
-            if hook in hookspecs.ASYNC_HOOKS and not hookspecs_async_ok(impl):
-                raise PluginError(impl.plugin_name, f"{hook} implementation is not callable")
         plain = [
             i
             for i in impls
@@ -387,10 +385,6 @@ def check_hooks(pm: pluggy.PluginManager, order: list[str]) -> None:
                 fix=f"move {culprit.plugin_name!r} in plugins: to where it should run, "
                 f"or remove {mark} from its hook",
             )
-
-
-def hookspecs_async_ok(impl: pluggy.HookImpl) -> bool:
-    return callable(impl.function)
 
 
 def _hook_names() -> list[str]:

@@ -9,7 +9,6 @@ import json
 import logging
 import sys
 import threading
-from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -18,7 +17,7 @@ REDACTED = "[REDACTED]"
 
 
 class Redactor:
-    """A structlog processor that removes the exact values of registered secrets.
+    """Removes the exact values of registered secrets from rendered log lines.
 
     Secrets are process-wide (so is logging); providers add their key values when they
     start. Values shorter than 8 characters are ignored: they cannot be told apart
@@ -42,24 +41,6 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         return text
-
-    def _clean(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.scrub(value)
-        if isinstance(value, dict):
-            return {k: self._clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(self._clean(v) for v in value)
-        if isinstance(value, BaseException):
-            return self.scrub(f"{type(value).__name__}: {value}")
-        return value
-
-    def __call__(
-        self, logger: Any, method: str, event: MutableMapping[str, Any]
-    ) -> MutableMapping[str, Any]:
-        if not self._secrets:
-            return event
-        return {k: self._clean(v) for k, v in event.items()}
 
 
 REDACTOR = Redactor()

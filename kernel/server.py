@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
+import structlog
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
@@ -32,6 +33,8 @@ from .errors import ErrorClass
 from .gateway import Gateway
 from .tools import ToolSpec
 from .types import Request
+
+log = structlog.get_logger("llmgw.server")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 TOKEN_ENV = "LLM_GATEWAY_HTTP_TOKEN"  # noqa: S105 - a variable name, not a secret
@@ -154,9 +157,7 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
         try:
             envelope = await gateway.route(request, progress=_progress_of(ctx))
         except Exception:
-            import structlog
-
-            structlog.get_logger("llmgw.server").exception("tool.crashed", tool="llm_route")
+            log.exception("tool.crashed", tool="llm_route")
             envelope = Envelope.failure(
                 ErrorClass.INTERNAL_ERROR,
                 "the gateway failed internally; see its log",
@@ -215,9 +216,7 @@ def _adapt(spec: ToolSpec) -> Callable[..., Awaitable[CallToolResult]]:
         try:
             envelope = await spec.fn(**kwargs)
         except Exception:
-            import structlog
-
-            structlog.get_logger("llmgw.server").exception("tool.crashed", tool=spec.name)
+            log.exception("tool.crashed", tool=spec.name)
             envelope = Envelope.failure(
                 ErrorClass.INTERNAL_ERROR, "the tool failed internally; see the gateway log"
             )
