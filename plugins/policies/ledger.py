@@ -43,9 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import sqlite3
-from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from llmgw.kernel import (
@@ -60,7 +57,6 @@ from llmgw.kernel import (
 )
 from llmgw.kernel.types import input_token_bound, new_id
 
-from . import ledger_sql as sql
 from .ledger_config import (
     LEDGER_ENV,
     LedgerConfig,
@@ -70,6 +66,7 @@ from .ledger_config import (
     resolve_caps,
 )
 from .ledger_messages import cap_message, ledger_failed, scope_label
+from .ledger_ops import MarkUnknown, Op, Release, Reserve, Settle
 from .ledger_report import build_report, format_spend, spend_report
 from .ledger_store import TOTAL, CapExceeded, Item, LedgerError, LedgerStore, month_of
 from .ledger_writer import LedgerWriter
@@ -161,13 +158,13 @@ class LedgerPlugin:
         def release_all(_: None) -> None:
             for item in items:
                 self._later(
-                    partial(sql.release, entry_id=item.id, now=now, error_class="cancelled"),
+                    Release(item.id, now, "cancelled"),
                     item.id,
                 )
 
         try:
             await self.writer.run(
-                lambda db: sql.reserve(db, items, self.caps, now=now, lease_s=self.config.lease_s),
+                Reserve(items, self.caps, now, self.config.lease_s),
                 if_abandoned=release_all,
                 inline=self.in_flight == 0,
             )
@@ -246,44 +243,35 @@ class LedgerPlugin:
                 if (s := m.stash.get(self.ctx.name)) and s.get("pre") and not s.get("used")
             ]
             for rid in unused:
-                self._later(partial(sql.release, entry_id=rid, now=now), rid)
+                self._later(Release(rid, now), rid)
             return
         if mine is None or mine.get("reservation") is None or mine.get("settled"):
             return
         rid = str(mine["reservation"])
         error = outcome.error_class.value if outcome.error_class else None
         self._check_growth(call, mine["amount"])
-        op: Callable[[sqlite3.Connection], bool]
+        op: Op
         if outcome.usage is not None:
-            op = partial(
-                sql.settle,
-                entry_id=rid,
-                cost_micro=outcome.cost_micro_usd,
-                now=now,
-                input_tokens=outcome.usage.input_tokens,
-                output_tokens=outcome.usage.output_tokens,
-                error_class=error,
+            op = Settle(
+                rid,
+                outcome.cost_micro_usd,
+                now,
+                outcome.usage.input_tokens,
+                outcome.usage.output_tokens,
+                error,
             )
         elif outcome.sent and outcome.cost_micro_usd is not None:
             # The upstream answered with an error status and no usage (the kernel prices
             # that at 0): a definite answer, not an unknown.
-            op = partial(
-                sql.settle,
-                entry_id=rid,
-                cost_micro=outcome.cost_micro_usd,
-                now=now,
-                input_tokens=0,
-                output_tokens=0,
-                error_class=error,
-            )
+            op = Settle(rid, outcome.cost_micro_usd, now, 0, 0, error)
         elif outcome.sent:
-            op = partial(sql.mark_unknown, entry_id=rid, now=now, error_class=error)
+            op = MarkUnknown(rid, now, error)
         else:
-            op = partial(sql.release, entry_id=rid, now=now, error_class=error)
+            op = Release(rid, now, error)
         self._later(op, rid)
         mine["settled"] = True
 
-    def _later(self, op: Callable[[sqlite3.Connection], bool], rid: str) -> None:
+    def _later(self, op: Op, rid: str) -> None:
         """Hand a settle, unknown or release to the writer without waiting for its commit
         (see the module docstring for why that is safe); a failure is logged."""
 

@@ -1,15 +1,15 @@
-"""The ledger's data and SQL: the schema, the value types, and each write as a function of an
-open transaction.
+"""The ledger's data and SQL: the schema, the value types, the reads and the lease expiry.
 
-No connection handling here: :mod:`.ledger_store` opens the file, runs these functions
-inside ``BEGIN IMMEDIATE`` (one per call, or many per group commit, each in a
-``SAVEPOINT``) and turns SQLite errors into :class:`LedgerError`.
+No connection handling here: :mod:`.ledger_store` opens the file, runs the writes (these
+and the set-wise ones of :mod:`.ledger_ops`) inside ``BEGIN IMMEDIATE`` and turns SQLite
+errors into :class:`LedgerError`.
 
 Two tables. ``entries`` holds one row per attempt (a reservation and what became of
 it). ``totals`` holds, per UTC month and scope (``total``, ``provider:<name>``), the
 sums the caps are checked against; it is updated in the same transaction as the entry,
 and a ``CHECK`` constraint on it refuses any write that would put a scope over the cap
-recorded with it: a second line of defence behind the check in :func:`reserve`.
+recorded with it: a second line of defence behind the check in
+:meth:`.ledger_ops.Reserve.apply`.
 
 Money is integer micro-dollars. Entry states: ``reserved`` (worst case held),
 ``settled`` (usage known, its cost counted), ``unknown`` (possibly billed, no usage:
@@ -157,153 +157,12 @@ def provider_scope(provider: str) -> str:
 
 
 # --- writes (each runs inside a transaction the caller holds) -----------------------
+# Reserve, settle, mark unknown and release are in :mod:`.ledger_ops` (applied set-wise).
 
-_INSERT_ENTRY = (
-    "INSERT INTO entries (id, month, provider, model, task_class, request_id, attempt, "
-    "state, reserved_micro, priced, created_at, updated_at, lease_until) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, 'reserved', ?, ?, ?, ?, ?)"
-)
-_OPEN_ENTRY = (
-    "SELECT month, provider, state, reserved_micro FROM entries WHERE id = ? "
-    "AND state IN ('reserved', 'unknown')"
-)
-# One statement per transition updates both scopes of the month (total and the provider).
-_SETTLE_FROM = {
-    "reserved": "UPDATE totals SET reserved_micro = reserved_micro - ?, "
-    "settled_micro = settled_micro + ?, overage_micro = overage_micro + ? "
-    "WHERE month = ? AND scope IN ('total', ?)",
-    "unknown": "UPDATE totals SET unknown_micro = unknown_micro - ?, "
-    "settled_micro = settled_micro + ?, overage_micro = overage_micro + ? "
-    "WHERE month = ? AND scope IN ('total', ?)",
-}
 _TO_UNKNOWN = (
     "UPDATE totals SET reserved_micro = reserved_micro - ?, unknown_micro = unknown_micro + ? "
     "WHERE month = ? AND scope IN ('total', ?)"
 )
-_RELEASE = """UPDATE totals SET reserved_micro = reserved_micro - ?
-WHERE month = ? AND scope IN ('total', ?)"""
-
-
-def reserve(
-    db: sqlite3.Connection, items: Sequence[Item], caps: Caps, *, now: datetime, lease_s: float
-) -> None:
-    """Reserve every item or none: refuse with :class:`CapExceeded` if any scope (the
-    month's total, each provider) would go over its cap. The caller holds the write lock,
-    so the check and the write cannot interleave with another connection."""
-    month = month_of(now)
-    deltas: dict[str, int] = {}
-    for item in items:
-        deltas[TOTAL] = deltas.get(TOTAL, 0) + item.amount_micro
-        scope = provider_scope(item.provider)
-        deltas[scope] = deltas.get(scope, 0) + item.amount_micro
-    uses = _read_scopes(db, month, list(deltas))
-    breaches = [
-        Breach(uses[scope], cap, delta)
-        for scope, delta in deltas.items()
-        if (cap := caps.for_scope(scope)) is not None and uses[scope].used_micro + delta > cap
-    ]
-    if breaches:
-        raise CapExceeded(breaches)
-    stamp = now.isoformat()
-    lease_until = now.timestamp() + lease_s
-    db.executemany(
-        _INSERT_ENTRY,
-        [
-            (
-                i.id,
-                month,
-                i.provider,
-                i.model,
-                i.task_class,
-                i.request_id,
-                i.attempt,
-                i.amount_micro,
-                int(i.priced),
-                stamp,
-                stamp,
-                lease_until,
-            )
-            for i in items
-        ],
-    )
-    db.executemany(
-        "UPDATE totals SET reserved_micro = reserved_micro + ?, cap_micro = ? "
-        "WHERE month = ? AND scope = ?",
-        [(delta, caps.for_scope(scope), month, scope) for scope, delta in deltas.items()],
-    )
-
-
-def settle(
-    db: sqlite3.Connection,
-    entry_id: str,
-    *,
-    cost_micro: int | None,
-    now: datetime,
-    input_tokens: int | None = None,
-    output_tokens: int | None = None,
-    error_class: str | None = None,
-) -> bool:
-    """Record what an attempt cost (idempotent: False if already settled/released).
-
-    ``cost_micro`` None means the usage is known but the price is not: recorded as 0
-    with ``priced = 0``. An ``unknown`` entry may still be settled (late usage).
-    """
-    row = db.execute(_OPEN_ENTRY, (entry_id,)).fetchone()
-    if row is None:
-        return False
-    month, provider, state, reserved = row
-    cost = cost_micro or 0
-    db.execute(
-        "UPDATE entries SET state = 'settled', cost_micro = ?, priced = ?, input_tokens = ?, "
-        "output_tokens = ?, error_class = ?, updated_at = ? WHERE id = ?",
-        (
-            cost,
-            int(cost_micro is not None),
-            input_tokens,
-            output_tokens,
-            error_class,
-            now.isoformat(),
-            entry_id,
-        ),
-    )
-    db.execute(
-        _SETTLE_FROM[state],
-        (reserved, cost, max(0, cost - reserved), month, provider_scope(provider)),
-    )
-    return True
-
-
-def mark_unknown(
-    db: sqlite3.Connection, entry_id: str, *, now: datetime, error_class: str | None = None
-) -> bool:
-    """Sent but no usage came back: keep the reservation charged as ``unknown``."""
-    row = db.execute(_OPEN_ENTRY, (entry_id,)).fetchone()
-    if row is None or row[2] != "reserved":
-        return False
-    month, provider, _, reserved = row
-    db.execute(
-        "UPDATE entries SET state = 'unknown', error_class = ?, updated_at = ? WHERE id = ?",
-        (error_class, now.isoformat(), entry_id),
-    )
-    db.execute(_TO_UNKNOWN, (reserved, reserved, month, provider_scope(provider)))
-    return True
-
-
-def release(
-    db: sqlite3.Connection, entry_id: str, *, now: datetime, error_class: str | None = None
-) -> bool:
-    """Nothing was sent: give the reservation back. Only a ``reserved`` entry."""
-    row = db.execute(_OPEN_ENTRY, (entry_id,)).fetchone()
-    if row is None or row[2] != "reserved":
-        return False
-    month, provider, _, reserved = row
-    db.execute(
-        "UPDATE entries SET state = 'released', cost_micro = 0, error_class = ?, "
-        "updated_at = ? WHERE id = ?",
-        (error_class, now.isoformat(), entry_id),
-    )
-    db.execute(_RELEASE, (reserved, month, provider_scope(provider)))
-    return True
 
 
 def expire_leases(db: sqlite3.Connection, now: datetime) -> int:
@@ -349,19 +208,3 @@ def breakdown(db: sqlite3.Connection, month: str) -> list[dict[str, Any]]:
     ).fetchall()
     keys = ("provider", "model", "task_class", "state", "count", "micro", "unpriced")
     return [dict(zip(keys, r, strict=True)) for r in rows]
-
-
-def _read_scopes(db: sqlite3.Connection, month: str, names: list[str]) -> dict[str, ScopeUse]:
-    marks = ",".join("?" * len(names))
-    # Only '?' marks are formatted in: the values are bound parameters.
-    query = f"SELECT {_SCOPE_COLUMNS} FROM totals WHERE month = ? AND scope IN ({marks})"  # noqa: S608
-    rows = db.execute(query, (month, *names)).fetchall()
-    if len(rows) < len(set(names)):
-        # First use of a scope this month: create its row, then read again. (Reading
-        # first saves a statement on every other reservation.)
-        db.executemany(
-            "INSERT OR IGNORE INTO totals (month, scope) VALUES (?, ?)",
-            [(month, s) for s in names],
-        )
-        rows = db.execute(query, (month, *names)).fetchall()
-    return {r[0]: ScopeUse(*r) for r in rows}

@@ -36,7 +36,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import ledger_ops as ops_
 from . import ledger_sql as sql
+from .ledger_ops import apply_all
 from .ledger_sql import (
     SCHEMA,
     SCHEMA_VERSION,
@@ -269,18 +271,17 @@ class LedgerStore:
     def _optimistic(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
         """Run the ops of a batch, each as if in its own savepoint, at the cost of one.
 
-        A savepoint per op costs two statements per write. So the ops first run bare, inside
-        ONE savepoint for the whole batch; if all of them succeed, that is exactly what the
-        per-op savepoints would have left (a savepoint released without a rollback changes
-        nothing). If one raises, everything since the batch savepoint is rolled back and the
-        batch runs again with a savepoint per op (:meth:`_savepoint`), so a refused or failed
+        The ops first run together inside ONE savepoint for the whole batch, the ledger's
+        writes set-wise (:func:`.ledger_ops.apply_all`: a few statements for the whole
+        batch; a refused reservation changes nothing, so it needs no savepoint). If that
+        succeeds, it is exactly what one savepoint per op would have left. If a statement
+        or an op raises, everything since the batch savepoint is rolled back and the batch
+        runs again with a savepoint per op (:meth:`_savepoint`), each op alone, so a failed
         write is rolled back alone. An op may therefore run twice, the first run undone:
         ops are functions of the database only (no other side effect)."""
         db.execute("SAVEPOINT batch")
-        results: list[Result] = []
         try:
-            for op in ops:
-                results.append((True, op(db)))
+            results = apply_all(db, ops)
         except Exception as exc:
             if not db.in_transaction:
                 # SQLite rolled the whole transaction back (disk full, I/O error).
@@ -319,9 +320,9 @@ class LedgerStore:
     # --- writes, one transaction each ------------------------------------------------
 
     def reserve(self, items: Sequence[Item], caps: Caps, *, now: datetime, lease_s: float) -> None:
-        """Reserve every item or none (:func:`.ledger_sql.reserve`); raises
+        """Reserve every item or none (:class:`.ledger_ops.Reserve`); raises
         :class:`CapExceeded` naming the scopes that would go over their cap."""
-        self._one(lambda db: sql.reserve(db, items, caps, now=now, lease_s=lease_s))
+        self._one(ops_.Reserve(items, caps, now, lease_s))
 
     def settle(
         self,
@@ -333,32 +334,20 @@ class LedgerStore:
         output_tokens: int | None = None,
         error_class: str | None = None,
     ) -> bool:
-        """Record what an attempt cost, idempotently (:func:`.ledger_sql.settle`)."""
+        """Record what an attempt cost, idempotently (:class:`.ledger_ops.Settle`)."""
         return bool(
             self._one(
-                lambda db: sql.settle(
-                    db,
-                    entry_id,
-                    cost_micro=cost_micro,
-                    now=now,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    error_class=error_class,
-                )
+                ops_.Settle(entry_id, cost_micro, now, input_tokens, output_tokens, error_class)
             )
         )
 
     def mark_unknown(self, entry_id: str, *, now: datetime, error_class: str | None = None) -> bool:
         """Sent but no usage came back: keep the reservation charged as ``unknown``."""
-        return bool(
-            self._one(lambda db: sql.mark_unknown(db, entry_id, now=now, error_class=error_class))
-        )
+        return bool(self._one(ops_.MarkUnknown(entry_id, now, error_class)))
 
     def release(self, entry_id: str, *, now: datetime, error_class: str | None = None) -> bool:
         """Nothing was sent: give the reservation back. Only a ``reserved`` entry."""
-        return bool(
-            self._one(lambda db: sql.release(db, entry_id, now=now, error_class=error_class))
-        )
+        return bool(self._one(ops_.Release(entry_id, now, error_class)))
 
     def expire_leases(self, now: datetime) -> int:
         """Turn expired reservations into ``unknown`` (:func:`.ledger_sql.expire_leases`)."""

@@ -12,7 +12,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from _money_helpers import fake, flush, rows, worst_micro
 
 from llmgw.kernel import Request
 from llmgw.kernel.testing import FakeClock, gateway_from_yaml
-from llmgw.plugins.policies import ledger_sql as sql
+from llmgw.plugins.policies import ledger_ops as ops
 from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, Item, LedgerStore
 from llmgw.plugins.policies.ledger_writer import LedgerWriter
 
@@ -38,7 +37,7 @@ ledger:
 
 def reserve(i: str, amount: int, caps: Caps) -> Any:
     item = Item(i, "a", "m", "cls", f"req-{i}", amount)
-    return partial(sql.reserve, items=[item], caps=caps, now=NOW, lease_s=60)
+    return ops.Reserve([item], caps, NOW, 60)
 
 
 @pytest.fixture
@@ -108,7 +107,7 @@ async def test_a_locked_database_puts_the_queued_settles_back_in_order(st: Ledge
     await writer.run(reserve("a", 100, caps), inline=True)
     other = sqlite3.connect(st.path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")
-    settled = writer.submit(partial(sql.settle, entry_id="a", cost_micro=10, now=NOW), lazy=True)
+    settled = writer.submit(ops.Settle("a", 10, NOW), lazy=True)
     threading.Timer(0.05, lambda: other.execute("ROLLBACK")).start()
     # fits only once the settle (submitted first) has freed the headroom
     await writer.run(reserve("b", 90, caps), inline=True)
@@ -124,7 +123,7 @@ async def test_a_queued_settle_joins_the_inline_commit_first(st: LedgerStore) ->
     writer.linger_s = 5.0  # the thread leaves the lazy settle queued
     caps = Caps(total=100)
     await writer.run(reserve("a", 100, caps), inline=True)
-    settled = writer.submit(partial(sql.settle, entry_id="a", cost_micro=10, now=NOW), lazy=True)
+    settled = writer.submit(ops.Settle("a", 10, NOW), lazy=True)
     assert not settled.done()
     # the cap only has room for b if a's settle (submitted first) runs first
     await writer.run(reserve("b", 90, caps), inline=True)

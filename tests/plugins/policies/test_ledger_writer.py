@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from _money_helpers import PRICE, fake, flush, rows, worst_micro
 
 from llmgw.kernel import Outcome, ProviderRequest, Request
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
-from llmgw.plugins.policies import ledger_sql as sql
+from llmgw.plugins.policies import ledger_ops as ops
 from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, Item, LedgerError, LedgerStore
 from llmgw.plugins.policies.ledger_writer import LedgerWriter
 
@@ -45,7 +44,7 @@ def item(i: str, amount: int) -> Item:
 
 
 def reserve(i: str, amount: int, caps: Caps) -> Any:
-    return partial(sql.reserve, items=[item(i, amount)], caps=caps, now=NOW, lease_s=60)
+    return ops.Reserve([item(i, amount)], caps, NOW, 60)
 
 
 @pytest.fixture
@@ -84,7 +83,7 @@ def test_a_refused_reservation_in_a_batch_rolls_back_alone(st: LedgerStore) -> N
         writer.submit(reserve("a", 50, caps)),
         writer.submit(reserve("b", 60, caps)),  # 50 + 60 > 100: refused
         writer.submit(reserve("c", 50, caps)),  # fits after a: committed
-        writer.submit(partial(sql.settle, entry_id="a", cost_micro=20, now=NOW)),
+        writer.submit(ops.Settle("a", 20, NOW)),
     ]
     stall.release()
     assert jobs[0].result(5) is None
@@ -103,7 +102,7 @@ def test_a_refused_reservation_in_a_batch_rolls_back_alone(st: LedgerStore) -> N
 
 def test_a_failed_statement_in_a_batch_rolls_back_alone(st: LedgerStore) -> None:
     def broken(db: sqlite3.Connection) -> None:
-        sql.reserve(db, [item("x", 5)], Caps(), now=NOW, lease_s=60)
+        ops.reserve(db, [item("x", 5)], Caps(), now=NOW, lease_s=60)
         db.execute("INSERT INTO no_such_table VALUES (1)")  # fails after a partial write
 
     results = st.run_batch([reserve("a", 10, Caps()), broken, reserve("b", 10, Caps())])
@@ -121,7 +120,7 @@ def test_a_failed_commit_fails_every_write_of_the_batch(
     stall = Stalled(writer)
     jobs = [
         writer.submit(reserve("a", 10, Caps())),
-        writer.submit(partial(sql.settle, entry_id="old", cost_micro=5, now=NOW)),
+        writer.submit(ops.Settle("old", 5, NOW)),
         writer.submit(reserve("b", 10, Caps())),
     ]
     real_commit = st._commit

@@ -1,0 +1,563 @@
+"""The ledger's writes (reserve, settle, mark unknown, release), applied set-wise.
+
+A group commit (:meth:`.ledger_store.LedgerStore.run_batch`) runs many writes in one
+transaction. Written one statement per row, a reservation costs ~6 SQLite statements and a
+settle 3, and on the writer thread each statement gives up the GIL and waits to get it back
+from the busy event loop (~0.1 ms each under load on 2 cores: see bench/README.md). So the
+writes of a batch are applied to a :class:`Batch`, an in-memory view of the rows they
+touch, and written at the end with a fixed number of statements whatever the batch's size:
+read the month's scope totals, read the open entries being settled, insert the new entries,
+update the changed ones, write the changed totals.
+
+Exactly the same checks as one transaction per write:
+
+- The caller holds the write lock (``BEGIN IMMEDIATE``) from the reads to the writes, so
+  what the batch read cannot change under it, in this process or another one.
+- Writes are applied in submission order to the in-memory rows: a settle submitted before
+  a reservation frees its headroom first, and every reservation is checked against the
+  totals as the writes before it left them.
+- An op checks everything before it changes anything (:meth:`Reserve.apply` raises
+  :class:`.ledger_sql.CapExceeded` with the batch untouched), so a refused reservation needs
+  no savepoint of its own.
+- The ``CHECK`` constraints on ``totals`` and ``entries`` still judge what is written; a
+  failed statement makes the store redo the batch one savepoint per write (the slow,
+  statement-per-row path is then each op run alone: :meth:`Op.__call__`).
+
+With SQLite >= 3.38 (its JSON functions built in) each of those statements carries all of
+the batch's rows as one JSON parameter, so one statement is one step; older libraries run
+the same plan with ``executemany`` (a step per row, still no per-write reads).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+from .ledger_sql import (
+    TOTAL,
+    Breach,
+    CapExceeded,
+    Caps,
+    Item,
+    ScopeUse,
+    month_of,
+    provider_scope,
+)
+
+__all__ = [
+    "Batch",
+    "MarkUnknown",
+    "Op",
+    "Release",
+    "Reserve",
+    "Settle",
+    "apply_all",
+    "mark_unknown",
+    "release",
+    "reserve",
+    "settle",
+]
+
+#: JSON functions (``->>``, ``json_each``) are part of every SQLite >= 3.38.
+JSON_ROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
+
+_OPEN = ("reserved", "unknown")
+
+
+class _Scope:
+    """One (month, scope) row of ``totals`` as the batch has left it."""
+
+    __slots__ = ("cap", "dirty", "overage", "reserved", "settled", "unknown")
+
+    def __init__(
+        self,
+        settled: int = 0,
+        overage: int = 0,
+        reserved: int = 0,
+        unknown: int = 0,
+        cap: int | None = None,
+    ) -> None:
+        self.settled = settled
+        self.overage = overage
+        self.reserved = reserved
+        self.unknown = unknown
+        self.cap = cap
+        self.dirty = False
+
+    def use(self, name: str) -> ScopeUse:
+        return ScopeUse(name, self.settled, self.overage, self.reserved, self.unknown, self.cap)
+
+
+class _Entry:
+    """One open entry as the batch has left it. ``insert`` holds the columns written only
+    when the entry is new in this batch (then it is inserted, not updated)."""
+
+    __slots__ = (
+        "cost",
+        "dirty",
+        "error_class",
+        "id",
+        "input_tokens",
+        "insert",
+        "month",
+        "output_tokens",
+        "priced",
+        "provider",
+        "reserved",
+        "state",
+        "updated_at",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        month: str,
+        provider: str,
+        state: str,
+        reserved: int,
+        cost: int | None,
+        priced: int,
+        error_class: str | None,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        updated_at: str,
+        insert: tuple[Any, ...] | None = None,
+    ) -> None:
+        self.id = id
+        self.month = month
+        self.provider = provider
+        self.state = state
+        self.reserved = reserved
+        self.cost = cost
+        self.priced = priced
+        self.error_class = error_class
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.updated_at = updated_at
+        self.insert = insert
+        self.dirty = False
+
+    def changes(self) -> list[Any]:
+        """The ``UPDATE`` row (see ``_UPDATE_ENTRIES``)."""
+        return [
+            self.id,
+            self.state,
+            self.cost,
+            self.priced,
+            self.error_class,
+            self.input_tokens,
+            self.output_tokens,
+            self.updated_at,
+        ]
+
+    def row(self) -> list[Any]:
+        """The ``INSERT`` row (see ``_INSERT_ENTRIES``)."""
+        assert self.insert is not None
+        model, task_class, request_id, attempt, created_at, lease_until = self.insert
+        return [
+            self.id,
+            self.month,
+            self.provider,
+            model,
+            task_class,
+            request_id,
+            attempt,
+            self.state,
+            self.reserved,
+            self.cost,
+            self.priced,
+            self.error_class,
+            self.input_tokens,
+            self.output_tokens,
+            created_at,
+            self.updated_at,
+            lease_until,
+        ]
+
+
+_ENTRY_READ = (
+    "id, month, provider, state, reserved_micro, cost_micro, priced, error_class, "
+    "input_tokens, output_tokens, updated_at"
+)
+_OPEN_SQL = "state IN ('reserved', 'unknown')"
+_INSERT_COLUMNS = (
+    "id, month, provider, model, task_class, request_id, attempt, state, reserved_micro, "
+    "cost_micro, priced, error_class, input_tokens, output_tokens, created_at, updated_at, "
+    "lease_until"
+)
+_TOTALS_COLUMNS = (
+    "month, scope, cap_micro, settled_micro, overage_micro, reserved_micro, unknown_micro"
+)
+_UPDATE_SET = (
+    "state = {0}, cost_micro = {1}, priced = {2}, error_class = {3}, input_tokens = {4}, "
+    "output_tokens = {5}, updated_at = {6}"
+)
+
+
+def _json_args(n: int, source: str = "value") -> str:
+    return ", ".join(f"{source}->>{i}" for i in range(n))
+
+
+# Statement texts are constants (the statement cache keeps them prepared); only '?' binds
+# values. JSON form: one statement, one parameter, every row.
+_J_READ_SCOPES = (
+    "SELECT json_group_array(json_array(scope, settled_micro, overage_micro, reserved_micro, "
+    "unknown_micro, cap_micro)) FROM totals WHERE month = ?"
+)
+_J_READ_ENTRIES = (
+    f"SELECT json_group_array(json_array({_ENTRY_READ})) FROM entries "  # noqa: S608
+    f"WHERE id IN (SELECT value FROM json_each(?)) AND {_OPEN_SQL}"
+)
+_J_INSERT_ENTRIES = (
+    f"INSERT INTO entries ({_INSERT_COLUMNS}) "  # noqa: S608
+    f"SELECT {_json_args(17)} FROM json_each(?)"
+)
+_J_UPDATE_ENTRIES = (
+    "UPDATE entries SET "  # noqa: S608
+    + _UPDATE_SET.format(*(f"v.value->>{i}" for i in range(1, 8)))
+    + " FROM json_each(?) AS v WHERE entries.id = v.value->>0"
+)
+_J_WRITE_TOTALS = (
+    f"INSERT OR REPLACE INTO totals ({_TOTALS_COLUMNS}) "  # noqa: S608
+    f"SELECT {_json_args(7)} FROM json_each(?)"
+)
+# Row form (older SQLite): executemany, a step per row.
+_R_READ_SCOPES = (
+    "SELECT scope, settled_micro, overage_micro, reserved_micro, unknown_micro, cap_micro "
+    "FROM totals WHERE month = ?"
+)
+_R_READ_ENTRY = f"SELECT {_ENTRY_READ} FROM entries WHERE id = ? AND {_OPEN_SQL}"  # noqa: S608
+_R_INSERT_ENTRIES = f"INSERT INTO entries ({_INSERT_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
+_R_UPDATE_ENTRIES = (
+    "UPDATE entries SET "  # noqa: S608
+    + _UPDATE_SET.format(*("?" * 7))
+    + " WHERE id = ?"
+)
+_R_WRITE_TOTALS = f"INSERT OR REPLACE INTO totals ({_TOTALS_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+
+
+class Batch:
+    """The rows a batch's writes touch, read once and written once (see the module doc).
+
+    Use: :meth:`prefetch` the entries the batch will settle, ``op.apply(batch)`` for each
+    write in order, then :meth:`write`. The caller holds the transaction throughout.
+    """
+
+    #: Class-wide switch between the JSON and the row form (tests run both).
+    json_rows: ClassVar[bool] = JSON_ROWS
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self._scopes: dict[tuple[str, str], _Scope] = {}
+        self._months: set[str] = set()
+        #: Entries looked up: the open ones as rows, None for "not open" (or absent).
+        self._entries: dict[str, _Entry | None] = {}
+        #: Entries in the order they were first changed (the write order).
+        self._touched: list[_Entry] = []
+
+    # --- reading ---------------------------------------------------------------------
+
+    def prefetch(self, entry_ids: Iterable[str]) -> None:
+        """Read the open entries among ``entry_ids`` in one go (the others are not open)."""
+        ids = [i for i in dict.fromkeys(entry_ids) if i not in self._entries]
+        if not ids:
+            return
+        for i in ids:
+            self._entries[i] = None
+        if self.json_rows:
+            (text,) = self.db.execute(_J_READ_ENTRIES, (json.dumps(ids),)).fetchone()
+            rows: list[Any] = json.loads(text)
+        else:
+            rows = [r for i in ids if (r := self.db.execute(_R_READ_ENTRY, (i,)).fetchone())]
+        for r in rows:
+            self._entries[r[0]] = _Entry(*r)
+
+    def entry(self, entry_id: str) -> _Entry | None:
+        """The entry if it is open (``reserved`` or ``unknown``) as the batch left it."""
+        if entry_id not in self._entries:
+            self.prefetch([entry_id])
+        entry = self._entries[entry_id]
+        if entry is None or entry.state not in _OPEN:
+            return None
+        return entry
+
+    def scope(self, month: str, name: str) -> _Scope:
+        """A scope's totals as the batch has left them (zero when the month has no row)."""
+        if month not in self._months:
+            self._months.add(month)
+            if self.json_rows:
+                (text,) = self.db.execute(_J_READ_SCOPES, (month,)).fetchone()
+                rows: list[Any] = json.loads(text)
+            else:
+                rows = self.db.execute(_R_READ_SCOPES, (month,)).fetchall()
+            for r in rows:
+                self._scopes.setdefault((month, r[0]), _Scope(*r[1:]))
+        return self._scopes.setdefault((month, name), _Scope())
+
+    # --- changing --------------------------------------------------------------------
+
+    def add(self, entry: _Entry) -> None:
+        self._entries[entry.id] = entry
+        self._touch(entry)
+
+    def _touch(self, entry: _Entry) -> None:
+        if not entry.dirty:
+            entry.dirty = True
+            self._touched.append(entry)
+
+    def move(
+        self, entry: _Entry, state: str, *, settled: int = 0, overage: int = 0, now: datetime
+    ) -> None:
+        """Take ``entry`` from its state to ``state`` in its month's totals (both scopes):
+        its reservation leaves the old state's column; ``unknown`` keeps it charged."""
+        for name in (TOTAL, provider_scope(entry.provider)):
+            s = self.scope(entry.month, name)
+            if entry.state == "reserved":
+                s.reserved -= entry.reserved
+            else:
+                s.unknown -= entry.reserved
+            if state == "unknown":
+                s.unknown += entry.reserved
+            s.settled += settled
+            s.overage += overage
+            s.dirty = True
+        entry.state = state
+        entry.updated_at = now.isoformat()
+        self._touch(entry)
+
+    # --- writing ---------------------------------------------------------------------
+
+    def write(self) -> None:
+        """Write every changed entry and scope: three statements at most."""
+        new = [e.row() for e in self._touched if e.insert is not None]
+        changed = [e.changes() for e in self._touched if e.insert is None]
+        totals = [
+            [month, name, s.cap, s.settled, s.overage, s.reserved, s.unknown]
+            for (month, name), s in self._scopes.items()
+            if s.dirty
+        ]
+        db = self.db
+        if self.json_rows:
+            if new:
+                db.execute(_J_INSERT_ENTRIES, (json.dumps(new),))
+            if changed:
+                db.execute(_J_UPDATE_ENTRIES, (json.dumps(changed),))
+            if totals:
+                db.execute(_J_WRITE_TOTALS, (json.dumps(totals),))
+        else:
+            if new:
+                db.executemany(_R_INSERT_ENTRIES, new)
+            if changed:
+                db.executemany(_R_UPDATE_ENTRIES, [[*c[1:], c[0]] for c in changed])
+            if totals:
+                db.executemany(_R_WRITE_TOTALS, totals)
+        for e in self._touched:
+            e.dirty = False
+            e.insert = None  # written: a later change of it in this batch object updates
+        self._touched.clear()
+        for s in self._scopes.values():
+            s.dirty = False
+
+
+class Op:
+    """One ledger write. ``apply`` changes a :class:`Batch` (checking everything first);
+    calling the op on a connection runs it alone (its own batch, written at once).
+
+    An op that changes an existing entry names it in ``entry_id``: :func:`apply_all` reads
+    those up front, all in one statement."""
+
+    def apply(self, batch: Batch) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, db: sqlite3.Connection) -> Any:
+        batch = Batch(db)
+        value = self.apply(batch)
+        batch.write()
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(Op):
+    """Reserve every item or none: refuse with :class:`CapExceeded` if any scope (the
+    month's total, each provider) would go over its cap."""
+
+    items: Sequence[Item]
+    caps: Caps
+    now: datetime
+    lease_s: float
+
+    def apply(self, batch: Batch) -> None:
+        month = month_of(self.now)
+        deltas: dict[str, int] = {}
+        for item in self.items:
+            deltas[TOTAL] = deltas.get(TOTAL, 0) + item.amount_micro
+            scope = provider_scope(item.provider)
+            deltas[scope] = deltas.get(scope, 0) + item.amount_micro
+        scopes = {name: batch.scope(month, name) for name in deltas}
+        breaches = [
+            Breach(use, cap, delta)
+            for name, delta in deltas.items()
+            if (cap := self.caps.for_scope(name)) is not None
+            and (use := scopes[name].use(name)).used_micro + delta > cap
+        ]
+        if breaches:
+            raise CapExceeded(breaches)
+        for name, delta in deltas.items():
+            s = scopes[name]
+            s.reserved += delta
+            s.cap = self.caps.for_scope(name)
+            s.dirty = True
+        stamp = self.now.isoformat()
+        lease_until = self.now.timestamp() + self.lease_s
+        for i in self.items:
+            batch.add(
+                _Entry(
+                    i.id,
+                    month,
+                    i.provider,
+                    "reserved",
+                    i.amount_micro,
+                    None,
+                    int(i.priced),
+                    None,
+                    None,
+                    None,
+                    stamp,
+                    insert=(i.model, i.task_class, i.request_id, i.attempt, stamp, lease_until),
+                )
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Settle(Op):
+    """Record what an attempt cost (idempotent: False if already settled/released).
+
+    ``cost_micro`` None means the usage is known but the price is not: recorded as 0
+    with ``priced = 0``. An ``unknown`` entry may still be settled (late usage).
+    """
+
+    entry_id: str
+    cost_micro: int | None
+    now: datetime
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    error_class: str | None = None
+
+    def apply(self, batch: Batch) -> bool:
+        entry = batch.entry(self.entry_id)
+        if entry is None:
+            return False
+        cost = self.cost_micro or 0
+        batch.move(
+            entry,
+            "settled",
+            settled=cost,
+            overage=max(0, cost - entry.reserved),
+            now=self.now,
+        )
+        entry.cost = cost
+        entry.priced = int(self.cost_micro is not None)
+        entry.input_tokens = self.input_tokens
+        entry.output_tokens = self.output_tokens
+        entry.error_class = self.error_class
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class MarkUnknown(Op):
+    """Sent but no usage came back: keep the reservation charged as ``unknown``."""
+
+    entry_id: str
+    now: datetime
+    error_class: str | None = None
+
+    def apply(self, batch: Batch) -> bool:
+        entry = batch.entry(self.entry_id)
+        if entry is None or entry.state != "reserved":
+            return False
+        batch.move(entry, "unknown", now=self.now)
+        entry.error_class = self.error_class
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Release(Op):
+    """Nothing was sent: give the reservation back. Only a ``reserved`` entry."""
+
+    entry_id: str
+    now: datetime
+    error_class: str | None = None
+
+    def apply(self, batch: Batch) -> bool:
+        entry = batch.entry(self.entry_id)
+        if entry is None or entry.state != "reserved":
+            return False
+        batch.move(entry, "released", now=self.now)
+        entry.cost = 0
+        entry.error_class = self.error_class
+        return True
+
+
+def apply_all(db: sqlite3.Connection, ops: Sequence[Any]) -> list[tuple[bool, Any]]:
+    """Run a batch's writes in order inside the caller's transaction: the :class:`Op` ones
+    set-wise, any other callable of the connection as it is (the batch is written before
+    it and read again after it). A refused reservation is a ``(False, CapExceeded)``
+    result; any other exception propagates (the caller rolls the batch back and runs it
+    one savepoint per write)."""
+    results: list[tuple[bool, Any]] = []
+    batch = Batch(db)
+    batch.prefetch(i for op in ops if isinstance(i := getattr(op, "entry_id", None), str))
+    for op in ops:
+        if isinstance(op, Op):
+            try:
+                results.append((True, op.apply(batch)))
+            except CapExceeded as exc:
+                results.append((False, exc))
+        else:
+            batch.write()
+            results.append((True, op(db)))
+            batch = Batch(db)
+    batch.write()
+    return results
+
+
+# --- one write on a connection (tests, the store's one-write methods) ----------------
+
+
+def reserve(
+    db: sqlite3.Connection, items: Sequence[Item], caps: Caps, *, now: datetime, lease_s: float
+) -> None:
+    """:class:`Reserve` alone, inside the caller's transaction."""
+    Reserve(items, caps, now, lease_s)(db)
+
+
+def settle(
+    db: sqlite3.Connection,
+    entry_id: str,
+    *,
+    cost_micro: int | None,
+    now: datetime,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    error_class: str | None = None,
+) -> bool:
+    """:class:`Settle` alone, inside the caller's transaction."""
+    return bool(Settle(entry_id, cost_micro, now, input_tokens, output_tokens, error_class)(db))
+
+
+def mark_unknown(
+    db: sqlite3.Connection, entry_id: str, *, now: datetime, error_class: str | None = None
+) -> bool:
+    """:class:`MarkUnknown` alone, inside the caller's transaction."""
+    return bool(MarkUnknown(entry_id, now, error_class)(db))
+
+
+def release(
+    db: sqlite3.Connection, entry_id: str, *, now: datetime, error_class: str | None = None
+) -> bool:
+    """:class:`Release` alone, inside the caller's transaction."""
+    return bool(Release(entry_id, now, error_class)(db))

@@ -1,0 +1,331 @@
+"""The ledger's writes applied set-wise (a batch read once and written with a few
+statements) leave exactly what one transaction per write leaves: checked against a
+reference model of the money rules over random write sequences cut into random batches,
+in the JSON form and the row form (older SQLite), plus the statement count and the
+CHECK constraints as the second line of defence."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
+
+from llmgw.plugins.policies import ledger_ops as ops
+from llmgw.plugins.policies.ledger_store import (
+    CapExceeded,
+    Caps,
+    Item,
+    LedgerError,
+    LedgerStore,
+    month_of,
+)
+
+NOV = datetime(2026, 11, 30, 23, 59, tzinfo=UTC)
+DEC = datetime(2026, 12, 1, 0, 1, tzinfo=UTC)
+CAPS = Caps(total=400, providers={"a": 250})
+
+
+@pytest.fixture(params=["json", "rows"])
+def form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "json" and not ops.JSON_ROWS:
+        pytest.skip("this SQLite has no JSON functions (< 3.38)")
+    monkeypatch.setattr(ops.Batch, "json_rows", request.param == "json")
+    return str(request.param)
+
+
+def open_store(path: Path) -> LedgerStore:
+    s = LedgerStore(path)
+    s.open()
+    return s
+
+
+def item(i: str, amount: int, provider: str = "a") -> Item:
+    return Item(i, provider, "m", "cls", f"req-{i}", amount)
+
+
+# --- a reference model of the money rules --------------------------------------------
+
+
+@dataclass
+class Model:
+    """What the ledger must hold: entries by id, totals by (month, scope)."""
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    totals: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def _scopes(self, month: str, provider: str) -> list[list[int]]:
+        return [
+            self.totals.setdefault((month, s), [0, 0, 0, 0])
+            for s in ("total", f"provider:{provider}")
+        ]
+
+    def apply(self, op: ops.Op) -> tuple[bool, Any]:
+        if isinstance(op, ops.Reserve):
+            month = month_of(op.now)
+            need: dict[str, int] = {}
+            for i in op.items:
+                for s in ("total", f"provider:{i.provider}"):
+                    need[s] = need.get(s, 0) + i.amount_micro
+            for s, n in need.items():
+                cap = op.caps.for_scope(s)
+                used = self.totals.get((month, s), [0, 0, 0, 0])
+                if cap is not None and used[0] + used[2] + used[3] + n > cap:
+                    return False, "refused"
+            for i in op.items:
+                self.entries[i.id] = {"state": "reserved", "reserved": i.amount_micro, "cost": None}
+                self.entries[i.id].update(month=month, provider=i.provider, error=None)
+                for t in self._scopes(month, i.provider):
+                    t[2] += i.amount_micro
+            return True, None
+        assert isinstance(op, ops.Settle | ops.MarkUnknown | ops.Release)
+        e = self.entries.get(op.entry_id)
+        allowed = ("reserved", "unknown") if isinstance(op, ops.Settle) else ("reserved",)
+        if e is None or e["state"] not in allowed:
+            return True, False
+        r = e["reserved"]
+        for t in self._scopes(e["month"], e["provider"]):
+            t[2 if e["state"] == "reserved" else 3] -= r
+            if isinstance(op, ops.Settle):
+                cost = op.cost_micro or 0
+                t[0] += cost
+                t[1] += max(0, cost - r)
+            elif isinstance(op, ops.MarkUnknown):
+                t[3] += r
+        if isinstance(op, ops.Settle):
+            e.update(state="settled", cost=op.cost_micro or 0)
+        elif isinstance(op, ops.MarkUnknown):
+            e["state"] = "unknown"
+        else:
+            e.update(state="released", cost=0)
+        e["error"] = op.error_class
+        return True, True
+
+
+def stored(st: LedgerStore) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[int]]]:
+    assert st._db is not None
+    entries = {
+        r[0]: {
+            "state": r[1],
+            "reserved": r[2],
+            "cost": r[3],
+            "month": r[4],
+            "provider": r[5],
+            "error": r[6],
+        }
+        for r in st._db.execute(
+            "SELECT id, state, reserved_micro, cost_micro, month, provider, error_class "
+            "FROM entries"
+        )
+    }
+    totals = {
+        (r[0], r[1]): list(r[2:])
+        for r in st._db.execute(
+            "SELECT month, scope, settled_micro, overage_micro, reserved_micro, unknown_micro "
+            "FROM totals"
+        )
+    }
+    return entries, totals
+
+
+def nonzero(totals: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], list[int]]:
+    return {k: v for k, v in totals.items() if any(v)}
+
+
+ids = hs.sampled_from([f"e{i}" for i in range(12)])
+moment = hs.sampled_from([NOV, DEC])
+reserve_op = hs.builds(
+    lambda batch, now: ops.Reserve(batch, CAPS, now, 60),
+    hs.lists(
+        hs.builds(item, ids, hs.integers(0, 120), hs.sampled_from(["a", "b"])),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda i: i.id,
+    ),
+    moment,
+)
+later_op = hs.one_of(
+    hs.builds(
+        ops.Settle,
+        ids,
+        hs.one_of(hs.none(), hs.integers(0, 200)),
+        moment,
+        hs.just(3),
+        hs.just(4),
+        hs.sampled_from([None, "rate_limited"]),
+    ),
+    hs.builds(ops.MarkUnknown, ids, moment, hs.sampled_from([None, "timeout"])),
+    hs.builds(ops.Release, ids, moment, hs.sampled_from([None, "cancelled"])),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    writes=hs.lists(hs.one_of(reserve_op, later_op), min_size=1, max_size=40),
+    cuts=hs.lists(hs.integers(1, 12), min_size=1, max_size=40),
+)
+def test_batches_leave_what_the_reference_model_leaves(
+    writes: list[ops.Op], cuts: list[int], form: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    st = open_store(tmp_path_factory.mktemp(form) / "l.db")
+    model = Model()
+    try:
+        seen_ids: set[str] = set()
+        batches: list[list[ops.Op]] = []
+        rest = list(writes)
+        for n in cuts * 40:
+            if not rest:
+                break
+            batches.append(rest[:n])
+            rest = rest[n:]
+        for batch in batches:
+            results = st.run_batch(batch)
+            for op, (ok, value) in zip(batch, results, strict=True):
+                if isinstance(op, ops.Reserve) and any(i.id in seen_ids for i in op.items):
+                    # An id reused: refused alone (the cap check first, then the primary key).
+                    assert not ok and isinstance(value, CapExceeded | LedgerError)
+                    continue
+                want_ok, want = model.apply(op)
+                if want == "refused":
+                    assert not ok and isinstance(value, CapExceeded)
+                else:
+                    assert (ok, value) == (want_ok, want)
+                if isinstance(op, ops.Reserve) and ok:
+                    seen_ids.update(i.id for i in op.items)
+            entries, totals = stored(st)
+            assert entries == model.entries
+            assert nonzero(totals) == nonzero({k: list(v) for k, v in model.totals.items()})
+        assert st.integrity_check() == "ok"
+    finally:
+        st.close()
+
+
+# The model above skips reused ids; the store must refuse them, alone.
+def test_a_reused_id_is_refused_alone_and_the_rest_of_the_batch_commits(
+    form: str, tmp_path: Path
+) -> None:
+    st = open_store(tmp_path / "l.db")
+    results = st.run_batch(
+        [
+            ops.Reserve([item("x", 10)], CAPS, NOV, 60),
+            ops.Reserve([item("x", 20)], CAPS, NOV, 60),
+            ops.Reserve([item("y", 30)], CAPS, NOV, 60),
+        ]
+    )
+    assert [ok for ok, _ in results] == [True, False, True]
+    assert isinstance(results[1][1], LedgerError) and "UNIQUE" in str(results[1][1])
+    assert st.scopes("2026-11")["total"].reserved_micro == 40
+    st.close()
+
+
+def test_a_batch_costs_a_fixed_number_of_statements(form: str, tmp_path: Path) -> None:
+    st = open_store(tmp_path / "l.db")
+    st.run_batch([ops.Reserve([item(f"old{i}", 5)], CAPS, NOV, 60) for i in range(20)])
+    batch: list[ops.Op] = []
+    for i in range(20):
+        batch.append(ops.Settle(f"old{i}", 3, NOV, 1, 1))
+        batch.append(ops.Reserve([item(f"new{i}", 5, "b")], CAPS, NOV, 60))
+    statements: list[str] = []
+    assert st._db is not None
+    st._db.set_trace_callback(statements.append)
+    results = st.run_batch(batch)
+    st._db.set_trace_callback(None)
+    assert all(ok for ok, _ in results)
+    # BEGIN, SAVEPOINT, read the entries, read the month's totals, insert, update, write
+    # the totals, RELEASE, COMMIT: 9, whatever the batch's size (the row form runs the
+    # same statements, executemany stepping them once per row).
+    kinds = [s.split()[0] for s in statements]
+    if form == "json":
+        assert len(statements) == 9, statements
+    else:
+        assert kinds.count("INSERT") <= 20 + 3 and "SAVEPOINT" in kinds  # rows, no extra reads
+        assert sum(s.startswith("SELECT") for s in statements) == 21  # 20 entries + 1 month
+    total = st.scopes("2026-11")["total"]
+    assert (total.settled_micro, total.reserved_micro) == (60, 100)
+    st.close()
+
+
+def test_the_check_constraints_still_judge_what_a_batch_writes(form: str, tmp_path: Path) -> None:
+    st = open_store(tmp_path / "l.db")
+    st.reserve([item("a", 50), item("b", 50, "b")], CAPS, now=NOV, lease_s=60)
+    assert st._db is not None
+    # Damage the totals so that settling "a" would take provider:a's reserved below 0.
+    st._db.execute("UPDATE totals SET reserved_micro = 10 WHERE scope = 'provider:a'")
+    results = st.run_batch(
+        [
+            ops.Settle("a", 40, NOV),
+            ops.Settle("b", 40, NOV),
+            ops.Reserve([item("c", 5, "b")], CAPS, NOV, 60),
+        ]
+    )
+    assert [ok for ok, _ in results] == [False, True, True]
+    assert isinstance(results[0][1], LedgerError) and "CHECK" in str(results[0][1])
+    assert st.entry("a")["state"] == "reserved"  # rolled back alone
+    assert st.entry("b")["state"] == "settled" and st.entry("c")["state"] == "reserved"
+    st.close()
+
+
+def test_a_refusal_in_a_batch_changes_nothing_and_needs_no_redo(form: str, tmp_path: Path) -> None:
+    st = open_store(tmp_path / "l.db")
+    statements: list[str] = []
+    assert st._db is not None
+    st._db.set_trace_callback(statements.append)
+    results = st.run_batch(
+        [
+            ops.Reserve([item("a", 200)], CAPS, NOV, 60),
+            ops.Reserve([item("b", 100)], CAPS, NOV, 60),  # provider a: 300 > 250
+            ops.Reserve([item("c", 100, "b")], CAPS, NOV, 60),
+        ]
+    )
+    st._db.set_trace_callback(None)
+    assert [ok for ok, _ in results] == [True, False, True]
+    assert results[1][1].breaches[0].use.reserved_micro == 200  # saw the batch's first write
+    assert not any("ROLLBACK" in s for s in statements)
+    assert st.entry("b") is None
+    assert set(st.scopes("2026-11")) == {"total", "provider:a", "provider:b"}
+    st.close()
+
+
+def test_a_settle_in_the_next_month_counts_in_its_reservation_month(
+    form: str, tmp_path: Path
+) -> None:
+    st = open_store(tmp_path / "l.db")
+    st.reserve([item("a", 50)], CAPS, now=NOV, lease_s=600)
+    ((ok, value),) = st.run_batch([ops.Settle("a", 20, DEC)])
+    assert ok and value is True
+    assert st.scopes("2026-11")["total"].settled_micro == 20
+    assert st.scopes("2026-12") == {}
+    st.close()
+
+
+def test_plain_functions_run_between_set_wise_writes_in_order(form: str, tmp_path: Path) -> None:
+    st = open_store(tmp_path / "l.db")
+
+    def peek(db: sqlite3.Connection) -> int:
+        (n,) = db.execute("SELECT reserved_micro FROM totals WHERE scope = 'total'").fetchone()
+        return int(n)
+
+    results = st.run_batch(
+        [
+            ops.Reserve([item("a", 10)], CAPS, NOV, 60),
+            peek,
+            ops.Settle("a", 4, NOV),
+            ops.Reserve([item("b", 7)], CAPS, NOV, 60),
+            peek,
+        ]
+    )
+    assert [v for _, v in results] == [
+        None,
+        10,
+        True,
+        None,
+        7,
+    ]  # the settle freed 10, then 7 reserved
+    st.close()
