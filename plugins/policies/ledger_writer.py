@@ -20,7 +20,11 @@ once would meet again, and a retry would only delay the refusals.
 Writes nobody waits for (settles, marked ``lazy``) may wait up to :attr:`LedgerWriter.linger_s`
 (5 ms) for a write somebody waits for (a reservation) and join its commit: a gateway serving
 one call after another then pays one ``fsync`` per call, not two. Waiting longer only keeps
-the worst case counted a little longer (see :mod:`.ledger`).
+the worst case counted a little longer (see :mod:`.ledger`). So a lazy write does not even
+wake the thread: the thread finds it when an urgent write, a flush, a close or a full batch
+wakes it, or at its own look at the queue every 0.1 s; then it waits out what is left of
+the linger. Waking the thread for every settle cost two thread switches per call (the wake
+and the linger's end), each taking the GIL from the event loop.
 
 Inline fast path (:meth:`LedgerWriter.run_inline`): a thread hop costs ~0.1-0.3 ms (a
 condition wake-up, ``call_soon_threadsafe``, the future wrappers) next to a ~0.15 ms
@@ -143,7 +147,10 @@ class LedgerWriter:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=self.name)
                 self._thread.start()
-            else:
+            elif not job.lazy or len(self._queue) >= self.max_batch:
+                # A lazy write alone does not wake the thread: it waits for the next
+                # urgent one anyway, and the thread looks at the queue at least every
+                # 0.1 s (see the module docstring).
                 self._cond.notify()
         return job.future
 

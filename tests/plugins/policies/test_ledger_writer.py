@@ -397,3 +397,37 @@ def test_a_batch_without_failure_runs_each_write_once_without_per_write_savepoin
     assert runs == ["a", "b", "c"]
     assert sum(s.startswith("SAVEPOINT") for s in statements) == 1  # the batch's, not per write
     assert st.scopes("2026-11")["total"].reserved_micro == 30
+
+
+def test_a_lazy_write_does_not_wake_the_thread_yet_commits_on_its_own(st: LedgerStore) -> None:
+    writer = LedgerWriter(st)
+    writer.submit(reserve("a", 10, Caps())).result(5)  # the thread runs, then idles
+    wakes: list[int] = []
+    real_notify = writer._cond.notify
+
+    def counted(n: int = 1) -> None:
+        wakes.append(n)
+        real_notify(n)
+
+    writer._cond.notify = counted  # type: ignore[method-assign]
+    started = time.monotonic()
+    settled = writer.submit(ops.Settle("a", 4, NOW), lazy=True)
+    assert wakes == []  # a settle alone does not wake the thread...
+    assert settled.result(5) is True  # ...which still finds it at its own look (0.1 s)
+    assert time.monotonic() - started < 1.0
+    assert st.entry("a")["state"] == "settled"
+    writer.submit(reserve("b", 10, Caps())).result(5)
+    assert wakes  # an urgent write does wake it
+    writer.close()
+
+
+def test_a_full_batch_of_lazy_writes_wakes_the_thread(st: LedgerStore) -> None:
+    writer = LedgerWriter(st)
+    writer.max_batch = 4
+    writer.linger_s = 60.0  # only a full batch (or the next urgent write) may end the wait
+    for i in range(4):
+        writer.submit(reserve(f"r{i}", 10, Caps())).result(5)
+    settles = [writer.submit(ops.Settle(f"r{i}", 1, NOW), lazy=True) for i in range(4)]
+    assert all(f.result(5) is True for f in settles)
+    assert writer.stats.sizes[-1] == 4
+    writer.close()
