@@ -55,7 +55,7 @@ from llmgw.kernel import (
     Settings,
     hookimpl,
 )
-from llmgw.kernel.types import input_token_bound, new_id
+from llmgw.kernel.types import new_id
 
 from .ledger_config import (
     LEDGER_ENV,
@@ -72,8 +72,6 @@ from .ledger_store import TOTAL, CapExceeded, Item, LedgerError, LedgerStore, mo
 from .ledger_writer import LedgerWriter
 
 __all__ = ["LedgerPlugin", "format_spend", "spend_report"]
-
-MICRO = 1_000_000
 
 
 class LedgerPlugin:
@@ -249,7 +247,6 @@ class LedgerPlugin:
             return
         rid = str(mine["reservation"])
         error = outcome.error_class.value if outcome.error_class else None
-        self._check_growth(call, mine["amount"])
         op: Op
         if outcome.usage is not None:
             op = Settle(
@@ -295,21 +292,6 @@ class LedgerPlugin:
         except concurrent.futures.TimeoutError:
             return f"{self.writer.pending} ledger write(s) still pending"
         return None
-
-    def _check_growth(self, call: Call, reserved: int) -> None:
-        sent = call.stash.get("kernel.sent_request")
-        if sent is None or call.price is None:
-            return
-        worst = call.price.worst_case_micro_usd(
-            input_token_bound(sent.system, sent.messages), sent.max_tokens
-        )
-        if worst > reserved:
-            self.ctx.log.warning(
-                "ledger.request_grew",
-                reserved_usd=reserved / MICRO,
-                sent_usd=worst / MICRO,
-                fix="list ledger after every plugin that rewrites requests in plugins:",
-            )
 
     # --- info ------------------------------------------------------------------------
 
