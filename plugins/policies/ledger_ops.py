@@ -183,7 +183,9 @@ _ENTRY_READ = (
     "id, month, provider, state, reserved_micro, cost_micro, priced, error_class, "
     "input_tokens, output_tokens, updated_at"
 )
-_OPEN_SQL = "state IN ('reserved', 'unknown')"
+# The unary + keeps the planner on the primary key: the ``entries_open`` index would scan
+# every open entry of the ledger for the few ids a batch reads.
+_OPEN_SQL = "+state IN ('reserved', 'unknown')"
 _INSERT_COLUMNS = (
     "id, month, provider, model, task_class, request_id, attempt, state, reserved_micro, "
     "cost_micro, priced, error_class, input_tokens, output_tokens, created_at, updated_at, "

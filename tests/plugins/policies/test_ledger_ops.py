@@ -329,3 +329,15 @@ def test_plain_functions_run_between_set_wise_writes_in_order(form: str, tmp_pat
         7,
     ]  # the settle freed 10, then 7 reserved
     st.close()
+
+
+@pytest.mark.parametrize("query", [ops._J_READ_ENTRIES, ops._R_READ_ENTRY])
+def test_reading_the_entries_of_a_batch_uses_the_primary_key(query: str, tmp_path: Path) -> None:
+    # Not the entries_open index: that would scan every open entry of the month (a ledger
+    # with thousands of unknown entries) for the few ids a batch settles.
+    st = open_store(tmp_path / "l.db")
+    assert st._db is not None
+    arg = '["a"]' if "json_each" in query else "a"
+    plan = " ".join(str(r[3]) for r in st._db.execute(f"EXPLAIN QUERY PLAN {query}", (arg,)))
+    assert "sqlite_autoindex_entries_1 (id=?)" in plan and "entries_open" not in plan, plan
+    st.close()
