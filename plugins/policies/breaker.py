@@ -5,8 +5,9 @@ fallback=True)``, so the kernel moves to the route's next target without waiting
 ``before_call`` admits the attempt (and, when half-open, claims the single probe slot,
 so concurrent callers do not all become probes: the others are refused with
 ``circuit_open`` and fall back). ``after_call`` counts one outcome per upstream attempt:
-only the health classes (``errors.HEALTH_FAILURES``) are failures; rate limits, auth,
-quota, invalid requests, refusals and anything not sent say nothing about the
+only the health classes (``errors.HEALTH_FAILURES``) are failures, including a connection
+that could not be made (nothing sent, but the upstream is unreachable); rate limits, auth,
+quota, invalid requests and refusals, ours or the upstream's, say nothing about the
 upstream's health and are ignored. A probe that ends without a verdict (refused by a
 later plugin, cancelled) frees its slot.
 
@@ -38,13 +39,15 @@ def classify(outcome: Outcome) -> Result:
     """What an attempt's outcome says about the upstream's health."""
     if outcome.ok:
         return "success"
-    # Not sent: the upstream never saw the request (a local refusal, a cancel before
-    # sending, a missing key), so it says nothing about the upstream.
-    if not outcome.sent:
+    if outcome.error_class not in HEALTH_FAILURES:
         return "ignored"
-    if outcome.error_class in HEALTH_FAILURES:
-        return "failure"
-    return "ignored"
+    # Refused by a plugin before sending: the upstream was never tried.
+    if not outcome.sent and ("refused_by" in outcome.details or "rejected_by" in outcome.details):
+        return "ignored"
+    # Everything else counts, sent or not: a connection that could not be made (refused,
+    # reset during connect, a connect timeout) is the plainest sign of a dead upstream,
+    # and not counting it would let every caller keep trying a host that is down.
+    return "failure"
 
 
 class BreakerPlugin:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from llmgw.kernel import (
+    Call,
     CallRefused,
     ConfigError,
     ErrorClass,
@@ -289,19 +290,52 @@ async def test_classes_that_say_nothing_about_health_are_ignored(error: ErrorCla
 
 
 @pytest.mark.anyio
-async def test_not_sent_outcomes_are_ignored() -> None:
+async def test_an_upstream_that_cannot_be_reached_opens_the_circuit() -> None:
+    # Connection refused: nothing was sent, yet it is the plainest sign of a dead host.
     clock = FakeClock()
     a = FakeProvider("a")
-    for _ in range(10):
+    for _ in range(5):
         a.fail_with(ErrorClass.CONNECTION_ERROR, sent=False)
     gw = gateway_from_yaml(
         "plugins: [breaker, router, fake]\ntask_classes:\n  qa: {provider: a, model: m1}\n",
         providers=[a],
         clock=clock,
     )
-    for _ in range(10):
+    for _ in range(5):
         await gw.route(Request("qa", "hi"))
-    assert _breaker(gw).circuit("a/m1").state(clock.monotonic()) is CircuitState.CLOSED
+    assert _breaker(gw).circuit("a/m1").state(clock.monotonic()) is CircuitState.OPEN
+    env = await gw.route(Request("qa", "hi"))
+    assert env.error_class == "circuit_open"
+    assert len(a.received) == 5  # the sixth call never reached the provider
+    await gw.aclose()
+
+
+class RefuseWithAHealthClass:
+    """A plugin refusing before the send with a health class: not the upstream's fault."""
+
+    @hookimpl
+    def before_call(self, call: Call) -> None:
+        raise CallRefused(ErrorClass.SERVER_ERROR, "refused locally")
+
+
+@pytest.mark.anyio
+async def test_local_refusals_are_ignored_whatever_their_class() -> None:
+    clock = FakeClock()
+    a = FakeProvider("a")
+    gw = gateway_from_yaml(
+        "plugins: [breaker, refuser, router, fake]\n"
+        "task_classes:\n  qa: {provider: a, model: m1}\n",
+        providers=[a],
+        clock=clock,
+        extra_plugins={"refuser": RefuseWithAHealthClass()},
+    )
+    for _ in range(10):
+        env = await gw.route(Request("qa", "hi"))
+        assert env.error_class == "server_error"
+    circuit = _breaker(gw).circuit("a/m1")
+    assert circuit.state(clock.monotonic()) is CircuitState.CLOSED
+    assert circuit.window_counts(clock.monotonic()) == (0, 0)
+    assert a.received == []
     await gw.aclose()
 
 
