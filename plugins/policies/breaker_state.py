@@ -11,8 +11,8 @@ and tested alone. The states:
   ``max_open_s``.
 - ``half_open`` (derived: open and ``now >= open_until``): exactly one probe at a time is
   admitted. Its success closes the circuit (trips back to 0); its failure opens it
-  again for longer; an ignored outcome (refused before sending, cancelled, a class that says nothing
-  about health) frees the probe slot and the circuit stays half-open.
+  again for longer; an ignored outcome (refused before sending, cancelled, a class that
+  says nothing about health) frees the probe slot and the circuit stays half-open.
 
 Outcomes of calls admitted in an earlier period (admitted while closed, finished after
 the circuit opened) are stale and ignored: a *generation* number, bumped on every open
