@@ -69,27 +69,43 @@ _OPEN = ("reserved", "unknown")
 
 
 class _Scope:
-    """One (month, scope) row of ``totals`` as the batch has left it."""
+    """One (month, scope) row of ``totals``: what the batch changes (``d_*``, written as
+    increments) and, once a reservation needed them, the values read (``base``)."""
 
-    __slots__ = ("cap", "dirty", "overage", "reserved", "settled", "unknown")
+    __slots__ = (
+        "base",
+        "cap",
+        "cap_set",
+        "d_overage",
+        "d_reserved",
+        "d_settled",
+        "d_unknown",
+        "dirty",
+        "exists",
+    )
 
-    def __init__(
-        self,
-        settled: int = 0,
-        overage: int = 0,
-        reserved: int = 0,
-        unknown: int = 0,
-        cap: int | None = None,
-    ) -> None:
-        self.settled = settled
-        self.overage = overage
-        self.reserved = reserved
-        self.unknown = unknown
-        self.cap = cap
+    def __init__(self) -> None:
+        #: (settled, overage, reserved, unknown) as read; None: not read (a settle alone
+        #: does not need them: its entry's reservation made the row).
+        self.base: tuple[int, int, int, int] | None = None
+        self.exists = True  # known False only for a month read without this scope
+        self.cap: int | None = None
+        self.cap_set = False
+        self.d_settled = self.d_overage = self.d_reserved = self.d_unknown = 0
         self.dirty = False
 
     def use(self, name: str) -> ScopeUse:
-        return ScopeUse(name, self.settled, self.overage, self.reserved, self.unknown, self.cap)
+        """What the scope holds now (read values plus the batch's changes)."""
+        assert self.base is not None
+        settled, overage, reserved, unknown = self.base
+        return ScopeUse(
+            name,
+            settled + self.d_settled,
+            overage + self.d_overage,
+            reserved + self.d_reserved,
+            unknown + self.d_unknown,
+            self.cap,
+        )
 
 
 class _Entry:
@@ -191,25 +207,24 @@ _INSERT_COLUMNS = (
     "cost_micro, priced, error_class, input_tokens, output_tokens, created_at, updated_at, "
     "lease_until"
 )
-_TOTALS_COLUMNS = (
-    "month, scope, cap_micro, settled_micro, overage_micro, reserved_micro, unknown_micro"
+_TOTALS_SET = (
+    "settled_micro = settled_micro + {0}, overage_micro = overage_micro + {1}, "
+    "reserved_micro = reserved_micro + {2}, unknown_micro = unknown_micro + {3}, "
+    "cap_micro = CASE WHEN {4} THEN {5} ELSE cap_micro END"
 )
 _UPDATE_SET = (
     "state = {0}, cost_micro = {1}, priced = {2}, error_class = {3}, input_tokens = {4}, "
     "output_tokens = {5}, updated_at = {6}"
 )
+_SCOPE_READ = "scope, settled_micro, overage_micro, reserved_micro, unknown_micro, cap_micro"
 
 
-def _json_args(n: int, source: str = "value") -> str:
-    return ", ".join(f"{source}->>{i}" for i in range(n))
+def _json_args(n: int) -> str:
+    return ", ".join(f"value->>{i}" for i in range(n))
 
 
 # Statement texts are constants (the statement cache keeps them prepared); only '?' binds
-# values. JSON form: one statement, one parameter, every row.
-_J_READ_SCOPES = (
-    "SELECT json_group_array(json_array(scope, settled_micro, overage_micro, reserved_micro, "
-    "unknown_micro, cap_micro)) FROM totals WHERE month = ?"
-)
+# values. JSON form: one statement, one parameter, every row, one step.
 _J_READ_ENTRIES = (
     f"SELECT json_group_array(json_array({_ENTRY_READ})) FROM entries "  # noqa: S608
     f"WHERE id IN (SELECT value FROM json_each(?)) AND {_OPEN_SQL}"
@@ -223,15 +238,13 @@ _J_UPDATE_ENTRIES = (
     + _UPDATE_SET.format(*(f"v.value->>{i}" for i in range(1, 8)))
     + " FROM json_each(?) AS v WHERE entries.id = v.value->>0"
 )
-_J_WRITE_TOTALS = (
-    f"INSERT OR REPLACE INTO totals ({_TOTALS_COLUMNS}) "  # noqa: S608
-    f"SELECT {_json_args(7)} FROM json_each(?)"
+_J_UPDATE_TOTALS = (
+    "UPDATE totals SET "  # noqa: S608
+    + _TOTALS_SET.format(*(f"v.value->>{i}" for i in range(2, 8)))
+    + " FROM json_each(?) AS v WHERE totals.month = v.value->>0 AND totals.scope = v.value->>1"
 )
-# Row form (older SQLite): executemany, a step per row.
-_R_READ_SCOPES = (
-    "SELECT scope, settled_micro, overage_micro, reserved_micro, unknown_micro, cap_micro "
-    "FROM totals WHERE month = ?"
-)
+# Row form (few rows, or an older SQLite): a statement per row.
+_R_READ_SCOPES = f"SELECT {_SCOPE_READ} FROM totals WHERE month = ?"  # noqa: S608
 _R_READ_ENTRY = f"SELECT {_ENTRY_READ} FROM entries WHERE id = ? AND {_OPEN_SQL}"  # noqa: S608
 _R_INSERT_ENTRIES = f"INSERT INTO entries ({_INSERT_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
 _R_UPDATE_ENTRIES = (
@@ -239,7 +252,15 @@ _R_UPDATE_ENTRIES = (
     + _UPDATE_SET.format(*("?" * 7))
     + " WHERE id = ?"
 )
-_R_WRITE_TOTALS = f"INSERT OR REPLACE INTO totals ({_TOTALS_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+_R_UPDATE_TOTALS = (
+    "UPDATE totals SET "  # noqa: S608
+    + _TOTALS_SET.format(*("?" * 6))
+    + " WHERE month = ? AND scope = ?"
+)
+_INSERT_TOTALS = (
+    "INSERT INTO totals (month, scope, settled_micro, overage_micro, reserved_micro, "
+    "unknown_micro, cap_micro) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class Batch:
@@ -249,8 +270,10 @@ class Batch:
     write in order, then :meth:`write`. The caller holds the transaction throughout.
     """
 
-    #: Class-wide switch between the JSON and the row form (tests run both).
-    json_rows: ClassVar[bool] = JSON_ROWS
+    #: A statement carries its rows as one JSON parameter from this many rows on (one
+    #: step instead of one per row); below it, or without JSON functions, a statement per
+    #: row is cheaper. Class-wide so that tests can force either form.
+    json_min_rows: ClassVar[int] = 4 if JSON_ROWS else 2**62
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -261,6 +284,9 @@ class Batch:
         #: Entries in the order they were first changed (the write order).
         self._touched: list[_Entry] = []
 
+    def _json(self, rows: Sequence[object]) -> bool:
+        return len(rows) >= self.json_min_rows
+
     # --- reading ---------------------------------------------------------------------
 
     def prefetch(self, entry_ids: Iterable[str]) -> None:
@@ -270,7 +296,7 @@ class Batch:
             return
         for i in ids:
             self._entries[i] = None
-        if self.json_rows:
+        if self._json(ids):
             (text,) = self.db.execute(_J_READ_ENTRIES, (json.dumps(ids),)).fetchone()
             rows: list[Any] = json.loads(text)
         else:
@@ -287,18 +313,35 @@ class Batch:
             return None
         return entry
 
-    def scope(self, month: str, name: str) -> _Scope:
-        """A scope's totals as the batch has left them (zero when the month has no row)."""
-        if month not in self._months:
-            self._months.add(month)
-            if self.json_rows:
-                (text,) = self.db.execute(_J_READ_SCOPES, (month,)).fetchone()
-                rows: list[Any] = json.loads(text)
+    def scope(self, month: str, name: str, *, read: bool = False) -> _Scope:
+        """A scope of a month as the batch has left it; ``read``: with its values (the
+        month's scopes are read once, on the first such call)."""
+        scope = self._scopes.get((month, name))
+        if scope is None:
+            scope = self._scopes[(month, name)] = _Scope()
+        if read and scope.base is None:
+            if month in self._months:  # read already, and this scope had no row then
+                scope.base = (0, 0, 0, 0)
+                scope.exists = False
             else:
-                rows = self.db.execute(_R_READ_SCOPES, (month,)).fetchall()
-            for r in rows:
-                self._scopes.setdefault((month, r[0]), _Scope(*r[1:]))
-        return self._scopes.setdefault((month, name), _Scope())
+                self._read_month(month)
+        return scope
+
+    def _read_month(self, month: str) -> None:
+        self._months.add(month)
+        found = set()
+        for name, settled, overage, reserved, unknown, cap in self.db.execute(
+            _R_READ_SCOPES, (month,)
+        ):
+            scope = self.scope(month, name)
+            scope.base = (settled, overage, reserved, unknown)
+            if not scope.cap_set:
+                scope.cap = cap
+            found.add(name)
+        for (m, name), scope in self._scopes.items():
+            if m == month and name not in found:
+                scope.base = (0, 0, 0, 0)
+                scope.exists = False
 
     # --- changing --------------------------------------------------------------------
 
@@ -319,13 +362,13 @@ class Batch:
         for name in (TOTAL, provider_scope(entry.provider)):
             s = self.scope(entry.month, name)
             if entry.state == "reserved":
-                s.reserved -= entry.reserved
+                s.d_reserved -= entry.reserved
             else:
-                s.unknown -= entry.reserved
+                s.d_unknown -= entry.reserved
             if state == "unknown":
-                s.unknown += entry.reserved
-            s.settled += settled
-            s.overage += overage
+                s.d_unknown += entry.reserved
+            s.d_settled += settled
+            s.d_overage += overage
             s.dirty = True
         entry.state = state
         entry.updated_at = now.isoformat()
@@ -334,35 +377,55 @@ class Batch:
     # --- writing ---------------------------------------------------------------------
 
     def write(self) -> None:
-        """Write every changed entry and scope: three statements at most."""
+        """Write every changed entry and scope: a few statements, whatever the count."""
         new = [e.row() for e in self._touched if e.insert is not None]
         changed = [e.changes() for e in self._touched if e.insert is None]
-        totals = [
-            [month, name, s.cap, s.settled, s.overage, s.reserved, s.unknown]
-            for (month, name), s in self._scopes.items()
-            if s.dirty
-        ]
+        totals: list[list[Any]] = []
+        created: list[list[Any]] = []
+        for (month, name), s in self._scopes.items():
+            if not s.dirty:
+                continue
+            deltas = [s.d_settled, s.d_overage, s.d_reserved, s.d_unknown]
+            if s.exists:
+                totals.append([month, name, *deltas, int(s.cap_set), s.cap])
+            else:  # a month's first reservation in this scope
+                created.append([month, name, *deltas, s.cap])
         db = self.db
-        if self.json_rows:
-            if new:
+        if new:
+            if self._json(new):
                 db.execute(_J_INSERT_ENTRIES, (json.dumps(new),))
-            if changed:
-                db.execute(_J_UPDATE_ENTRIES, (json.dumps(changed),))
-            if totals:
-                db.execute(_J_WRITE_TOTALS, (json.dumps(totals),))
-        else:
-            if new:
+            else:
                 db.executemany(_R_INSERT_ENTRIES, new)
-            if changed:
+        if changed:
+            if self._json(changed):
+                db.execute(_J_UPDATE_ENTRIES, (json.dumps(changed),))
+            else:
                 db.executemany(_R_UPDATE_ENTRIES, [[*c[1:], c[0]] for c in changed])
-            if totals:
-                db.executemany(_R_WRITE_TOTALS, totals)
+        if totals:
+            if self._json(totals):
+                db.execute(_J_UPDATE_TOTALS, (json.dumps(totals),))
+            else:
+                db.executemany(_R_UPDATE_TOTALS, [[*t[2:], t[0], t[1]] for t in totals])
+        if created:
+            db.executemany(_INSERT_TOTALS, created)
         for e in self._touched:
             e.dirty = False
             e.insert = None  # written: a later change of it in this batch object updates
         self._touched.clear()
         for s in self._scopes.values():
-            s.dirty = False
+            if s.dirty:
+                if s.base is not None:
+                    settled, overage, reserved, unknown = s.base
+                    s.base = (
+                        settled + s.d_settled,
+                        overage + s.d_overage,
+                        reserved + s.d_reserved,
+                        unknown + s.d_unknown,
+                    )
+                s.d_settled = s.d_overage = s.d_reserved = s.d_unknown = 0
+                s.exists = True
+                s.cap_set = False
+                s.dirty = False
 
 
 class Op:
@@ -399,7 +462,7 @@ class Reserve(Op):
             deltas[TOTAL] = deltas.get(TOTAL, 0) + item.amount_micro
             scope = provider_scope(item.provider)
             deltas[scope] = deltas.get(scope, 0) + item.amount_micro
-        scopes = {name: batch.scope(month, name) for name in deltas}
+        scopes = {name: batch.scope(month, name, read=True) for name in deltas}
         breaches = [
             Breach(use, cap, delta)
             for name, delta in deltas.items()
@@ -410,8 +473,9 @@ class Reserve(Op):
             raise CapExceeded(breaches)
         for name, delta in deltas.items():
             s = scopes[name]
-            s.reserved += delta
+            s.d_reserved += delta
             s.cap = self.caps.for_scope(name)
+            s.cap_set = True
             s.dirty = True
         stamp = self.now.isoformat()
         lease_until = self.now.timestamp() + self.lease_s
