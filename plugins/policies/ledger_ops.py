@@ -6,8 +6,10 @@ settle 3, and on the writer thread each statement gives up the GIL and waits to 
 from the busy event loop (~0.1 ms each under load on 2 cores: see bench/README.md). So the
 writes of a batch are applied to a :class:`Batch`, an in-memory view of the rows they
 touch, and written at the end with a fixed number of statements whatever the batch's size:
-read the month's scope totals, read the open entries being settled, insert the new entries,
-update the changed ones, write the changed totals.
+read the month's scope totals (only when the batch reserves: a settle changes totals by
+increments and needs no read), read the open entries being settled, insert the new
+entries, update the changed ones, update the totals by their increments (and create a
+scope's row at its month's first reservation).
 
 Exactly the same checks as one transaction per write:
 
@@ -23,9 +25,9 @@ Exactly the same checks as one transaction per write:
   failed statement makes the store redo the batch one savepoint per write (the slow,
   statement-per-row path is then each op run alone: :meth:`Op.__call__`).
 
-With SQLite >= 3.38 (its JSON functions built in) each of those statements carries all of
-the batch's rows as one JSON parameter, so one statement is one step; older libraries run
-the same plan with ``executemany`` (a step per row, still no per-write reads).
+With SQLite >= 3.38 (its JSON functions built in) a statement with 4 rows or more carries
+them as one JSON parameter, so one statement is one step; with fewer rows, or an older
+library, ``executemany`` (a step per row) is cheaper and runs the same plan.
 """
 
 from __future__ import annotations
