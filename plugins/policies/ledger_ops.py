@@ -25,13 +25,18 @@ Exactly the same checks as one transaction per write:
   failed statement makes the store redo the batch one savepoint per write (the slow,
   statement-per-row path is then each op run alone: :meth:`Op.__call__`).
 
-With SQLite >= 3.38 (its JSON functions built in) a statement with 4 rows or more carries
-them as one JSON parameter, so one statement is one step; with fewer rows, or an older
-library, ``executemany`` (a step per row) is cheaper and runs the same plan.
+Each write statement carries all its rows in one multi-row ``VALUES`` list (an insert, or
+an ``UPDATE ... FROM (VALUES ...)`` joined on the primary key), so it is one SQLite step
+whatever the count; updates of one or two rows run a plain ``UPDATE`` per row, which is
+cheaper there, and so does every update on an SQLite older than 3.33. The settled entries
+are read in one statement too (as one JSON value with SQLite >= 3.38, one step). Measured
+in bench/README.md: on its own the set-wise form costs about the CPU of the statement per
+row form; under load it is faster, because each step gives the GIL up and takes it back.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -64,8 +69,8 @@ __all__ = [
     "settle",
 ]
 
-#: JSON functions (``->>``, ``json_each``) are part of every SQLite >= 3.38.
-JSON_ROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
+#: JSON functions are part of every SQLite >= 3.38 (optional before).
+JSON_FUNCTIONS = sqlite3.sqlite_version_info >= (3, 38, 0)
 
 _OPEN = ("reserved", "unknown")
 
@@ -209,60 +214,60 @@ _INSERT_COLUMNS = (
     "cost_micro, priced, error_class, input_tokens, output_tokens, created_at, updated_at, "
     "lease_until"
 )
-_TOTALS_SET = (
-    "settled_micro = settled_micro + {0}, overage_micro = overage_micro + {1}, "
-    "reserved_micro = reserved_micro + {2}, unknown_micro = unknown_micro + {3}, "
-    "cap_micro = CASE WHEN {4} THEN {5} ELSE cap_micro END"
-)
-_UPDATE_SET = (
-    "state = {0}, cost_micro = {1}, priced = {2}, error_class = {3}, input_tokens = {4}, "
-    "output_tokens = {5}, updated_at = {6}"
-)
 _SCOPE_READ = "scope, settled_micro, overage_micro, reserved_micro, unknown_micro, cap_micro"
 
-
-def _json_args(n: int) -> str:
-    return ", ".join(f"value->>{i}" for i in range(n))
-
-
-# Statement texts are constants (the statement cache keeps them prepared); only '?' binds
-# values. JSON form: one statement, one parameter, every row, one step.
-_J_READ_ENTRIES = (
-    f"SELECT json_group_array(json_array({_ENTRY_READ})) FROM entries "  # noqa: S608
-    f"WHERE id IN (SELECT value FROM json_each(?)) AND {_OPEN_SQL}"
+# Statement texts: constants, or formatted with '?' marks only (values are always bound).
+# A write carries all its rows in one multi-row VALUES list: one statement, one SQLite step.
+_INSERT_ENTRIES = f"INSERT INTO entries ({_INSERT_COLUMNS}) VALUES {{}}"  # noqa: S608
+_UPDATE_ENTRIES = (
+    "UPDATE entries SET state = v.column2, cost_micro = v.column3, priced = v.column4, "
+    "error_class = v.column5, input_tokens = v.column6, output_tokens = v.column7, "
+    "updated_at = v.column8 FROM (VALUES {}) AS v WHERE entries.id = v.column1"
 )
-_J_INSERT_ENTRIES = (
-    f"INSERT INTO entries ({_INSERT_COLUMNS}) "  # noqa: S608
-    f"SELECT {_json_args(17)} FROM json_each(?)"
-)
-_J_UPDATE_ENTRIES = (
-    "UPDATE entries SET "  # noqa: S608
-    + _UPDATE_SET.format(*(f"v.value->>{i}" for i in range(1, 8)))
-    + " FROM json_each(?) AS v WHERE entries.id = v.value->>0"
-)
-_J_UPDATE_TOTALS = (
-    "UPDATE totals SET "  # noqa: S608
-    + _TOTALS_SET.format(*(f"v.value->>{i}" for i in range(2, 8)))
-    + " FROM json_each(?) AS v WHERE totals.month = v.value->>0 AND totals.scope = v.value->>1"
-)
-# Row form (few rows, or an older SQLite): a statement per row.
-_R_READ_SCOPES = f"SELECT {_SCOPE_READ} FROM totals WHERE month = ?"  # noqa: S608
-_R_READ_ENTRY = f"SELECT {_ENTRY_READ} FROM entries WHERE id = ? AND {_OPEN_SQL}"  # noqa: S608
-_R_INSERT_ENTRIES = f"INSERT INTO entries ({_INSERT_COLUMNS}) VALUES ({', '.join('?' * 17)})"  # noqa: S608
-_R_UPDATE_ENTRIES = (
-    "UPDATE entries SET "  # noqa: S608
-    + _UPDATE_SET.format(*("?" * 7))
-    + " WHERE id = ?"
-)
-_R_UPDATE_TOTALS = (
-    "UPDATE totals SET "  # noqa: S608
-    + _TOTALS_SET.format(*("?" * 6))
-    + " WHERE month = ? AND scope = ?"
+_UPDATE_TOTALS = (
+    "UPDATE totals SET settled_micro = settled_micro + v.column3, "
+    "overage_micro = overage_micro + v.column4, reserved_micro = reserved_micro + v.column5, "
+    "unknown_micro = unknown_micro + v.column6, "
+    "cap_micro = CASE WHEN v.column7 THEN v.column8 ELSE cap_micro END "
+    "FROM (VALUES {}) AS v WHERE totals.month = v.column1 AND totals.scope = v.column2"
 )
 _INSERT_TOTALS = (
     "INSERT INTO totals (month, scope, settled_micro, overage_micro, reserved_micro, "
-    "unknown_micro, cap_micro) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "unknown_micro, cap_micro) VALUES {}"
 )
+# The same updates for a row or two: a plain UPDATE per row is cheaper than a join.
+_UPDATE_ENTRY = (
+    "UPDATE entries SET state = ?2, cost_micro = ?3, priced = ?4, error_class = ?5, "
+    "input_tokens = ?6, output_tokens = ?7, updated_at = ?8 WHERE id = ?1"
+)
+_UPDATE_TOTAL = (
+    "UPDATE totals SET settled_micro = settled_micro + ?3, "
+    "overage_micro = overage_micro + ?4, reserved_micro = reserved_micro + ?5, "
+    "unknown_micro = unknown_micro + ?6, cap_micro = CASE WHEN ?7 THEN ?8 ELSE cap_micro END "
+    "WHERE month = ?1 AND scope = ?2"
+)
+_READ_SCOPES = f"SELECT {_SCOPE_READ} FROM totals WHERE month = ?"  # noqa: S608
+# Reading the entries a batch settles: as one JSON value when SQLite has JSON functions
+# (one step), else row by row.
+_READ_ENTRIES_JSON = (
+    f"SELECT json_group_array(json_array({_ENTRY_READ})) FROM entries "  # noqa: S608
+    f"WHERE id IN ({{}}) AND {_OPEN_SQL}"
+)
+_READ_ENTRIES = f"SELECT {_ENTRY_READ} FROM entries WHERE id IN ({{}}) AND {_OPEN_SQL}"  # noqa: S608
+
+#: ``UPDATE ... FROM`` (one statement updating many rows) is in every SQLite >= 3.33.
+UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
+#: Bound parameters one statement may carry (SQLITE_MAX_VARIABLE_NUMBER's default).
+MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+
+
+@functools.lru_cache(maxsize=256)
+def _marks(rows: int, width: int) -> str:
+    """``(?, ?), (?, ?)`` for ``rows`` rows of ``width`` values (``?, ?`` for width 0)."""
+    if width == 0:
+        return ", ".join("?" * rows)
+    one = "(" + ", ".join("?" * width) + ")"
+    return ", ".join([one] * rows)
 
 
 class Batch:
@@ -272,10 +277,13 @@ class Batch:
     write in order, then :meth:`write`. The caller holds the transaction throughout.
     """
 
-    #: A statement carries its rows as one JSON parameter from this many rows on (one
-    #: step instead of one per row); below it, or without JSON functions, a statement per
-    #: row is cheaper. Class-wide so that tests can force either form.
-    json_min_rows: ClassVar[int] = 4 if JSON_ROWS else 2**62
+    #: Whether the settled entries are read as one JSON value (class-wide: tests run both).
+    json_reads: ClassVar[bool] = JSON_FUNCTIONS
+    #: Bound parameters per statement; more rows are written in several (tests lower it).
+    max_variables: ClassVar[int] = MAX_VARIABLES
+    #: Updates of fewer rows than this run one plain statement per row (all of them when
+    #: SQLite has no ``UPDATE ... FROM``).
+    values_min_rows: ClassVar[int] = 3 if UPDATE_FROM else 2**62
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
@@ -286,8 +294,21 @@ class Batch:
         #: Entries in the order they were first changed (the write order).
         self._touched: list[_Entry] = []
 
-    def _json(self, rows: Sequence[object]) -> bool:
-        return len(rows) >= self.json_min_rows
+    def _chunks(self, rows: Sequence[Sequence[Any]], width: int) -> Iterable[Sequence[Any]]:
+        per = max(1, self.max_variables // max(1, width))
+        for k in range(0, len(rows), per):
+            yield rows[k : k + per]
+
+    def _write(self, template: str, rows: Sequence[Sequence[Any]], one: str | None = None) -> None:
+        """One statement per chunk of rows: ``template`` with its ``VALUES`` list; or, for
+        fewer than :attr:`values_min_rows` rows, ``one`` once per row."""
+        if one is not None and len(rows) < self.values_min_rows:
+            self.db.executemany(one, rows)
+            return
+        width = len(rows[0])
+        for chunk in self._chunks(rows, width):
+            params = [v for row in chunk for v in row]
+            self.db.execute(template.format(_marks(len(chunk), width)), params)
 
     # --- reading ---------------------------------------------------------------------
 
@@ -298,11 +319,16 @@ class Batch:
             return
         for i in ids:
             self._entries[i] = None
-        if self._json(ids):
-            (text,) = self.db.execute(_J_READ_ENTRIES, (json.dumps(ids),)).fetchone()
-            rows: list[Any] = json.loads(text)
-        else:
-            rows = [r for i in ids if (r := self.db.execute(_R_READ_ENTRY, (i,)).fetchone())]
+        rows: list[Any] = []
+        for chunk in self._chunks([[i] for i in ids], 1):
+            params = [i for (i,) in chunk]
+            marks = _marks(len(params), 0)
+            if self.json_reads and len(params) > 1:
+                query = _READ_ENTRIES_JSON.format(marks)
+                (text,) = self.db.execute(query, params).fetchone()
+                rows += json.loads(text)
+            else:
+                rows += self.db.execute(_READ_ENTRIES.format(marks), params).fetchall()
         for r in rows:
             self._entries[r[0]] = _Entry(*r)
 
@@ -333,7 +359,7 @@ class Batch:
         self._months.add(month)
         found = set()
         for name, settled, overage, reserved, unknown, cap in self.db.execute(
-            _R_READ_SCOPES, (month,)
+            _READ_SCOPES, (month,)
         ):
             scope = self.scope(month, name)
             scope.base = (settled, overage, reserved, unknown)
@@ -392,24 +418,14 @@ class Batch:
                 totals.append([month, name, *deltas, int(s.cap_set), s.cap])
             else:  # a month's first reservation in this scope
                 created.append([month, name, *deltas, s.cap])
-        db = self.db
         if new:
-            if self._json(new):
-                db.execute(_J_INSERT_ENTRIES, (json.dumps(new),))
-            else:
-                db.executemany(_R_INSERT_ENTRIES, new)
+            self._write(_INSERT_ENTRIES, new)
         if changed:
-            if self._json(changed):
-                db.execute(_J_UPDATE_ENTRIES, (json.dumps(changed),))
-            else:
-                db.executemany(_R_UPDATE_ENTRIES, [[*c[1:], c[0]] for c in changed])
+            self._write(_UPDATE_ENTRIES, changed, _UPDATE_ENTRY)
         if totals:
-            if self._json(totals):
-                db.execute(_J_UPDATE_TOTALS, (json.dumps(totals),))
-            else:
-                db.executemany(_R_UPDATE_TOTALS, [[*t[2:], t[0], t[1]] for t in totals])
+            self._write(_UPDATE_TOTALS, totals, _UPDATE_TOTAL)
         if created:
-            db.executemany(_INSERT_TOTALS, created)
+            self._write(_INSERT_TOTALS, created)
         for e in self._touched:
             e.dirty = False
             e.insert = None  # written: a later change of it in this batch object updates

@@ -31,11 +31,19 @@ DEC = datetime(2026, 12, 1, 0, 1, tzinfo=UTC)
 CAPS = Caps(total=400, providers={"a": 250})
 
 
-@pytest.fixture(params=["json", "rows"])
+@pytest.fixture(params=["json", "rows", "plain"])
 def form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "json" and not ops.JSON_ROWS:
+    """``json``: the defaults (settled entries read as one JSON value, updates of 3 rows
+    or more as one joined statement). ``rows``: entries read row by row and a parameter
+    limit so small that every write is split over several statements. ``plain``: what an
+    SQLite without ``UPDATE ... FROM`` runs, one update per row."""
+    if request.param == "json" and not (ops.JSON_FUNCTIONS and ops.UPDATE_FROM):
         pytest.skip("this SQLite has no JSON functions (< 3.38)")
-    monkeypatch.setattr(ops.Batch, "json_min_rows", 1 if request.param == "json" else 2**62)
+    monkeypatch.setattr(ops.Batch, "json_reads", request.param == "json")
+    if request.param == "rows":
+        monkeypatch.setattr(ops.Batch, "max_variables", 20)
+    if request.param == "plain":
+        monkeypatch.setattr(ops.Batch, "values_min_rows", 2**62)
     return str(request.param)
 
 
@@ -227,29 +235,30 @@ def test_a_reused_id_is_refused_alone_and_the_rest_of_the_batch_commits(
 
 def test_a_batch_costs_a_fixed_number_of_statements(form: str, tmp_path: Path) -> None:
     st = open_store(tmp_path / "l.db")
-    st.run_batch([ops.Reserve([item(f"old{i}", 5)], CAPS, NOV, 60) for i in range(20)])
-    batch: list[ops.Op] = []
-    for i in range(20):
-        batch.append(ops.Settle(f"old{i}", 3, NOV, 1, 1))
-        batch.append(ops.Reserve([item(f"new{i}", 5, "b")], CAPS, NOV, 60))
-    statements: list[str] = []
     assert st._db is not None
-    st._db.set_trace_callback(statements.append)
-    results = st.run_batch(batch)
-    st._db.set_trace_callback(None)
-    assert all(ok for ok, _ in results)
-    # BEGIN, SAVEPOINT, read the entries, read the month's totals, insert the entries,
-    # update the entries, update the totals, create provider b's row (its first
-    # reservation this month), RELEASE, COMMIT: 10, whatever the batch's size (the row
-    # form runs the same statements once per row).
-    kinds = [s.split()[0] for s in statements]
+    counts = []
+    for size, month in ((5, NOV), (40, DEC)):
+        st.run_batch([ops.Reserve([item(f"o{size}-{i}", 5)], CAPS, month, 60) for i in range(size)])
+        batch: list[ops.Op] = []
+        for i in range(size):
+            batch.append(ops.Settle(f"o{size}-{i}", 3, month, 1, 1))
+            batch.append(ops.Reserve([item(f"n{size}-{i}", 5, "b")], CAPS, month, 60))
+        statements: list[str] = []
+        st._db.set_trace_callback(statements.append)
+        results = st.run_batch(batch)
+        st._db.set_trace_callback(None)
+        assert all(ok for ok, _ in results)
+        total = st.scopes(month_of(month))["total"]
+        assert (total.settled_micro, total.reserved_micro) == (3 * size, 5 * size)
+        counts.append(len(statements))
     if form == "json":
-        assert len(statements) == 10, statements
-    else:
-        assert kinds.count("INSERT") <= 20 + 3 and "SAVEPOINT" in kinds  # rows, no extra reads
-        assert sum(s.startswith("SELECT") for s in statements) == 21  # 20 entries + 1 month
-    total = st.scopes("2026-11")["total"]
-    assert (total.settled_micro, total.reserved_micro) == (60, 100)
+        # BEGIN, SAVEPOINT, read the entries, read the month's totals, insert the entries,
+        # update the entries, update the 2 existing totals (one statement each: fewer than
+        # 3 rows), create provider b's row (its first reservation this month), RELEASE,
+        # COMMIT: 11 for 5 writes as for 40.
+        assert counts == [11, 11]
+    else:  # row by row, or split by the parameter limit: grows with the batch
+        assert counts[1] > counts[0] > 11
     st.close()
 
 
@@ -332,13 +341,23 @@ def test_plain_functions_run_between_set_wise_writes_in_order(form: str, tmp_pat
     st.close()
 
 
-@pytest.mark.parametrize("query", [ops._J_READ_ENTRIES, ops._R_READ_ENTRY])
-def test_reading_the_entries_of_a_batch_uses_the_primary_key(query: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "query",
+    [
+        ops._READ_ENTRIES_JSON.format(ops._marks(3, 0)),
+        ops._READ_ENTRIES.format(ops._marks(3, 0)),
+        ops._UPDATE_ENTRIES.format(ops._marks(3, 8)),
+        ops._UPDATE_TOTALS.format(ops._marks(3, 8)),
+    ],
+)
+def test_a_batch_finds_its_rows_by_primary_key(query: str, tmp_path: Path) -> None:
     # Not the entries_open index: that would scan every open entry of the month (a ledger
     # with thousands of unknown entries) for the few ids a batch settles.
     st = open_store(tmp_path / "l.db")
     assert st._db is not None
-    arg = '["a"]' if "json_each" in query else "a"
-    plan = " ".join(str(r[3]) for r in st._db.execute(f"EXPLAIN QUERY PLAN {query}", (arg,)))
-    assert "sqlite_autoindex_entries_1 (id=?)" in plan and "entries_open" not in plan, plan
+    params = [None] * query.count("?")
+    plan = " ".join(str(r[3]) for r in st._db.execute(f"EXPLAIN QUERY PLAN {query}", params))
+    assert "SEARCH" in plan and "sqlite_autoindex_" in plan, plan
+    assert "entries_open" not in plan and "SCAN entries" not in plan, plan
+    assert "SCAN totals" not in plan, plan
     st.close()
