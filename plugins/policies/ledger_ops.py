@@ -247,6 +247,9 @@ _UPDATE_TOTAL = (
     "WHERE month = ?1 AND scope = ?2"
 )
 _READ_SCOPES = f"SELECT {_SCOPE_READ} FROM totals WHERE month = ?"  # noqa: S608
+_READ_SCOPES_JSON = (
+    f"SELECT json_group_array(json_array({_SCOPE_READ})) FROM totals WHERE month = ?"  # noqa: S608
+)
 # Reading the entries a batch settles: as one JSON value when SQLite has JSON functions
 # (one step), else row by row.
 _READ_ENTRIES_JSON = (
@@ -277,7 +280,8 @@ class Batch:
     write in order, then :meth:`write`. The caller holds the transaction throughout.
     """
 
-    #: Whether the settled entries are read as one JSON value (class-wide: tests run both).
+    #: Whether the settled entries and the month's totals are read as one JSON value (one
+    #: step; class-wide: tests run both forms).
     json_reads: ClassVar[bool] = JSON_FUNCTIONS
     #: Bound parameters per statement; more rows are written in several (tests lower it).
     max_variables: ClassVar[int] = MAX_VARIABLES
@@ -358,9 +362,13 @@ class Batch:
     def _read_month(self, month: str) -> None:
         self._months.add(month)
         found = set()
-        for name, settled, overage, reserved, unknown, cap in self.db.execute(
-            _READ_SCOPES, (month,)
-        ):
+        rows: list[Any]
+        if self.json_reads:
+            (text,) = self.db.execute(_READ_SCOPES_JSON, (month,)).fetchone()
+            rows = json.loads(text)
+        else:
+            rows = self.db.execute(_READ_SCOPES, (month,)).fetchall()
+        for name, settled, overage, reserved, unknown, cap in rows:
             scope = self.scope(month, name)
             scope.base = (settled, overage, reserved, unknown)
             if not scope.cap_set:
