@@ -16,10 +16,12 @@ import structlog
 from .envelope import Envelope
 from .errors import ErrorClass
 from .gateway import effective_system
+from .results import chain_envelope
 from .types import Call, Message, Outcome, Request, Route, Target, micro_to_usd
 
 if TYPE_CHECKING:
-    from .gateway import ChainResult, Gateway, ProgressFn
+    from .gateway import Gateway, ProgressFn
+    from .results import ChainResult
 
 log = structlog.get_logger("llmgw.panel")
 
@@ -138,7 +140,7 @@ def panel_envelope(
     classes: list[str | None] = []
     for member, result in zip(route.members, results, strict=True):
         assert result is not None
-        env = gw._chain_envelope(request, member, result)
+        env = chain_envelope(request, member, result)
         member_envs.append(env.to_dict())
         tokens_in += env.meta["tokens"]["input"]
         tokens_out += env.meta["tokens"]["output"]

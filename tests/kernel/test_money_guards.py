@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from llmgw.kernel import ErrorClass, Outcome, PluginError, Request, Usage, hookimpl
-from llmgw.kernel.gateway import attempt_cost
+from llmgw.kernel.results import attempt_cost
 from llmgw.kernel.testing import FakeProvider, flat_price, gateway_from_yaml
 
 YAML = """

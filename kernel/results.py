@@ -1,0 +1,122 @@
+"""How a route's attempts ended: the attempt records, the chain's result, its envelope and
+what each attempt cost. Shared by the request loop (:mod:`.gateway`) and panels
+(:mod:`.panel`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .envelope import Envelope
+from .errors import ErrorClass, default_message
+from .types import Call, Outcome, Request, Route, Target, micro_to_usd
+
+__all__ = ["Attempt", "ChainResult", "attempt_cost", "chain_envelope"]
+
+
+@dataclass
+class Attempt:
+    """One line of ``meta.attempts``."""
+
+    target: Target
+    attempt: int
+    outcome: Outcome
+    stage: str  # "sent", "refused", "rejected", "skipped"
+    by: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "provider": self.target.provider,
+            "model": self.target.model,
+            "attempt": self.attempt,
+            "stage": self.stage,
+            "ok": self.outcome.ok,
+            "sent": self.outcome.sent,
+            "latency_ms": round(self.outcome.latency_ms, 2),
+            "cost_usd": micro_to_usd(self.outcome.cost_micro_usd),
+        }
+        if not self.outcome.ok:
+            d["error_class"] = self.outcome.error_class.value if self.outcome.error_class else None
+        if self.by:
+            d["by"] = self.by
+        return d
+
+
+@dataclass
+class ChainResult:
+    """How a single route (or one panel member) ended."""
+
+    outcome: Outcome
+    target: Target | None
+    attempts: list[Attempt] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float = 0.0
+
+
+def chain_envelope(request: Request, route: Route, result: ChainResult) -> Envelope:
+    """The envelope of a single route (or one panel member) from how its chain ended."""
+    outcome, target = result.outcome, result.target
+    tokens_in = sum(a.outcome.usage.input_tokens for a in result.attempts if a.outcome.usage)
+    tokens_out = sum(a.outcome.usage.output_tokens for a in result.attempts if a.outcome.usage)
+    costs = [a.outcome.cost_micro_usd for a in result.attempts if a.outcome.sent]
+    unknown_cost = any(c is None for c in costs)
+    meta: dict[str, Any] = {
+        "provider": target.provider if target else None,
+        "model": target.model if target else None,
+        "latency_ms": round(result.latency_ms, 2),
+        "tokens": {"input": tokens_in, "output": tokens_out, "total": tokens_in + tokens_out},
+        "cost_usd_approx": micro_to_usd(sum(c for c in costs if c is not None)),
+        "task_class": request.task_class,
+        "request_id": request.request_id,
+    }
+    if unknown_cost:
+        meta["cost_usd_known"] = meta["cost_usd_approx"]
+        meta["cost_usd_approx"] = None
+        meta["cost_note"] = (
+            "cost unknown: no price for this model (add it under prices: in routing.yaml) "
+            "or no usage reported; cost_usd_known is the part that is known"
+        )
+    if outcome.usage is not None:
+        meta["tokens"]["cached_input"] = outcome.usage.cached_input_tokens
+        meta["tokens"]["reasoning"] = outcome.usage.reasoning_tokens
+    if outcome.finish_reason:
+        meta["finish_reason"] = outcome.finish_reason
+    if route.targets and target is not None and target != route.targets[0]:
+        meta["fallback_from"] = route.targets[0].key
+    meta["attempts"] = [a.to_dict() for a in result.attempts]
+    for key, value in result.meta.items():
+        meta.setdefault(key, value)
+    if outcome.ok:
+        return Envelope("success", outcome.text, meta)
+    error_class = outcome.error_class or ErrorClass.INTERNAL_ERROR
+    meta["error_class"] = error_class.value
+    message = outcome.message or default_message(error_class)
+    earlier: dict[str, str] = {}
+    for a in result.attempts:
+        if a.target != target and a.outcome.error_class is not None:
+            earlier[a.target.key] = a.outcome.error_class.value
+    if earlier:
+        tried = ", ".join(f"{key} ({cls})" for key, cls in earlier.items())
+        message = f"{message}; also tried: {tried}"
+    return Envelope("error", None, meta, error=message)
+
+
+#: Error answers given before the model ran: the provider does not bill them. 408 and
+#: 5xx other than 503/529 are left out: the model may have run (a timeout at a proxy).
+_UNBILLED_STATUS = frozenset(range(400, 500)) - {408} | {503, 529}
+_MAYBE_BILLED = frozenset({ErrorClass.TIMEOUT, ErrorClass.CONNECTION_ERROR})
+
+
+def attempt_cost(call: Call, outcome: Outcome) -> int | None:
+    """Micro-dollars an attempt cost: from usage, 0 when surely unbilled, else None."""
+    if outcome.usage is not None and call.price is not None:
+        return call.price.cost_micro_usd(outcome.usage)
+    if not outcome.sent:
+        return 0
+    if (
+        outcome.usage is None
+        and outcome.status_code in _UNBILLED_STATUS
+        and outcome.error_class not in _MAYBE_BILLED
+    ):
+        return 0
+    return None  # sent, no usage: may be billed (timeout, reset, proxy error)
