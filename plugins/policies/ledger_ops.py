@@ -24,6 +24,12 @@ Exactly the same checks as one transaction per write:
 - The ``CHECK`` constraints on ``totals`` and ``entries`` still judge what is written; a
   failed statement makes the store redo the batch one savepoint per write (the slow,
   statement-per-row path is then each op run alone: :meth:`Op.__call__`).
+- Netted into one change per row, a batch could pass a step that a CHECK would refuse one
+  write at a time (on a damaged ledger: a settle taking a total below zero, hidden by a
+  later reservation in the same scope). So each scope keeps the lowest point its
+  ``reserved`` and ``unknown`` reached, a batch checks it against the values read before
+  a reservation uses them and before writing (:meth:`_Scope.check`), and raises
+  :class:`Inconsistent` for the store to redo the batch one savepoint per write.
 
 Each write statement carries all its rows in one multi-row ``VALUES`` list (an insert, or
 an ``UPDATE ... FROM (VALUES ...)`` joined on the primary key), so it is one SQLite step
@@ -69,10 +75,31 @@ __all__ = [
     "settle",
 ]
 
-#: JSON functions are part of every SQLite >= 3.38 (optional before).
-JSON_FUNCTIONS = sqlite3.sqlite_version_info >= (3, 38, 0)
+
+def _probe() -> tuple[bool, int]:
+    """What this process's SQLite library offers: JSON functions (built in from 3.38, but a
+    build may leave them out) and the bound-parameter limit of one statement."""
+    db = sqlite3.connect(":memory:")
+    try:
+        try:
+            db.execute("SELECT json_group_array(json_array(1, 'a'))").fetchone()
+            json_ok = True
+        except sqlite3.Error:
+            json_ok = False
+        return json_ok, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    finally:
+        db.close()
+
+
+#: JSON functions (one-step reads) and the parameter limit, asked of the library itself.
+JSON_FUNCTIONS, MAX_VARIABLES = _probe()
 
 _OPEN = ("reserved", "unknown")
+
+
+class Inconsistent(Exception):
+    """A batch written set-wise would pass a state one write at a time would refuse; the
+    store then runs the batch one savepoint per write, where SQLite's CHECKs judge each."""
 
 
 class _Scope:
@@ -89,6 +116,8 @@ class _Scope:
         "d_unknown",
         "dirty",
         "exists",
+        "low_reserved",
+        "low_unknown",
     )
 
     def __init__(self) -> None:
@@ -99,7 +128,20 @@ class _Scope:
         self.cap: int | None = None
         self.cap_set = False
         self.d_settled = self.d_overage = self.d_reserved = self.d_unknown = 0
+        #: The lowest ``d_reserved`` / ``d_unknown`` reached so far: written as one net
+        #: change, the batch must still pass every step the CHECK constraints would have
+        #: judged one write at a time (only these two columns ever go down).
+        self.low_reserved = self.low_unknown = 0
         self.dirty = False
+
+    def check(self) -> None:
+        """Raise :class:`Inconsistent` if a step of the batch took a column below zero
+        (a damaged ledger: an entry holding more than its scope's total)."""
+        if self.base is None:
+            return
+        _, _, reserved, unknown = self.base
+        if reserved + self.low_reserved < 0 or unknown + self.low_unknown < 0:
+            raise Inconsistent("a write would take a scope total below zero")
 
     def use(self, name: str) -> ScopeUse:
         """What the scope holds now (read values plus the batch's changes)."""
@@ -260,8 +302,6 @@ _READ_ENTRIES = f"SELECT {_ENTRY_READ} FROM entries WHERE id IN ({{}}) AND {_OPE
 
 #: ``UPDATE ... FROM`` (one statement updating many rows) is in every SQLite >= 3.33.
 UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
-#: Bound parameters one statement may carry (SQLITE_MAX_VARIABLE_NUMBER's default).
-MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 
 @functools.lru_cache(maxsize=256)
@@ -289,8 +329,12 @@ class Batch:
     #: SQLite has no ``UPDATE ... FROM``).
     values_min_rows: ClassVar[int] = 3 if UPDATE_FROM else 2**62
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, *, stepwise: bool = False) -> None:
         self.db = db
+        #: Many writes netted into one change per row: check each step before writing
+        #: (:meth:`_Scope.check`). One write alone needs no check: SQLite's CHECKs see
+        #: its only step.
+        self.stepwise = stepwise
         self._scopes: dict[tuple[str, str], _Scope] = {}
         self._months: set[str] = set()
         #: Entries looked up: the open ones as rows, None for "not open" (or absent).
@@ -405,6 +449,8 @@ class Batch:
                 s.d_unknown += entry.reserved
             s.d_settled += settled
             s.d_overage += overage
+            s.low_reserved = min(s.low_reserved, s.d_reserved)
+            s.low_unknown = min(s.low_unknown, s.d_unknown)
             s.dirty = True
         entry.state = state
         entry.updated_at = now.isoformat()
@@ -414,6 +460,11 @@ class Batch:
 
     def write(self) -> None:
         """Write every changed entry and scope: a few statements, whatever the count."""
+        if self.stepwise:
+            for (month, name), s in list(self._scopes.items()):
+                if s.dirty:
+                    self.scope(month, name, read=True)  # a read only for settles alone
+                    s.check()
         new = [e.row() for e in self._touched if e.insert is not None]
         changed = [e.changes() for e in self._touched if e.insert is None]
         totals: list[list[Any]] = []
@@ -449,6 +500,7 @@ class Batch:
                         unknown + s.d_unknown,
                     )
                 s.d_settled = s.d_overage = s.d_reserved = s.d_unknown = 0
+                s.low_reserved = s.low_unknown = 0
                 s.exists = True
                 s.cap_set = False
                 s.dirty = False
@@ -489,6 +541,8 @@ class Reserve(Op):
             scope = provider_scope(item.provider)
             deltas[scope] = deltas.get(scope, 0) + item.amount_micro
         scopes = {name: batch.scope(month, name, read=True) for name in deltas}
+        for read in scopes.values():
+            read.check()  # what the writes before it left must be a state to check against
         breaches = [
             Breach(use, cap, delta)
             for name, delta in deltas.items()
@@ -601,7 +655,7 @@ def apply_all(db: sqlite3.Connection, ops: Sequence[Any]) -> list[tuple[bool, An
     result; any other exception propagates (the caller rolls the batch back and runs it
     one savepoint per write)."""
     results: list[tuple[bool, Any]] = []
-    batch = Batch(db)
+    batch = Batch(db, stepwise=True)
     batch.prefetch(i for op in ops if isinstance(i := getattr(op, "entry_id", None), str))
     for op in ops:
         if isinstance(op, Op):
@@ -612,7 +666,7 @@ def apply_all(db: sqlite3.Connection, ops: Sequence[Any]) -> list[tuple[bool, An
         else:
             batch.write()
             results.append((True, op(db)))
-            batch = Batch(db)
+            batch = Batch(db, stepwise=True)
     batch.write()
     return results
 
