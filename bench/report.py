@@ -110,6 +110,7 @@ def assemble(
             "warmup_calls": p.warmup,
             "throughput_calls": p.conc_n,
             "in_flight": p.inflight,
+            "throughput_rounds": p.conc_rounds,
             "panel_calls_per_round": p.panel_n,
             "cold_start_rounds": p.cold_rounds,
             "ledger_seconds": p.ledger_s,
@@ -238,7 +239,11 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(f"  {name:<14} {_spread(node, 3)}")
     tput = [(c["label"], c["calls_per_s"]) for c in doc["columns"].values() if "calls_per_s" in c]
     if tput:
-        lines += ["", f"Throughput, {s['throughput_calls']} calls with {s['in_flight']} in flight"]
+        lines += [
+            "",
+            f"Throughput, {s['throughput_calls']} calls with {s['in_flight']} in flight, "
+            f"{s.get('throughput_rounds', s['rounds'])} rounds",
+        ]
         for label, node in tput:
             lines.append(f"  {label:<36} {_spread(node, 0)} calls/s")
     pn = doc["panel"]

@@ -38,15 +38,20 @@ class Profile:
     cold_rounds: int
     ledger_s: float
     ledger_rounds: int
+    #: Throughput rounds: a burst of 200 calls lasts 0.1-0.7 s, so more rounds than the
+    #: latency phase are needed for a steady median.
+    conc_rounds: int = 5
     variants: bool = True  # one gateway column per policy switched off
     litellm: bool = True
     mcp: bool = True
 
 
 PROFILES = {
-    "full": Profile("full", 5, 400, 100, 200, 50, 20, 5, 2.0, 3),
-    "quick": Profile("quick", 2, 150, 40, 200, 50, 8, 2, 1.0, 1),
-    "smoke": Profile("smoke", 1, 5, 2, 20, 5, 2, 1, 0.3, 1, variants=False, litellm=False),
+    "full": Profile("full", 5, 400, 100, 200, 50, 40, 9, 2.0, 3, conc_rounds=15),
+    "quick": Profile("quick", 2, 150, 40, 200, 50, 8, 2, 1.0, 1, conc_rounds=3),
+    "smoke": Profile(
+        "smoke", 1, 5, 2, 20, 5, 2, 1, 0.3, 1, conc_rounds=1, variants=False, litellm=False
+    ),
 }
 
 
@@ -298,8 +303,8 @@ class Run:
         keys = [
             k for k in ("direct", "openai_sdk", "litellm_router", "gw_full") if k in self.columns
         ]
-        for r in range(p.rounds):
-            self.say(f"  throughput round {r + 1}/{p.rounds}")
+        for r in range(p.conc_rounds):
+            self.say(f"  throughput round {r + 1}/{p.conc_rounds}")
             for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
                 col = self.columns[key]
                 assert col.proc is not None
