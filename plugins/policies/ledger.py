@@ -36,9 +36,9 @@ Speed without weakening any of that (figures in docs/performance.md):
   more conservative meanwhile), and if the process dies first the lease turns the
   reservation ``unknown`` at the next start (charged, never lost). Whatever reads spend
   (``report_info``, :meth:`LedgerPlugin.flush`, ``shutdown``) first waits for the writes
-  queued before it. When the gateway goes idle, the last settles commit within ~0.1 s
-  (the writer's own look at its queue); until then another process sharing the file
-  sees their worst case still held.
+  queued before it. When the gateway goes idle, the last settles commit within ~15 ms
+  (the writer's own look at its queue, then the linger); until then another process
+  sharing the file sees their worst case still held.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ Writes nobody waits for (settles, marked ``lazy``) may wait up to :attr:`LedgerW
 one call after another then pays one ``fsync`` per call, not two. Waiting longer only keeps
 the worst case counted a little longer (see :mod:`.ledger`). So a lazy write does not even
 wake the thread: the thread finds it when an urgent write, a flush, a close or a full batch
-wakes it, or at its own look at the queue every 0.1 s; then it waits out what is left of
+wakes it, or at its own look at the queue every 10 ms; then it waits out what is left of
 the linger. Waking the thread for every settle cost two thread switches per call (the wake
 and the linger's end), each taking the GIL from the event loop.
 
@@ -40,7 +40,7 @@ thread and its group commit are used as before.
 
 The thread is started on demand and stops after :attr:`idle_exit_s` without work (a test
 process builds many gateways); it is not a daemon, so work queued when the interpreter
-exits is still committed (it notices the main thread's end within 0.1 s).
+exits is still committed (it notices the main thread's end at its next look, within 10 ms).
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ class LedgerWriter:
 
     max_batch = 256
     idle_exit_s = 1.0
+    #: How often an idle thread looks at its queue: a settle (which does not wake it)
+    #: commits within this plus :attr:`linger_s` when no reservation comes to take it.
+    poll_s = 0.01
     #: How long lazy writes (settles) may wait for an urgent one (a reservation) to share
     #: its commit; a flush, a close or a full batch commits them at once.
     linger_s = 0.005
@@ -149,8 +152,8 @@ class LedgerWriter:
                 self._thread.start()
             elif not job.lazy or len(self._queue) >= self.max_batch:
                 # A lazy write alone does not wake the thread: it waits for the next
-                # urgent one anyway, and the thread looks at the queue at least every
-                # 0.1 s (see the module docstring).
+                # urgent one anyway, and the thread looks at the queue every poll_s
+                # (see the module docstring).
                 self._cond.notify()
         return job.future
 
@@ -297,8 +300,8 @@ class LedgerWriter:
                     if not threading.main_thread().is_alive():
                         idle = self.idle_exit_s  # the interpreter is exiting: stop when empty
                         continue
-                    self._cond.wait(0.1)
-                    idle += 0.1
+                    self._cond.wait(self.poll_s)
+                    idle += self.poll_s
                 else:
                     idle = 0.0
                     self._cond.wait(self._queue[0].queued_at + self.linger_s - time.monotonic())
