@@ -264,7 +264,8 @@ class IndependencePlugin:
                     "independence after every plugin that rewrites requests"
                 ]
             )
-        self._publish(panel, cert)
+        # Not published here: the panel's own after_call (which runs once every member has
+        # ended, before the envelope is built) publishes the certificate with every record.
 
     @hookimpl
     def verify(self, request: Request, result: Envelope) -> Verdict | None:
