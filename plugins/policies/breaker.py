@@ -6,9 +6,10 @@ fallback=True)``, so the kernel moves to the route's next target without waiting
 so concurrent callers do not all become probes: the others are refused with
 ``circuit_open`` and fall back). ``after_call`` counts one outcome per upstream attempt:
 only the health classes (``errors.HEALTH_FAILURES``) are failures, including a connection
-that could not be made (nothing sent, but the upstream is unreachable); rate limits, auth,
-quota, invalid requests and refusals, ours or the upstream's, say nothing about the
-upstream's health and are ignored. A probe that ends without a verdict (refused by a
+that could not be made (nothing sent, but the upstream is unreachable) unless the provider
+marks the failure ``local`` (ours: a full pool, a connect cut short by the deadline); rate
+limits, auth, quota, invalid requests and refusals, ours or the upstream's, say nothing
+about the upstream's health and are ignored. A probe that ends without a verdict (refused by a
 later plugin, cancelled) frees its slot.
 
 The state machine itself is :class:`~llmgw.plugins.policies.breaker_state.CircuitBreaker`.
@@ -41,8 +42,14 @@ def classify(outcome: Outcome) -> Result:
         return "success"
     if outcome.error_class not in HEALTH_FAILURES:
         return "ignored"
-    # Refused by a plugin before sending: the upstream was never tried.
-    if not outcome.sent and ("refused_by" in outcome.details or "rejected_by" in outcome.details):
+    # Not sent and not the upstream's doing: refused by a plugin before sending, or a
+    # failure on our side of the wire that the provider marks ``local`` (our connection
+    # pool full, a request that could not be encoded, a connect timeout cut short by the
+    # caller's deadline).
+    details = outcome.details
+    if not outcome.sent and (
+        "refused_by" in details or "rejected_by" in details or "local" in details
+    ):
         return "ignored"
     # Everything else counts, sent or not: a connection that could not be made (refused,
     # reset during connect, a connect timeout) is the plainest sign of a dead upstream,

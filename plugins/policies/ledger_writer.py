@@ -291,7 +291,8 @@ class LedgerWriter:
             self._running = False
             while not self._queue or self._lingering() or self._inline:
                 if self._inline:  # a caller runs a batch inline: it notifies when done
-                    self._cond.wait(0.1)
+                    # (only if work is queued then; a settle queued after it does not)
+                    self._cond.wait(self.poll_s)
                     continue
                 if not self._queue:
                     if self._closed or idle >= self.idle_exit_s:

@@ -34,7 +34,7 @@ from .http_errors import (
     refine_invalid,
     retry_hint,
     status_class,
-    transport_class,
+    transport_failure,
 )
 from .pricing import PriceBook
 
@@ -120,8 +120,13 @@ class AnthropicProvider(BaseProvider):
         except sdk.APIConnectionError as exc:
             cause = find_cause(exc, (httpx2.HTTPError,))
             if cause is not None:
-                cls, sent = transport_class(cause)
-            elif isinstance(exc, sdk.APITimeoutError):
+                return transport_failure(
+                    self.name,
+                    request.model,
+                    cause,
+                    deadline_limited=self.conn.deadline_limited(request.timeout_s),
+                )
+            if isinstance(exc, sdk.APITimeoutError):
                 cls, sent = ErrorClass.TIMEOUT, True
             else:
                 cls, sent = ErrorClass.CONNECTION_ERROR, True

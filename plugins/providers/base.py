@@ -30,7 +30,7 @@ from llmgw.kernel import (
 from llmgw.kernel.config import ProviderSpec
 from llmgw.kernel.logs import REDACTOR
 
-from .http_errors import failure, find_cause, missing_key, transport_class
+from .http_errors import failure, find_cause, missing_key, transport_failure
 from .pricing import PriceBook, PriceInfo, price_dict
 
 log = structlog.get_logger("llmgw.providers")
@@ -51,6 +51,12 @@ class Connection:
     @property
     def key_value(self) -> str:
         return self.key.get_secret_value() if self.key is not None else ""
+
+    def deadline_limited(self, request_timeout_s: float) -> bool:
+        """True when the remaining deadline, not the configured connect timeout, bounds
+        the connect (see :meth:`timeout`): a connect timeout then says nothing about the
+        upstream."""
+        return request_timeout_s < self.connect_timeout_s
 
     def timeout(self, request_timeout_s: float) -> httpx2.Timeout:
         """The smaller of the configured timeout and the request's remaining deadline."""
@@ -163,8 +169,7 @@ class BaseProvider:
         """An exception that escaped the wire code: classify by its transport cause."""
         cause = find_cause(exc, (httpx2.HTTPError, TimeoutError))
         if cause is not None:
-            cls, sent = transport_class(cause)
-            return failure(self.name, request.model, cls, sent=sent)
+            return transport_failure(self.name, request.model, cause)
         if find_cause(exc, (ValueError, KeyError, TypeError, AttributeError)) is not None:
             # A body that did not parse or had the wrong shape; never log its text.
             log.warning(

@@ -21,7 +21,7 @@ from .http_errors import (
     refine_invalid,
     retry_hint,
     status_class,
-    transport_class,
+    transport_failure,
 )
 from .pricing import PriceBook
 
@@ -107,8 +107,12 @@ class ChatCompletionsProvider(BaseProvider):
                 timeout=self.conn.timeout(request.timeout_s),
             )
         except httpx2.HTTPError as exc:
-            cls, sent = transport_class(exc)
-            return failure(self.name, request.model, cls, sent=sent)
+            return transport_failure(
+                self.name,
+                request.model,
+                exc,
+                deadline_limited=self.conn.deadline_limited(request.timeout_s),
+            )
         if not 200 <= resp.status_code < 300:
             return self.http_error(request.model, resp)
         try:

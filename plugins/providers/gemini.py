@@ -36,7 +36,7 @@ from .http_errors import (
     refine_invalid,
     retry_hint,
     status_class,
-    transport_class,
+    transport_failure,
 )
 from .pricing import PriceBook
 
@@ -147,13 +147,11 @@ class GeminiProvider(BaseProvider):
         except self._errors.APIError as exc:
             return self.api_error(request.model, exc)
         except httpx2.HTTPError as exc:
-            cls, sent = transport_class(exc)
-            return failure(self.name, request.model, cls, sent=sent)
+            return transport_failure(self.name, request.model, exc)
         except (ValueError, TypeError) as exc:  # JSONDecodeError, pydantic ValidationError
             cause = find_cause(exc, (httpx2.HTTPError,))
             if cause is not None:
-                cls, sent = transport_class(cause)
-                return failure(self.name, request.model, cls, sent=sent)
+                return transport_failure(self.name, request.model, cause)
             return failure(
                 self.name,
                 request.model,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -127,6 +128,35 @@ _NOT_SENT: tuple[type[BaseException], ...] = (
     httpx2.LocalProtocolError,
     httpx2.UnsupportedProtocol,
 )
+
+
+# Of those, the ones that say nothing about the upstream: our own pool is full, our
+# request could not be encoded, the base URL's scheme is wrong.
+_LOCAL: dict[type[BaseException], str] = {
+    httpx2.PoolTimeout: "pool_timeout",
+    httpx2.LocalProtocolError: "local_protocol_error",
+    httpx2.UnsupportedProtocol: "unsupported_protocol",
+}
+
+
+def transport_failure(
+    provider: str, model: str, exc: BaseException, *, deadline_limited: bool = False
+) -> Outcome:
+    """The failed outcome of a transport exception (:func:`transport_class`).
+
+    ``details["local"]`` marks a failure on our side of the wire, which the breaker does
+    not count against the upstream: one of ``_LOCAL``, or a connect timeout cut short by
+    the caller's remaining deadline (``deadline_limited``: the deadline was below the
+    configured connect timeout), not by the upstream.
+    """
+    cls, sent = transport_class(exc)
+    local = next((v for k, v in _LOCAL.items() if isinstance(exc, k)), None)
+    if local is None and deadline_limited and isinstance(exc, httpx2.ConnectTimeout):
+        local = "deadline"
+    out = failure(provider, model, cls, sent=sent)
+    if local is not None:
+        out = replace(out, details={**out.details, "local": local})
+    return out
 
 
 def transport_class(exc: BaseException) -> tuple[ErrorClass, bool]:

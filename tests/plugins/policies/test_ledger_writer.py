@@ -413,8 +413,8 @@ def test_a_lazy_write_does_not_wake_the_thread_yet_commits_on_its_own(st: Ledger
     started = time.monotonic()
     settled = writer.submit(ops.Settle("a", 4, NOW), lazy=True)
     assert wakes == []  # a settle alone does not wake the thread...
-    assert settled.result(5) is True  # ...which still finds it at its own look (0.1 s)
-    assert time.monotonic() - started < 1.0
+    assert settled.result(5) is True  # ...which still finds it at its own look (poll_s)
+    assert time.monotonic() - started < 0.5  # poll_s + linger_s, with room for a slow CI
     assert st.entry("a")["state"] == "settled"
     writer.submit(reserve("b", 10, Caps())).result(5)
     assert wakes  # an urgent write does wake it
@@ -430,4 +430,29 @@ def test_a_full_batch_of_lazy_writes_wakes_the_thread(st: LedgerStore) -> None:
     settles = [writer.submit(ops.Settle(f"r{i}", 1, NOW), lazy=True) for i in range(4)]
     assert all(f.result(5) is True for f in settles)
     assert writer.stats.sizes[-1] == 4
+    writer.close()
+
+
+def test_a_settle_queued_just_after_an_inline_batch_commits_within_the_poll(
+    st: LedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The thread waits while a caller runs a batch inline; a batch that leaves nothing
+    # queued does not notify it, nor does the settle queued right after: the thread must
+    # look again within poll_s, not sleep a tenth of a second.
+    writer = LedgerWriter(st)
+    writer.submit(reserve("a", 10, Caps())).result(5)  # the thread runs, then idles
+    real = st.try_batch
+
+    def slow(ops_: Any) -> Any:
+        time.sleep(0.03)  # long enough for the thread to see the inline batch running
+        return real(ops_)
+
+    monkeypatch.setattr(st, "try_batch", slow)
+    done, _ = writer.run_inline(reserve("b", 10, Caps()))
+    assert done
+    started = time.monotonic()
+    settled = writer.submit(ops.Settle("a", 4, NOW), lazy=True)
+    assert settled.result(5) is True
+    waited = time.monotonic() - started
+    assert waited < 0.08, waited  # poll_s (10 ms) + linger_s (5 ms), room for a slow CI
     writer.close()

@@ -8,6 +8,7 @@ import httpx2
 import pytest
 
 from llmgw.kernel import ErrorClass as E
+from llmgw.plugins.policies.breaker import classify
 from llmgw.plugins.providers.http_errors import (
     failure,
     finish_outcome,
@@ -15,6 +16,7 @@ from llmgw.plugins.providers.http_errors import (
     retry_hint,
     status_class,
     transport_class,
+    transport_failure,
 )
 
 NOW = 1_800_000_000.0
@@ -79,6 +81,30 @@ def test_gemini_retry_delay(body: object, expected: float | None) -> None:
 )
 def test_transport_class(exc: BaseException, cls: E, sent: bool) -> None:
     assert transport_class(exc) == (cls, sent)
+
+
+@pytest.mark.parametrize(
+    ("exc", "deadline_limited", "local", "breaker"),
+    [
+        # The upstream could not be reached: the breaker counts it.
+        (httpx2.ConnectError("refused"), False, None, "failure"),
+        (httpx2.ConnectError("refused"), True, None, "failure"),
+        (httpx2.ConnectTimeout("slow connect"), False, None, "failure"),
+        (httpx2.ReadTimeout("slow answer"), True, None, "failure"),  # sent: may be billed
+        # Our side of the wire: not held against the upstream.
+        (httpx2.ConnectTimeout("cut short"), True, "deadline", "ignored"),
+        (httpx2.PoolTimeout("our pool is full"), False, "pool_timeout", "ignored"),
+        (httpx2.LocalProtocolError("bad"), False, "local_protocol_error", "ignored"),
+        (httpx2.UnsupportedProtocol("htp://"), False, "unsupported_protocol", "ignored"),
+    ],
+)
+def test_transport_failures_on_our_side_are_marked_local(
+    exc: BaseException, deadline_limited: bool, local: str | None, breaker: str
+) -> None:
+    out = transport_failure("openai", "m", exc, deadline_limited=deadline_limited)
+    assert out.details.get("local") == local
+    assert (out.error_class, out.sent) == transport_class(exc)
+    assert classify(out) == breaker
 
 
 @pytest.mark.parametrize(
