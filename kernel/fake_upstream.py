@@ -19,7 +19,7 @@ fault, so an end-to-end test through MCP can trigger one. Faults are listed in
 :mod:`.fake_wire`).
 
 The server is stdlib ``ThreadingHTTPServer`` in a background thread, HTTP/1.1 keep-alive,
-``disable_nagle_algorithm`` and a 256 listen backlog (see notes/benchmarking.md), so
+``disable_nagle_algorithm`` and a 256 listen backlog (see bench/README.md), so
 connection reuse is observable through :attr:`ReceivedRequest.connection_id`.
 """
 

@@ -30,7 +30,7 @@ from llmgw.kernel import (
 from llmgw.kernel.config import ProviderSpec
 from llmgw.kernel.logs import REDACTOR
 
-from .http_errors import failure, find_cause, missing_key, transport_failure
+from .http_errors import failure, find_cause, missing_key, transport_failure, unusable_key
 from .pricing import PriceBook, PriceInfo, price_dict
 
 log = structlog.get_logger("llmgw.providers")
@@ -51,6 +51,13 @@ class Connection:
     @property
     def key_value(self) -> str:
         return self.key.get_secret_value() if self.key is not None else ""
+
+    @property
+    def key_unusable(self) -> bool:
+        """The key holds characters an HTTP header cannot carry (non-ASCII, control
+        characters, inner spaces): usually a paste with smart quotes or a stray word."""
+        value = self.key_value
+        return bool(value) and not (value.isascii() and value.isprintable() and " " not in value)
 
     def deadline_limited(self, request_timeout_s: float) -> bool:
         """True when the remaining deadline, not the configured connect timeout, bounds
@@ -139,6 +146,14 @@ class BaseProvider:
                 key_env=self.conn.key_env,
                 base_url=safe_url(self.conn.base_url),
             )
+        if self.conn.key_unusable:
+            return ProviderStatus(
+                False,
+                f"{self.conn.key_env} holds characters an HTTP header cannot carry "
+                "(non-ASCII, control characters or spaces); check it for pasted quotes",
+                key_env=self.conn.key_env,
+                base_url=safe_url(self.conn.base_url),
+            )
         return ProviderStatus(
             True, key_env=self.conn.key_env, base_url=safe_url(self.conn.base_url)
         )
@@ -149,6 +164,8 @@ class BaseProvider:
     async def complete(self, request: ProviderRequest) -> Outcome:
         if self.key_required and self.conn.key is None:
             return missing_key(self.name, self.conn.key_env or f"{self.name.upper()}_API_KEY")
+        if self.conn.key_unusable:  # the HTTP client would fail to encode the header
+            return unusable_key(self.name, self.conn.key_env or f"{self.name.upper()}_API_KEY")
         try:
             return await self._send(request)
         except Exception as exc:

@@ -238,6 +238,18 @@ def missing_key(provider: str, key_env: str) -> Outcome:
     )
 
 
+def unusable_key(provider: str, key_env: str) -> Outcome:
+    """The outcome of a call whose key cannot be sent in a header: nothing is sent."""
+    return Outcome.failure(
+        ErrorClass.AUTH_ERROR,
+        f"{key_env} holds characters an HTTP header cannot carry (non-ASCII, control "
+        f"characters or spaces); check it for pasted quotes. Provider {provider!r} was not "
+        "called",
+        sent=False,
+        details={"reason": "unusable_key", "key_env": key_env},
+    )
+
+
 def finish_outcome(
     provider: str,
     model: str,

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from provider_support import KEYS, PROVIDERS, Stack, gateway_yaml, request
 
-from llmgw.kernel import Request
+from llmgw.kernel import ErrorClass, Request
 from llmgw.kernel.testing import gateway_from_yaml
 
 
@@ -136,3 +136,27 @@ async def test_report_info_lists_models_prices_and_availability(upstream) -> Non
     assert local["models"] == [{"model": "llama3.2", "price": None, "price_source": None}]
     dumped = json.dumps(info, default=str)
     assert all(k not in dumped for k in KEYS.values())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize(
+    "bad", ["sk-\u201cpasted\u201d-0123456789", "sk-test two-words-0123456789"]
+)
+async def test_a_key_no_header_can_carry_is_refused_before_sending(
+    upstream, provider: str, bad: str
+) -> None:
+    # Smart quotes from a paste, or a stray word: the HTTP client would fail to encode the
+    # header. Said plainly, nothing sent, and not held against the upstream's health.
+    key_env = PROVIDERS[provider][1]
+    gw = gateway_from_yaml(gateway_yaml(upstream), env={**KEYS, key_env: bad})
+    try:
+        status = gw.providers[provider].status()
+        assert not status.available and key_env in status.reason
+        out = await gw.providers[provider].complete(request(provider))
+    finally:
+        await gw.aclose()
+    assert out.error_class is ErrorClass.AUTH_ERROR and not out.sent
+    assert key_env in out.message and "quotes" in out.message
+    assert bad not in out.message and bad not in status.reason
+    assert upstream.requests == []
