@@ -69,10 +69,6 @@ __all__ = [
     "Reserve",
     "Settle",
     "apply_all",
-    "mark_unknown",
-    "release",
-    "reserve",
-    "settle",
 ]
 
 
@@ -614,38 +610,39 @@ class Settle(Op):
 
 
 @dataclass(frozen=True, slots=True)
-class MarkUnknown(Op):
+class _LeaveReserved(Op):
+    """A ``reserved`` entry that ends without usage: :class:`MarkUnknown` or
+    :class:`Release` (False, and nothing changed, for an entry in any other state)."""
+
+    entry_id: str
+    now: datetime
+    error_class: str | None = None
+    #: The state it moves to.
+    to: ClassVar[str]
+
+    def apply(self, batch: Batch) -> bool:
+        entry = batch.entry(self.entry_id)
+        if entry is None or entry.state != "reserved":
+            return False
+        batch.move(entry, self.to, now=self.now)
+        if self.to == "released":
+            entry.cost = 0
+        entry.error_class = self.error_class
+        return True
+
+
+class MarkUnknown(_LeaveReserved):
     """Sent but no usage came back: keep the reservation charged as ``unknown``."""
 
-    entry_id: str
-    now: datetime
-    error_class: str | None = None
-
-    def apply(self, batch: Batch) -> bool:
-        entry = batch.entry(self.entry_id)
-        if entry is None or entry.state != "reserved":
-            return False
-        batch.move(entry, "unknown", now=self.now)
-        entry.error_class = self.error_class
-        return True
+    __slots__ = ()
+    to = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
-class Release(Op):
+class Release(_LeaveReserved):
     """Nothing was sent: give the reservation back. Only a ``reserved`` entry."""
 
-    entry_id: str
-    now: datetime
-    error_class: str | None = None
-
-    def apply(self, batch: Batch) -> bool:
-        entry = batch.entry(self.entry_id)
-        if entry is None or entry.state != "reserved":
-            return False
-        batch.move(entry, "released", now=self.now)
-        entry.cost = 0
-        entry.error_class = self.error_class
-        return True
+    __slots__ = ()
+    to = "released"
 
 
 def apply_all(db: sqlite3.Connection, ops: Sequence[Any]) -> list[tuple[bool, Any]]:
@@ -669,41 +666,3 @@ def apply_all(db: sqlite3.Connection, ops: Sequence[Any]) -> list[tuple[bool, An
             batch = Batch(db, stepwise=True)
     batch.write()
     return results
-
-
-# --- one write on a connection (tests, the store's one-write methods) ----------------
-
-
-def reserve(
-    db: sqlite3.Connection, items: Sequence[Item], caps: Caps, *, now: datetime, lease_s: float
-) -> None:
-    """:class:`Reserve` alone, inside the caller's transaction."""
-    Reserve(items, caps, now, lease_s)(db)
-
-
-def settle(
-    db: sqlite3.Connection,
-    entry_id: str,
-    *,
-    cost_micro: int | None,
-    now: datetime,
-    input_tokens: int | None = None,
-    output_tokens: int | None = None,
-    error_class: str | None = None,
-) -> bool:
-    """:class:`Settle` alone, inside the caller's transaction."""
-    return bool(Settle(entry_id, cost_micro, now, input_tokens, output_tokens, error_class)(db))
-
-
-def mark_unknown(
-    db: sqlite3.Connection, entry_id: str, *, now: datetime, error_class: str | None = None
-) -> bool:
-    """:class:`MarkUnknown` alone, inside the caller's transaction."""
-    return bool(MarkUnknown(entry_id, now, error_class)(db))
-
-
-def release(
-    db: sqlite3.Connection, entry_id: str, *, now: datetime, error_class: str | None = None
-) -> bool:
-    """:class:`Release` alone, inside the caller's transaction."""
-    return bool(Release(entry_id, now, error_class)(db))

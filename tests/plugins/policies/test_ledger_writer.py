@@ -102,7 +102,7 @@ def test_a_refused_reservation_in_a_batch_rolls_back_alone(st: LedgerStore) -> N
 
 def test_a_failed_statement_in_a_batch_rolls_back_alone(st: LedgerStore) -> None:
     def broken(db: sqlite3.Connection) -> None:
-        ops.reserve(db, [item("x", 5)], Caps(), now=NOW, lease_s=60)
+        ops.Reserve([item("x", 5)], Caps(), NOW, 60)(db)
         db.execute("INSERT INTO no_such_table VALUES (1)")  # fails after a partial write
 
     results = st.run_batch([reserve("a", 10, Caps()), broken, reserve("b", 10, Caps())])
