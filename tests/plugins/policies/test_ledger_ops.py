@@ -147,16 +147,13 @@ def nonzero(totals: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], l
 
 ids = hs.sampled_from([f"e{i}" for i in range(12)])
 moment = hs.sampled_from([NOV, DEC])
-reserve_op = hs.builds(
-    lambda batch, now: ops.Reserve(batch, CAPS, now, 60),
-    hs.lists(
-        hs.builds(item, ids, hs.integers(0, 120), hs.sampled_from(["a", "b"])),
-        min_size=1,
-        max_size=3,
-        unique_by=lambda i: i.id,
-    ),
-    moment,
+reserved_items = hs.lists(
+    hs.builds(item, ids, hs.integers(0, 120), hs.sampled_from(["a", "b"])),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda i: i.id,
 )
+reserve_op = hs.builds(lambda batch, now: ops.Reserve(batch, CAPS, now, 60), reserved_items, moment)
 later_op = hs.one_of(
     hs.builds(
         ops.Settle,
@@ -423,12 +420,7 @@ caps_choice = hs.sampled_from(
 )
 any_reserve = hs.builds(
     lambda batch, caps, now: ops.Reserve(batch, caps, now, 60),
-    hs.lists(
-        hs.builds(item, ids, hs.integers(0, 120), hs.sampled_from(["a", "b"])),
-        min_size=1,
-        max_size=3,
-        unique_by=lambda i: i.id,
-    ),
+    reserved_items,
     caps_choice,
     moment,
 )
