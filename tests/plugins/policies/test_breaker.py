@@ -398,3 +398,32 @@ async def test_without_the_breaker_every_request_hits_the_dead_upstream() -> Non
     assert len({r.request_id for r in a.received}) == 20
     assert "breaker" not in gw.routing_info()
     await gw.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_host_that_refuses_connections_opens_the_circuit_through_the_real_provider() -> (
+    None
+):
+    # The openai provider over httpx2 to a loopback port nobody listens on: connection
+    # refused, nothing sent. After two of them the third call is not even tried.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nobody listens
+    gw = gateway_from_yaml(
+        "plugins: [breaker, router, openai]\n"
+        f"providers:\n  openai: {{base_url: 'http://127.0.0.1:{port}/v1', timeout_s: 5}}\n"
+        "task_classes:\n  qa: {provider: openai, model: gpt-4o-mini, max_tokens: 16}\n"
+        "breaker: {consecutive_failures: 2}\n",
+        env={"OPENAI_API_KEY": "sk-test-0123456789abcdef0123"},
+    )
+    try:
+        first = [await gw.route(Request("qa", "hi")) for _ in range(2)]
+        assert [e.error_class for e in first] == ["connection_error"] * 2
+        assert all(a["sent"] is False for e in first for a in e.meta["attempts"])
+        third = await gw.route(Request("qa", "hi"))
+        assert third.error_class == "circuit_open"
+        assert third.meta["attempts"][0]["stage"] == "rejected"
+    finally:
+        await gw.aclose()
