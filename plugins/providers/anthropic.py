@@ -34,7 +34,6 @@ from .http_errors import (
     refine_invalid,
     retry_hint,
     status_class,
-    transport_failure,
 )
 from .pricing import PriceBook
 
@@ -120,12 +119,7 @@ class AnthropicProvider(BaseProvider):
         except sdk.APIConnectionError as exc:
             cause = find_cause(exc, (httpx2.HTTPError,))
             if cause is not None:
-                return transport_failure(
-                    self.name,
-                    request.model,
-                    cause,
-                    deadline_limited=self.conn.deadline_limited(request.timeout_s),
-                )
+                return self.transport_failure(request, cause)
             if isinstance(exc, sdk.APITimeoutError):
                 cls, sent = ErrorClass.TIMEOUT, True
             else:

@@ -30,7 +30,14 @@ from llmgw.kernel import (
 from llmgw.kernel.config import ProviderSpec
 from llmgw.kernel.logs import REDACTOR
 
-from .http_errors import failure, find_cause, missing_key, transport_failure, unusable_key
+from .http_errors import (
+    failure,
+    find_cause,
+    missing_key,
+    transport_failure,
+    unusable_key,
+    unusable_key_reason,
+)
 from .pricing import PriceBook, PriceInfo, price_dict
 
 log = structlog.get_logger("llmgw.providers")
@@ -149,8 +156,7 @@ class BaseProvider:
         if self.conn.key_unusable:
             return ProviderStatus(
                 False,
-                f"{self.conn.key_env} holds characters an HTTP header cannot carry "
-                "(non-ASCII, control characters or spaces); check it for pasted quotes",
+                unusable_key_reason(self.conn.key_env or f"{self.name.upper()}_API_KEY"),
                 key_env=self.conn.key_env,
                 base_url=safe_url(self.conn.base_url),
             )
@@ -182,11 +188,22 @@ class BaseProvider:
     async def _close(self) -> None:
         return None
 
+    def transport_failure(self, request: ProviderRequest, exc: BaseException) -> Outcome:
+        """The outcome of a transport exception (:func:`.http_errors.transport_failure`);
+        every provider bounds its timeouts by ``request.timeout_s``, so a connect timeout
+        under a deadline shorter than the configured connect timeout is ours."""
+        return transport_failure(
+            self.name,
+            request.model,
+            exc,
+            deadline_limited=self.conn.deadline_limited(request.timeout_s),
+        )
+
     def _unexpected(self, request: ProviderRequest, exc: Exception) -> Outcome:
         """An exception that escaped the wire code: classify by its transport cause."""
         cause = find_cause(exc, (httpx2.HTTPError, TimeoutError))
         if cause is not None:
-            return transport_failure(self.name, request.model, cause)
+            return self.transport_failure(request, cause)
         if find_cause(exc, (ValueError, KeyError, TypeError, AttributeError)) is not None:
             # A body that did not parse or had the wrong shape; never log its text.
             log.warning(

@@ -21,7 +21,6 @@ from .http_errors import (
     refine_invalid,
     retry_hint,
     status_class,
-    transport_failure,
 )
 from .pricing import PriceBook
 
@@ -107,12 +106,7 @@ class ChatCompletionsProvider(BaseProvider):
                 timeout=self.conn.timeout(request.timeout_s),
             )
         except httpx2.HTTPError as exc:
-            return transport_failure(
-                self.name,
-                request.model,
-                exc,
-                deadline_limited=self.conn.deadline_limited(request.timeout_s),
-            )
+            return self.transport_failure(request, exc)
         if not 200 <= resp.status_code < 300:
             return self.http_error(request.model, resp)
         try:

@@ -36,7 +36,6 @@ from .http_errors import (
     refine_invalid,
     retry_hint,
     status_class,
-    transport_failure,
 )
 from .pricing import PriceBook
 
@@ -147,11 +146,11 @@ class GeminiProvider(BaseProvider):
         except self._errors.APIError as exc:
             return self.api_error(request.model, exc)
         except httpx2.HTTPError as exc:
-            return transport_failure(self.name, request.model, exc)
+            return self.transport_failure(request, exc)
         except (ValueError, TypeError) as exc:  # JSONDecodeError, pydantic ValidationError
             cause = find_cause(exc, (httpx2.HTTPError,))
             if cause is not None:
-                return transport_failure(self.name, request.model, cause)
+                return self.transport_failure(request, cause)
             return failure(
                 self.name,
                 request.model,

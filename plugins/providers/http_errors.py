@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -153,10 +152,7 @@ def transport_failure(
     local = next((v for k, v in _LOCAL.items() if isinstance(exc, k)), None)
     if local is None and deadline_limited and isinstance(exc, httpx2.ConnectTimeout):
         local = "deadline"
-    out = failure(provider, model, cls, sent=sent)
-    if local is not None:
-        out = replace(out, details={**out.details, "local": local})
-    return out
+    return failure(provider, model, cls, sent=sent, local=local)
 
 
 def transport_class(exc: BaseException) -> tuple[ErrorClass, bool]:
@@ -200,8 +196,11 @@ def failure(
     reason: str | None = None,
     usage: Usage | None = None,
     finish_reason: str | None = None,
+    local: str | None = None,
 ) -> Outcome:
-    """A failed outcome whose message is built only from safe fields, never upstream text."""
+    """A failed outcome whose message is built only from safe fields, never upstream text.
+
+    ``local``: the failure is on our side of the wire (see :func:`transport_failure`)."""
     parts = [f"{provider}/{model}: {default_message(error_class)}"]
     extra = []
     if status is not None:
@@ -215,6 +214,8 @@ def failure(
         details["reason"] = reason
     if status is not None:
         details["status"] = status
+    if local is not None:
+        details["local"] = local
     return Outcome.failure(
         error_class,
         "".join(parts),
@@ -238,13 +239,19 @@ def missing_key(provider: str, key_env: str) -> Outcome:
     )
 
 
+def unusable_key_reason(key_env: str) -> str:
+    """Why a key cannot be used (the provider's status and the refused call say it)."""
+    return (
+        f"{key_env} holds characters an HTTP header cannot carry (non-ASCII, control "
+        "characters or spaces); check it for pasted quotes"
+    )
+
+
 def unusable_key(provider: str, key_env: str) -> Outcome:
     """The outcome of a call whose key cannot be sent in a header: nothing is sent."""
     return Outcome.failure(
         ErrorClass.AUTH_ERROR,
-        f"{key_env} holds characters an HTTP header cannot carry (non-ASCII, control "
-        f"characters or spaces); check it for pasted quotes. Provider {provider!r} was not "
-        "called",
+        f"{unusable_key_reason(key_env)}. Provider {provider!r} was not called",
         sent=False,
         details={"reason": "unusable_key", "key_env": key_env},
     )
