@@ -1,4 +1,5 @@
-"""The ledger's writes (reserve, settle, mark unknown, release), applied set-wise.
+"""The ledger's writes (reserve, settle, mark unknown, release, expire leases), applied
+set-wise.
 
 A group commit (:meth:`.ledger_store.LedgerStore.run_batch`) runs many writes in one
 transaction. Written one statement per row, a reservation costs ~6 SQLite statements and a
@@ -63,6 +64,7 @@ from .ledger_sql import (
 
 __all__ = [
     "Batch",
+    "ExpireLeases",
     "MarkUnknown",
     "Op",
     "Release",
@@ -285,6 +287,7 @@ _UPDATE_TOTAL = (
     "WHERE month = ?1 AND scope = ?2"
 )
 _READ_SCOPES = f"SELECT {_SCOPE_READ} FROM totals WHERE month = ?"  # noqa: S608
+_EXPIRED = "SELECT id FROM entries WHERE state = 'reserved' AND lease_until < ?"
 _READ_SCOPES_JSON = (
     f"SELECT json_group_array(json_array({_SCOPE_READ})) FROM totals WHERE month = ?"  # noqa: S608
 )
@@ -643,6 +646,20 @@ class Release(_LeaveReserved):
 
     __slots__ = ()
     to = "released"
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireLeases(Op):
+    """Turn reservations whose lease ran out into ``unknown`` (their process died or hung:
+    they may have been billed), each as :class:`MarkUnknown` would. Returns how many."""
+
+    now: datetime
+
+    def apply(self, batch: Batch) -> int:
+        rows = batch.db.execute(_EXPIRED, (self.now.timestamp(),)).fetchall()
+        ids = [entry_id for (entry_id,) in rows]
+        batch.prefetch(ids)
+        return sum(MarkUnknown(i, self.now, "lease_expired").apply(batch) for i in ids)
 
 
 def apply_all(db: sqlite3.Connection, ops: Sequence[Any]) -> list[tuple[bool, Any]]:

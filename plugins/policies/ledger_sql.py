@@ -156,31 +156,8 @@ def provider_scope(provider: str) -> str:
     return f"provider:{provider}"
 
 
-# --- writes (each runs inside a transaction the caller holds) -----------------------
-# Reserve, settle, mark unknown and release are in :mod:`.ledger_ops` (applied set-wise).
-
-_TO_UNKNOWN = (
-    "UPDATE totals SET reserved_micro = reserved_micro - ?, unknown_micro = unknown_micro + ? "
-    "WHERE month = ? AND scope IN ('total', ?)"
-)
-
-
-def expire_leases(db: sqlite3.Connection, now: datetime) -> int:
-    """Turn reservations whose lease ran out into ``unknown`` (their process died or
-    hung: they may have been billed). Returns how many."""
-    rows = db.execute(
-        "SELECT id, month, provider, reserved_micro FROM entries "
-        "WHERE state = 'reserved' AND lease_until < ?",
-        (now.timestamp(),),
-    ).fetchall()
-    for entry_id, month, provider, reserved in rows:
-        db.execute(
-            "UPDATE entries SET state = 'unknown', error_class = 'lease_expired', "
-            "updated_at = ? WHERE id = ?",
-            (now.isoformat(), entry_id),
-        )
-        db.execute(_TO_UNKNOWN, (reserved, reserved, month, provider_scope(provider)))
-    return len(rows)
+# --- writes: in :mod:`.ledger_ops` (reserve, settle, mark unknown, release, expire leases,
+# applied set-wise inside a transaction the caller holds).
 
 
 # --- reads ---------------------------------------------------------------------------

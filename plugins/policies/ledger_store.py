@@ -350,8 +350,8 @@ class LedgerStore:
         return bool(self._one(ops_.Release(entry_id, now, error_class)))
 
     def expire_leases(self, now: datetime) -> int:
-        """Turn expired reservations into ``unknown`` (:func:`.ledger_sql.expire_leases`)."""
-        return int(self._one(lambda db: sql.expire_leases(db, now)))
+        """Turn expired reservations into ``unknown`` (:class:`.ledger_ops.ExpireLeases`)."""
+        return int(self._one(ops_.ExpireLeases(now)))
 
     # --- reads -----------------------------------------------------------------------
 
