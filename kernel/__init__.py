@@ -12,6 +12,7 @@ if __name__ != "llmgw.kernel":  # pragma: no cover - guard against a bare `impor
         "not as a bare `kernel`"
     )
 
+from . import wire
 from .build import build_gateway
 from .config import Settings, load_settings
 from .envelope import Envelope
@@ -86,4 +87,5 @@ __all__ = [
     "build_gateway",
     "hookimpl",
     "load_settings",
+    "wire",
 ]

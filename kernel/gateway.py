@@ -46,6 +46,7 @@ from .types import (
     Verdict,
     micro_to_usd,
 )
+from .wire import Pacing
 
 if TYPE_CHECKING:
     from .panel import Claims
@@ -78,6 +79,7 @@ class Gateway:
         self.providers: dict[str, Provider] = {}
         self.provider_origin: dict[str, str] = {}
         self.tools: list[ToolSpec] = []
+        self.panel_pacing = Pacing()
         self._closed = False
 
     # --- lifecycle -------------------------------------------------------------------

@@ -18,6 +18,7 @@ from .errors import ErrorClass
 from .gateway import effective_system
 from .results import chain_envelope
 from .types import Call, Message, Outcome, Request, Route, Target, micro_to_usd
+from .wire import WIRE_WAIT_S, watching
 
 if TYPE_CHECKING:
     from .gateway import Gateway, ProgressFn
@@ -83,20 +84,29 @@ async def run_panel(
     quorum = route.quorum or len(members)
     done = 0
 
-    async def run_member(i: int) -> None:
+    pacing = gw.panel_pacing
+    keys = [m.targets[0].key for m in members]
+
+    async def run_member(i: int, on_wire: anyio.Event) -> None:
         nonlocal done
-        results[i] = await gw._run_chain(
-            request,
-            members[i],
-            deadline,
-            first_call=first_calls[i],
-            member_index=i,
-            panel=panel_call,
-            claims=claims,
-        )
+        try:
+            with watching(on_wire.set):
+                results[i] = await gw._run_chain(
+                    request,
+                    members[i],
+                    deadline,
+                    first_call=first_calls[i],
+                    member_index=i,
+                    panel=panel_call,
+                    claims=claims,
+                )
+        finally:
+            on_wire.set()
+        r = results[i]
+        if r is not None and r.outcome.ok:
+            pacing.record(keys[i], r.outcome.latency_ms)
         done += 1
         if progress is not None:
-            r = results[i]
             state = "ok" if r and r.outcome.ok else "failed"
             await _safe_progress(progress, done, len(members), f"member {i + 1} {state}")
 
@@ -105,8 +115,14 @@ async def run_panel(
         # native Task.cancel(), which lands inside the facade's shielded after_call and
         # cuts it short (a ledger settle, a breaker count).
         async with anyio.create_task_group() as tg:
-            for i in range(len(members)):
-                tg.start_soon(run_member, i)
+            order = pacing.order(keys)
+            for n, i in enumerate(order):
+                on_wire = anyio.Event()
+                tg.start_soon(run_member, i, on_wire)
+                if n + 1 < len(order):
+                    # The next member starts once this one's request is out (kernel/wire.py).
+                    with anyio.move_on_after(WIRE_WAIT_S):
+                        await on_wire.wait()
         ok = sum(1 for r in results if r is not None and r.outcome.ok)
         if ok >= quorum:
             return Outcome.success("", None)

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx2
 
-from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Usage
+from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Usage, wire
 
 from .base import BaseProvider, Connection
 from .http_errors import (
@@ -74,6 +74,7 @@ class ChatCompletionsProvider(BaseProvider):
                 timeout=httpx2.Timeout(self.conn.timeout_s, connect=self.conn.connect_timeout_s),
                 limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20),
                 follow_redirects=False,
+                event_hooks={"request": [wire.request_hook]},
             )
         return self._client
 

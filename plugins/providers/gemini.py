@@ -25,6 +25,7 @@ from llmgw.kernel import (
     Outcome,
     ProviderRequest,
     Usage,
+    wire,
 )
 
 from .base import BaseProvider, Connection, ProviderPlugin
@@ -95,6 +96,7 @@ class GeminiProvider(BaseProvider):
                             self.conn.timeout_s, connect=self.conn.connect_timeout_s
                         ),
                         follow_redirects=False,
+                        event_hooks={"request": [wire.request_hook]},
                     )
                     self._client = genai.Client(
                         api_key=self.conn.key_value,

@@ -19,9 +19,11 @@ from llmgw.kernel import (
     Settings,
     Target,
     hookimpl,
+    wire,
 )
 from llmgw.kernel.errors import ConfigErrors
 from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
+from llmgw.kernel.wire import Pacing
 
 TRIO = """
 plugins: [{extra}independence, router, fake]
@@ -256,3 +258,103 @@ async def test_panel_progress_reports_each_member() -> None:
         await gw.route(Request("trio", "Review this."), progress=progress)
     assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
     assert sorted(s[2] for s in seen) == ["member 1 ok", "member 2 failed", "member 3 ok"]
+
+
+class WireProvider(FakeProvider):
+    """A fake that logs when it starts and when its request is on the wire."""
+
+    log: list[tuple[str, str]]
+    delay_s: float = 0.0
+    signals: bool = True
+
+    async def complete(self, request: ProviderRequest) -> Outcome:
+        self.log.append(("start", self.name))
+        for _ in range(5):  # yield to the loop as an HTTP client's writes do
+            await anyio.sleep(0)
+        if self.signals:
+            self.log.append(("sent", self.name))
+            wire.sent()
+        await anyio.sleep(self.delay_s)
+        return await super().complete(request)
+
+
+def wire_trio(delays: dict[str, float], *, silent: str = "") -> list[WireProvider]:
+    log: list[tuple[str, str]] = []
+    providers = []
+    for name, delay in delays.items():
+        p = WireProvider(name)
+        p.log, p.delay_s, p.signals = log, delay, name != silent
+        providers.append(p)
+    return providers
+
+
+@pytest.mark.anyio
+async def test_members_start_one_after_another_once_each_request_is_out() -> None:
+    providers = wire_trio({"alpha": 0.0, "beta": 0.0, "gamma": 0.0})
+    async with gateway_from_yaml(trio(), providers=providers) as gw:
+        env = await gw.route(Request("trio", "Review this."))
+    assert env.status == "success"
+    # Never seen before: config order, each member starting after the previous one sent.
+    assert providers[0].log == [
+        ("start", "alpha"),
+        ("sent", "alpha"),
+        ("start", "beta"),
+        ("sent", "beta"),
+        ("start", "gamma"),
+        ("sent", "gamma"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_the_member_expected_to_answer_last_starts_first() -> None:
+    providers = wire_trio({"alpha": 0.02, "beta": 0.0, "gamma": 0.06})
+    async with gateway_from_yaml(trio(), providers=providers) as gw:
+        await gw.route(Request("trio", "Review this."))  # learns the answer times
+        log = providers[0].log
+        log.clear()
+        env = await gw.route(Request("trio", "Review this."))
+        pacing = gw.panel_pacing
+    assert env.status == "success"
+    assert [name for event, name in log if event == "start"] == ["gamma", "alpha", "beta"]
+    expected = [pacing.expected_ms(k) for k in ("gamma/g-1", "alpha/a-1", "beta/b-1")]
+    assert all(ms is not None for ms in expected)
+    assert expected == sorted(expected, reverse=True)  # type: ignore[type-var]
+    # The envelope keeps config order whatever the start order was.
+    assert [m["meta"]["provider"] for m in env.data["members"]] == ["alpha", "beta", "gamma"]
+
+
+@pytest.mark.anyio
+async def test_a_member_that_never_signals_holds_the_next_back_only_briefly() -> None:
+    providers = wire_trio({"alpha": 0.3, "beta": 0.0, "gamma": 0.0}, silent="alpha")
+    async with gateway_from_yaml(trio(), providers=providers) as gw:
+        t0 = time.perf_counter()
+        env = await gw.route(Request("trio", "Review this."))
+        wall = time.perf_counter() - t0
+    assert env.status == "success"
+    starts = [name for event, name in providers[0].log if event == "start"]
+    assert starts == ["alpha", "beta", "gamma"]
+    # beta did not wait for alpha's answer (0.3 s), only for the short on-the-wire wait.
+    assert wall < 0.3 + 0.15
+
+
+@pytest.mark.anyio
+async def test_a_member_that_fails_before_sending_does_not_hold_the_others() -> None:
+    providers = wire_trio({"alpha": 0.0, "beta": 0.0, "gamma": 0.0})
+    providers[0].available = False  # refused by the provider: nothing sent, no signal
+    async with gateway_from_yaml(trio(), providers=providers) as gw:
+        env = await gw.route(Request("trio", "Review this."))
+    assert env.status == "success"  # quorum 2
+    assert [m["status"] for m in env.data["members"]] == ["error", "success", "success"]
+
+
+def test_pacing_order_unseen_first_then_slowest_to_fastest() -> None:
+    p = Pacing()
+    assert p.order(["a", "b", "c"]) == [0, 1, 2]
+    p.record("a", 10.0)
+    p.record("c", 50.0)
+    assert p.order(["a", "b", "c"]) == [1, 2, 0]
+    p.record("b", 30.0)
+    assert p.order(["a", "b", "c"]) == [2, 1, 0]
+    for _ in range(20):  # a moving average: c turns fast
+        p.record("c", 1.0)
+    assert p.order(["a", "b", "c"]) == [1, 0, 2]
