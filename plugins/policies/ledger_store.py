@@ -234,6 +234,19 @@ class LedgerStore:
         thread holds this store or another connection holds the database's write lock
         (``BEGIN IMMEDIATE`` is tried once; ``busy_timeout`` is 0 after :meth:`open`).
         The caller then queues the batch for :meth:`run_batch`, which waits."""
+        db = self.begin_nowait()
+        if db is None:
+            return None
+        return self.finish(db, self.apply(db, ops))
+
+    # --- a batch in two steps, possibly on two threads ------------------------------
+
+    def begin_nowait(self) -> sqlite3.Connection | None:
+        """Take the store and ``BEGIN IMMEDIATE`` without waiting, for :meth:`apply` then
+        :meth:`finish`; ``None``, nothing taken, when another thread holds the store or
+        another connection the database's write lock. The store stays taken until
+        :meth:`finish`, which may run on another thread (the writer applies a batch on
+        the event loop and commits it on its thread: see :mod:`.ledger_writer`)."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
@@ -242,31 +255,66 @@ class LedgerStore:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 if _busy(exc):
+                    self._lock.release()
                     return None
                 raise LedgerError(f"{self.path}: {exc}") from None
-            return self._batch(db, ops)
+        except BaseException:
+            if self._lock.locked():
+                self._lock.release()
+            raise
+        return db
+
+    def apply(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
+        """The ops of a batch in the transaction :meth:`begin_nowait` opened, not yet
+        committed (as :meth:`run_batch` runs them). On a failure that ends the
+        transaction it is rolled back, the store released and :class:`LedgerError` raised."""
+        try:
+            return self._apply(db, ops)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def finish(self, db: sqlite3.Connection, results: list[Result]) -> list[Result]:
+        """COMMIT what :meth:`apply` did and release the store; ``results`` are then
+        durable. A failed COMMIT rolls back, releases and raises :class:`LedgerError`."""
+        try:
+            self._commit_open(db)
         finally:
             self._lock.release()
+        return results
 
     def _batch(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
         """The body of a batch, inside the transaction just begun (the lock held)."""
-        results: list[Result] = []
+        results = self._apply(db, ops)
+        self._commit_open(db)
+        return results
+
+    def _apply(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
         try:
             if len(ops) == 1:  # alone: the transaction is its savepoint
                 try:
-                    results.append((True, ops[0](db)))
+                    return [(True, ops[0](db))]
                 except Exception as exc:
                     self._rollback(db)
                     return [(False, self._op_error(exc))]
-            else:
-                results = self._optimistic(db, ops)
+            return self._optimistic(db, ops)
+        except BaseException as exc:
+            self._rollback(db)
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerError(f"{self.path}: {exc}") from None
+            raise
+
+    def _commit_open(self, db: sqlite3.Connection) -> None:
+        """COMMIT, unless the batch's only write failed and rolled the transaction back."""
+        if not db.in_transaction:
+            return
+        try:
             self._commit(db)
         except BaseException as exc:
             self._rollback(db)
             if isinstance(exc, sqlite3.Error):
                 raise LedgerError(f"{self.path}: {exc}") from None
             raise
-        return results
 
     def _optimistic(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
         """Run the ops of a batch, each as if in its own savepoint, at the cost of one.

@@ -38,6 +38,18 @@ above still holds: one transaction, COMMIT before anything is acknowledged, subm
 order, a refusal or failure per write. Under load (other calls out, or work queued) the
 thread and its group commit are used as before.
 
+Loop batches (:meth:`LedgerWriter._loop_batch`): under load, a write someone awaits is
+queued for the event loop itself, which applies everything queued (the lazy writes and
+its own, in submission order) in one transaction and hands only the ``COMMIT`` to the
+thread. While that COMMIT waits for the disk, the loop queues the next batch. Applied on
+the thread instead, each SQLite statement of a batch gave the GIL up and had to take it
+back from the busy event loop: a batch that costs ~0.35 ms of CPU alone cost ~1.3 ms
+under load (see bench/README.md). The rules do not change: ``BEGIN IMMEDIATE`` is tried
+once (another connection holding the lock, or the thread running a batch, and the writes
+go to the thread, which waits); every write is acknowledged only after the COMMIT; a
+failed apply or COMMIT fails every write of the batch; writes the loop has not taken
+within ``loop_grace_s`` (a blocked or closed loop) are taken by the thread.
+
 The thread is started on demand and stops after :attr:`idle_exit_s` without work (a test
 process builds many gateways); it is not a daemon, so work queued when the interpreter
 exits is still committed (it notices the main thread's end at its next look, within 10 ms).
@@ -70,6 +82,9 @@ class _Job:
     lazy: bool = False
     queued_at: float = 0.0
     running: bool = False  # taken by an inline batch that could not begin, then put back
+    #: Queued for the event loop to apply (:meth:`LedgerWriter.run`): not urgent for the
+    #: thread, which takes it only if the loop has not within ``loop_grace_s``.
+    loop_batch: bool = False
     #: The asyncio future a caller awaits (:meth:`LedgerWriter.run`), resolved from
     #: ``future`` on its loop, one loop wake-up per batch (see :func:`_wake`).
     waiter: asyncio.Future[Any] | None = None
@@ -88,6 +103,10 @@ class WriterStats:
     #: Inline attempts that found the database locked by another connection and went to
     #: the thread instead.
     inline_fallbacks: int = 0
+    #: Batches applied on the event loop and committed on the thread.
+    loop: int = 0
+    #: Loop batches handed to the thread instead (database locked, thread busy, closing).
+    loop_handovers: int = 0
 
 
 class LedgerWriter:
@@ -101,6 +120,11 @@ class LedgerWriter:
     #: How long lazy writes (settles) may wait for an urgent one (a reservation) to share
     #: its commit; a flush, a close or a full batch commits them at once.
     linger_s = 0.005
+    #: Under load, apply batches on the event loop and commit them on the thread (see the
+    #: module docstring); False: the thread runs them whole (as the tests compare).
+    loop_batches = True
+    #: How long writes the loop queued for itself wait for it before the thread runs them.
+    loop_grace_s = 0.1
 
     def __init__(self, store: LedgerStore, *, name: str = "llmgw-ledger") -> None:
         self.store = store
@@ -113,6 +137,12 @@ class LedgerWriter:
         self._urgent = 0  # queued jobs that are not lazy
         self._running = False  # the thread has taken a batch and not finished it
         self._inline = False  # a caller runs a batch inline (the thread must wait)
+        self._commit: _Job | None = None  # a loop batch's COMMIT, for the thread to run next
+        self._committing = False  # a loop batch is applied and its COMMIT not yet done
+        self._scheduled = False  # a loop batch is scheduled on the event loop
+        self._released_at = 0.0  # when the last loop batch's COMMIT ended
+        #: A loop batch found the thread running a batch: the loop to reschedule it on.
+        self._resume: asyncio.AbstractEventLoop | None = None
 
     # --- submitting ------------------------------------------------------------------
 
@@ -146,16 +176,22 @@ class LedgerWriter:
                 job.future.set_exception(LedgerError(f"{self.store.path}: the ledger is closed"))
                 return job.future
             self._queue.append(job)
-            self._urgent += not job.lazy
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self.name)
-                self._thread.start()
-            elif not job.lazy or len(self._queue) >= self.max_batch:
+            waits = not job.lazy and not job.loop_batch
+            self._urgent += waits
+            if not self._ensure_thread() and (waits or len(self._queue) >= self.max_batch):
                 # A lazy write alone does not wake the thread: it waits for the next
                 # urgent one anyway, and the thread looks at the queue every poll_s
                 # (see the module docstring).
                 self._cond.notify()
         return job.future
+
+    def _ensure_thread(self) -> bool:
+        """Start the thread if it is not running (the lock held); True if started."""
+        if self._thread is not None:
+            return False
+        self._thread = threading.Thread(target=self._loop, name=self.name)
+        self._thread.start()
+        return True
 
     async def run(
         self,
@@ -178,10 +214,23 @@ class LedgerWriter:
             done, value = self.run_inline(op)
             if done:
                 return cast(T, value)
-        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        job = self._put(_Job(cf.Future(), op=op, queued_at=time.monotonic(), waiter=waiter))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+        job = self._put(
+            _Job(
+                cf.Future(),
+                op=op,
+                queued_at=time.monotonic(),
+                waiter=waiter,
+                loop_batch=self.loop_batches,
+            )
+        )
         if job.done():  # refused at once (closed): no batch will resolve the waiter
             _resolve([(waiter, job)])
+        elif self.loop_batches and not self._scheduled:
+            # Every write queued before the loop gets to it joins the same batch.
+            self._scheduled = True
+            loop.call_soon(self._loop_batch, loop)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -224,6 +273,7 @@ class LedgerWriter:
             except BaseException as exc:
                 for j in live:
                     j.future.set_exception(exc)
+                _wake(live)
                 raise
             if results is None:
                 with self._cond:
@@ -243,6 +293,7 @@ class LedgerWriter:
                 j.future.set_result(j_value)
             else:
                 j.future.set_exception(j_value)
+        _wake(live)  # writes the loop had queued for itself (they have waiters)
         if not ok:
             raise value
         return True, value
@@ -270,6 +321,109 @@ class LedgerWriter:
 
             job.add_done_callback(done)
 
+    # --- batches applied on the event loop ---------------------------------------------
+
+    def _loop_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop: apply what is queued (up to the first plain step) in one
+        transaction, and hand its COMMIT to the thread (see the module docstring)."""
+        self._scheduled = False
+        with self._cond:
+            if self._committing:
+                return  # the COMMIT in progress schedules the next batch when it ends
+            if not any(j.loop_batch for j in self._queue):
+                return  # taken already (by the thread, or an inline batch)
+            if self._running and not self._closed:
+                self._resume = loop  # the thread reschedules it when its batch ends
+                return
+            if self._closed or self._inline or self._urgent:
+                self._hand_over()
+                return
+            jobs: list[_Job] = []
+            while self._queue and self._queue[0].op is not None and len(jobs) < self.max_batch:
+                jobs.append(self._queue.popleft())
+            if not jobs:  # a plain step first: the thread runs it, then the rest
+                self._hand_over()
+                return
+            self._inline = self._committing = True
+        db = self.store.begin_nowait()
+        if db is None:  # another connection holds the write lock: the thread waits for it
+            with self._cond:
+                self._queue.extendleft(reversed(jobs))
+                self._inline = self._committing = False
+                self._hand_over()
+            return
+        live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
+        for j in live:
+            j.running = True
+        try:
+            results = self.store.apply(db, [j.op for j in live if j.op is not None])
+        except BaseException as exc:
+            # Rolled back, nothing written: every write of the batch fails (fail closed).
+            self._ended(loop, live, None, exc)
+            return
+        self._count(len(live))
+        self.stats.loop += 1
+
+        def commit() -> None:
+            try:
+                self.store.finish(db, results)
+            except BaseException as exc:
+                self._ended(loop, live, None, exc)
+            else:
+                self._ended(loop, live, results, None)
+
+        with self._cond:
+            self._commit = _Job(cf.Future(), fn=commit)
+            if not self._ensure_thread():
+                self._cond.notify()
+
+    def _ended(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        jobs: list[_Job],
+        results: list[tuple[bool, Any]] | None,
+        error: BaseException | None,
+    ) -> None:
+        """A loop batch is over (committed, or failed as a whole): complete its writes,
+        free the store for the next batch, wake the waiters and schedule what queued."""
+        for i, j in enumerate(jobs):
+            if results is None:
+                j.future.set_exception(error if error is not None else LedgerError("failed"))
+            elif results[i][0]:
+                j.future.set_result(results[i][1])
+            else:
+                j.future.set_exception(results[i][1])
+        with self._cond:
+            self._inline = self._committing = False
+            self._released_at = time.monotonic()
+            more = any(j.loop_batch for j in self._queue)
+            if self._queue and not more:
+                self._cond.notify()
+        _wake(jobs)
+        if more:
+            try:
+                loop.call_soon_threadsafe(self._schedule, loop)
+            except RuntimeError:  # the loop is closed: the thread takes them
+                with self._cond:
+                    self._hand_over()
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._loop_batch, loop)
+
+    def _hand_over(self) -> None:
+        """Queued loop writes go to the thread as urgent writes (the lock held)."""
+        n = 0
+        for j in self._queue:
+            if j.loop_batch:
+                j.loop_batch = False
+                n += 1
+        if n:
+            self._urgent += n
+            self.stats.loop_handovers += 1
+            self._cond.notify()
+
     # --- closing ---------------------------------------------------------------------
 
     def close(self, timeout: float | None = None) -> None:
@@ -289,7 +443,13 @@ class LedgerWriter:
         idle = 0.0
         with self._cond:
             self._running = False
-            while not self._queue or self._lingering() or self._inline:
+            if self._resume is not None:
+                loop, self._resume = self._resume, None
+                try:
+                    loop.call_soon_threadsafe(self._schedule, loop)
+                except RuntimeError:  # the loop is closed: take its writes here
+                    self._hand_over()
+            while self._commit is None and (not self._queue or self._lingering() or self._inline):
                 if self._inline:  # a caller runs a batch inline: it notifies when done
                     # (only if work is queued then; a settle queued after it does not)
                     self._cond.wait(self.poll_s)
@@ -305,14 +465,17 @@ class LedgerWriter:
                     idle += self.poll_s
                 else:
                     idle = 0.0
-                    self._cond.wait(self._queue[0].queued_at + self.linger_s - time.monotonic())
+                    self._cond.wait(self._deadline() - time.monotonic())
+            if self._commit is not None:  # a loop batch's COMMIT: before anything else
+                commit, self._commit = self._commit, None
+                return [commit]
             if self._queue[0].op is None:
                 jobs = [self._queue.popleft()]
             else:
                 jobs = []
                 while self._queue and self._queue[0].op is not None and len(jobs) < self.max_batch:
                     jobs.append(self._queue.popleft())
-            self._urgent -= sum(not j.lazy for j in jobs)
+            self._urgent -= sum(not j.lazy and not j.loop_batch for j in jobs)
             self._running = True
             return jobs
 
@@ -330,9 +493,19 @@ class LedgerWriter:
             self._urgent == 0
             and len(self._queue) < self.max_batch
             and not self._closed
-            and time.monotonic() < self._queue[0].queued_at + self.linger_s
+            and time.monotonic() < self._deadline()
             and threading.main_thread().is_alive()
         )
+
+    def _deadline(self) -> float:
+        """When the thread takes the queue if nothing urgent comes first: writes the
+        event loop queued for itself are its own (it takes them within a loop iteration),
+        unless it has not after ``loop_grace_s`` (a loop blocked or gone); lazy writes
+        linger ``linger_s`` from when queued, or from the end of the last loop batch."""
+        for j in self._queue:
+            if j.loop_batch:
+                return j.queued_at + self.loop_grace_s
+        return max(self._queue[0].queued_at, self._released_at) + self.linger_s
 
     def _loop(self) -> None:
         while (jobs := self._take()) is not None:

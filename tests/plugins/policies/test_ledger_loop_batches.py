@@ -1,0 +1,220 @@
+"""Batches applied on the event loop and committed on the writer thread (under load).
+
+An awaited write is acknowledged only after its COMMIT; a batch that cannot begin (another
+connection holds the lock) or whose thread is busy goes to the thread as before; a failed
+apply or COMMIT fails every write of the batch and frees the store; writes the loop does
+not take in time are taken by the thread; a cancelled caller's write still commits and is
+handed to ``if_abandoned``."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from _money_helpers import PRICE, rows
+
+from llmgw.kernel import Outcome, ProviderRequest, Request
+from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
+from llmgw.plugins.policies import ledger_ops as ops
+from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, Item, LedgerError, LedgerStore
+from llmgw.plugins.policies.ledger_writer import LedgerWriter, _Job
+
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+
+
+def reserve(i: str, amount: int, caps: Caps | None = None) -> ops.Reserve:
+    return ops.Reserve([Item(i, "a", "m", "cls", f"req-{i}", amount)], caps or Caps(), NOW, 60)
+
+
+@pytest.fixture
+def st(tmp_path: Path) -> Iterator[LedgerStore]:
+    s = LedgerStore(tmp_path / "l.db")
+    s.open()
+    yield s
+    s.close()
+
+
+async def together(writer: LedgerWriter, writes: list[Any], **kw: Any) -> list[Any]:
+    """Queue every write before the loop runs any batch; their results (or errors)."""
+    tasks = [asyncio.ensure_future(writer.run(w, **kw)) for w in writes]
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.anyio
+async def test_writes_queued_together_are_one_loop_batch_acknowledged_after_commit(
+    st: LedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    committed = threading.Event()
+    on_thread: list[bool] = []
+    real_commit = st._commit
+
+    def slow_commit(db: sqlite3.Connection) -> None:
+        on_thread.append(threading.current_thread() is not threading.main_thread())
+        time.sleep(0.05)  # a slow disk: nothing may be acknowledged before this returns
+        real_commit(db)
+        committed.set()
+
+    monkeypatch.setattr(st, "_commit", slow_commit)
+    writer = LedgerWriter(st)
+    caps = Caps(total=100)
+    seen_before_commit: list[bool] = []
+
+    async def one(i: str) -> Any:
+        try:
+            return await writer.run(reserve(i, 40, caps))
+        finally:
+            seen_before_commit.append(not committed.is_set())
+
+    results = await asyncio.gather(*(one(i) for i in "abc"), return_exceptions=True)
+    writer.close()
+    assert results[:2] == [None, None] and isinstance(results[2], CapExceeded)
+    assert seen_before_commit == [False, False, False]
+    assert on_thread == [True]  # one COMMIT, on the writer thread
+    assert (writer.stats.loop, writer.stats.sizes) == (1, [3])
+    assert st.scopes("2026-11")["total"].reserved_micro == 80
+
+
+@pytest.mark.anyio
+async def test_a_settle_queued_first_frees_headroom_in_the_same_loop_batch(
+    st: LedgerStore,
+) -> None:
+    caps = Caps(total=100)
+    writer = LedgerWriter(st)
+    assert await writer.run(reserve("old", 90, caps)) is None
+    settled = writer.submit(ops.Settle("old", 20, NOW), lazy=True)
+    assert await together(writer, [reserve("new", 70, caps)]) == [None]
+    assert settled.result(1) is True
+    writer.close()
+    total = st.scopes("2026-11")["total"]
+    assert (total.settled_micro, total.reserved_micro) == (20, 70)
+
+
+@pytest.mark.anyio
+async def test_a_locked_database_sends_the_loop_batch_to_the_thread(
+    st: LedgerStore, tmp_path: Path
+) -> None:
+    other = sqlite3.connect(tmp_path / "l.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.05, lambda: other.execute("ROLLBACK")).start()
+    writer = LedgerWriter(st)
+    try:
+        assert await together(writer, [reserve("a", 10), reserve("b", 10)]) == [None, None]
+    finally:
+        writer.close()
+        other.close()
+    assert writer.stats.loop == 0 and writer.stats.loop_handovers >= 1
+    assert st.scopes("2026-11")["total"].reserved_micro == 20
+
+
+@pytest.mark.anyio
+async def test_a_failed_commit_fails_every_write_of_the_loop_batch_and_frees_the_store(
+    st: LedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_commit = st._commit
+
+    def failing(db: sqlite3.Connection) -> None:
+        monkeypatch.setattr(st, "_commit", real_commit)  # only this once
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(st, "_commit", failing)
+    writer = LedgerWriter(st)
+    results = await together(writer, [reserve("a", 10), reserve("b", 10)])
+    assert all(isinstance(r, LedgerError) and "disk I/O" in str(r) for r in results)
+    assert st.entry("a") is None and st.entry("b") is None
+    assert await together(writer, [reserve("c", 10), reserve("d", 10)]) == [None, None]
+    writer.close()
+    assert writer.stats.loop == 2
+    assert st.scopes("2026-11")["total"].reserved_micro == 20
+
+
+@pytest.mark.anyio
+async def test_a_failed_apply_fails_every_write_of_the_loop_batch_and_frees_the_store(
+    st: LedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = st._optimistic
+
+    def rolled_back(db: sqlite3.Connection, batch: Any) -> Any:
+        monkeypatch.setattr(st, "_optimistic", real)  # only this once
+        db.execute("ROLLBACK")  # as SQLite does on a full disk
+        raise LedgerError("the transaction was rolled back (disk full)")
+
+    monkeypatch.setattr(st, "_optimistic", rolled_back)
+    writer = LedgerWriter(st)
+    results = await together(writer, [reserve("a", 10), reserve("b", 10)])
+    assert all(isinstance(r, LedgerError) and "rolled back" in str(r) for r in results)
+    assert await together(writer, [reserve("c", 10), reserve("d", 10)]) == [None, None]
+    writer.close()
+    assert st.entry("a") is None and st.entry("c") is not None
+
+
+def test_writes_the_loop_does_not_take_are_committed_by_the_thread(st: LedgerStore) -> None:
+    """A loop that never gets to its batch (blocked, or gone): the thread takes it."""
+    writer = LedgerWriter(st)
+    writer.loop_grace_s = 0.05
+    t0 = time.monotonic()
+    job = writer._put(_Job(cf.Future(), op=reserve("a", 10), queued_at=t0, loop_batch=True))
+    assert job.result(2) is None
+    assert time.monotonic() - t0 >= 0.05  # the loop had its grace first
+    writer.close()
+    assert st.entry("a") is not None and writer.stats.loop == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_still_gets_its_loop_write_committed_and_handed_over(
+    st: LedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    real_commit = st._commit
+
+    def held(db: sqlite3.Connection) -> None:
+        gate.wait(5)
+        real_commit(db)
+
+    monkeypatch.setattr(st, "_commit", held)
+    writer = LedgerWriter(st)
+    abandoned: list[Any] = []
+    task = asyncio.ensure_future(
+        writer.run(reserve("a", 10), if_abandoned=lambda v: abandoned.append(("a", v)))
+    )
+    await asyncio.sleep(0.01)  # applied on the loop, its COMMIT held on the thread
+    assert writer.stats.loop == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.set()
+    writer.close()
+    assert abandoned == [("a", None)]
+    assert st.entry("a") is not None and st.entry("a")["state"] == "reserved"
+
+
+@pytest.mark.anyio
+async def test_under_load_the_gateway_applies_batches_on_the_loop(tmp_path: Path) -> None:
+    class Slow(FakeProvider):
+        async def complete(self, request: ProviderRequest) -> Outcome:
+            await anyio.sleep(0.001)
+            return await super().complete(request)
+
+    g = gateway_from_yaml(
+        "plugins: [ledger, router, fake]\n"
+        "task_classes:\n  quick: {provider: fake, model: m1, max_tokens: 100}\n"
+        "ledger:\n  caps: {total_monthly_usd: 5}\n",
+        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+        providers=[Slow(prices={"m1": PRICE})],
+    )
+    async with anyio.create_task_group() as tg:
+        for _ in range(60):
+            tg.start_soon(g.route, Request("quick", "hi"))
+    ledger = g.plugins[[p.name for p in g.plugins].index("ledger")].obj
+    await g.aclose()
+    stats = ledger.writer.stats
+    assert stats.writes == 120 and stats.loop >= 1 and stats.largest > 1
+    assert [r["state"] for r in rows(tmp_path / "l.db")] == ["settled"] * 60
