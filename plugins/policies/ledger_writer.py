@@ -139,7 +139,9 @@ class LedgerWriter:
         self._inline = False  # a caller runs a batch inline (the thread must wait)
         self._commit: _Job | None = None  # a loop batch's COMMIT, for the thread to run next
         self._committing = False  # a loop batch is applied and its COMMIT not yet done
-        self._scheduled = False  # a loop batch is scheduled on the event loop
+        #: The event loop a loop batch is scheduled on (None: none). Per loop: a loop
+        #: closed with its batch pending must not stop another loop from scheduling one.
+        self._scheduled: asyncio.AbstractEventLoop | None = None
         self._released_at = 0.0  # when the last loop batch's COMMIT ended
         #: A loop batch found the thread running a batch: the loop to reschedule it on.
         self._resume: asyncio.AbstractEventLoop | None = None
@@ -227,9 +229,9 @@ class LedgerWriter:
         )
         if job.done():  # refused at once (closed): no batch will resolve the waiter
             _resolve([(waiter, job)])
-        elif self.loop_batches and not self._scheduled:
+        elif self.loop_batches and self._scheduled is not loop:
             # Every write queued before the loop gets to it joins the same batch.
-            self._scheduled = True
+            self._scheduled = loop
             loop.call_soon(self._loop_batch, loop)
         try:
             return await waiter
@@ -326,7 +328,8 @@ class LedgerWriter:
     def _loop_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the event loop: apply what is queued (up to the first plain step) in one
         transaction, and hand its COMMIT to the thread (see the module docstring)."""
-        self._scheduled = False
+        if self._scheduled is loop:
+            self._scheduled = None
         with self._cond:
             if self._committing:
                 return  # the COMMIT in progress schedules the next batch when it ends
@@ -345,7 +348,12 @@ class LedgerWriter:
                 self._hand_over()
                 return
             self._inline = self._committing = True
-        db = self.store.begin_nowait()
+        try:
+            db = self.store.begin_nowait()
+        except BaseException as exc:  # not open, I/O error, read-only: fail closed
+            live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
+            self._ended(loop, live, None, exc)  # resets _inline/_committing, reschedules
+            return
         if db is None:  # another connection holds the write lock: the thread waits for it
             with self._cond:
                 self._queue.extendleft(reversed(jobs))
@@ -408,8 +416,8 @@ class LedgerWriter:
                     self._hand_over()
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._scheduled:
-            self._scheduled = True
+        if self._scheduled is not loop:
+            self._scheduled = loop
             loop.call_soon(self._loop_batch, loop)
 
     def _hand_over(self) -> None:

@@ -218,3 +218,59 @@ async def test_under_load_the_gateway_applies_batches_on_the_loop(tmp_path: Path
     stats = ledger.writer.stats
     assert stats.writes == 120 and stats.loop >= 1 and stats.largest > 1
     assert [r["state"] for r in rows(tmp_path / "l.db")] == ["settled"] * 60
+
+
+def test_a_failed_begin_fails_the_loop_batch_and_frees_the_writer(
+    st: LedgerStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BEGIN failing with an I/O error (not "busy"): the writes fail, nothing is stuck."""
+    real = st.begin_nowait
+
+    def failing() -> None:
+        monkeypatch.setattr(st, "begin_nowait", real)  # only this once
+        raise LedgerError(f"{st.path}: disk I/O error")
+
+    monkeypatch.setattr(st, "begin_nowait", failing)
+    writer = LedgerWriter(st)
+
+    async def main() -> list[Any]:
+        first = await together(writer, [reserve("a", 10), reserve("b", 10)])
+        return [*first, await writer.run(reserve("c", 10))]
+
+    results = asyncio.run(main())
+    closer = threading.Thread(target=writer.close)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive(), "close() hung: the writer was left marked busy"
+    assert all(isinstance(r, LedgerError) and "disk I/O" in str(r) for r in results[:2])
+    assert results[2] is None  # the next batch works
+    assert st.entry("a") is None and st.entry("b") is None and st.entry("c") is not None
+
+
+def test_a_loop_closed_with_a_batch_pending_does_not_slow_the_next_loop(
+    st: LedgerStore,
+) -> None:
+    writer = LedgerWriter(st)
+    loop1 = asyncio.new_event_loop()
+    tasks: list[Any] = []
+
+    async def first() -> None:
+        tasks.append(loop1.create_task(writer.run(reserve("a", 10))))
+        await asyncio.sleep(0)  # the task queues its write and schedules the batch ...
+        loop1.stop()  # ... in the loop's last iteration
+
+    tasks.append(loop1.create_task(first()))
+    loop1.run_forever()
+    loop1.close()  # that batch never runs: the thread commits "a" after loop_grace_s
+
+    async def second() -> float:
+        t0 = time.monotonic()
+        await writer.run(reserve("b", 10))
+        return time.monotonic() - t0
+
+    try:
+        took = asyncio.run(second())
+    finally:
+        writer.close()
+    assert st.entry("a") is not None and st.entry("b") is not None
+    assert took < writer.loop_grace_s  # scheduled on the new loop, not left to the thread
