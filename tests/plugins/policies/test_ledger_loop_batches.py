@@ -18,12 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
-from _money_helpers import PRICE, rows
 
-from llmgw.kernel import Outcome, ProviderRequest, Request
-from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
 from llmgw.plugins.policies import ledger_ops as ops
 from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, Item, LedgerError, LedgerStore
 from llmgw.plugins.policies.ledger_writer import LedgerWriter, _Job
@@ -194,30 +190,6 @@ async def test_a_cancelled_caller_still_gets_its_loop_write_committed_and_handed
     writer.close()
     assert abandoned == [("a", None)]
     assert st.entry("a") is not None and st.entry("a")["state"] == "reserved"
-
-
-@pytest.mark.anyio
-async def test_under_load_the_gateway_applies_batches_on_the_loop(tmp_path: Path) -> None:
-    class Slow(FakeProvider):
-        async def complete(self, request: ProviderRequest) -> Outcome:
-            await anyio.sleep(0.001)
-            return await super().complete(request)
-
-    g = gateway_from_yaml(
-        "plugins: [ledger, router, fake]\n"
-        "task_classes:\n  quick: {provider: fake, model: m1, max_tokens: 100}\n"
-        "ledger:\n  caps: {total_monthly_usd: 5}\n",
-        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
-        providers=[Slow(prices={"m1": PRICE})],
-    )
-    async with anyio.create_task_group() as tg:
-        for _ in range(60):
-            tg.start_soon(g.route, Request("quick", "hi"))
-    ledger = g.plugins[[p.name for p in g.plugins].index("ledger")].obj
-    await g.aclose()
-    stats = ledger.writer.stats
-    assert stats.writes == 120 and stats.loop >= 1 and stats.largest > 1
-    assert [r["state"] for r in rows(tmp_path / "l.db")] == ["settled"] * 60
 
 
 def test_a_failed_begin_fails_the_loop_batch_and_frees_the_writer(
