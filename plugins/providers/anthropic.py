@@ -24,7 +24,6 @@ from llmgw.kernel import (
     Outcome,
     ProviderRequest,
     Usage,
-    wire,
 )
 
 from .base import BaseProvider, Connection, ProviderPlugin
@@ -75,18 +74,14 @@ class AnthropicProvider(BaseProvider):
                 if self._client is None:
                     sdk = await asyncio.to_thread(importlib.import_module, "anthropic")
                     self._sdk = sdk
-                    timeout = httpx2.Timeout(
-                        self.conn.timeout_s, connect=self.conn.connect_timeout_s
-                    )
+                    options = self.conn.client_options()
                     self._client = sdk.AsyncAnthropic(
                         api_key=self.conn.key_value,
                         base_url=self.conn.base_url,
                         max_retries=0,
-                        timeout=timeout,
+                        timeout=options["timeout"],
                         # The SDK's own client settings, plus the kernel's wire signal.
-                        http_client=sdk.DefaultAsyncHttpxClient(
-                            timeout=timeout, event_hooks={"request": [wire.request_hook]}
-                        ),
+                        http_client=sdk.DefaultAsyncHttpxClient(**options),
                     )
         return self._client
 

@@ -26,6 +26,7 @@ from llmgw.kernel import (
     ProviderRequest,
     ProviderStatus,
     hookimpl,
+    wire,
 )
 from llmgw.kernel.config import ProviderSpec
 from llmgw.kernel.logs import REDACTOR
@@ -71,6 +72,14 @@ class Connection:
         the connect (see :meth:`timeout`): a connect timeout then says nothing about the
         upstream."""
         return request_timeout_s < self.connect_timeout_s
+
+    def client_options(self) -> dict[str, Any]:
+        """What every provider's HTTP client starts with: the configured timeouts, and the
+        kernel's "request on the wire" hook (:mod:`llmgw.kernel.wire`; paces panels)."""
+        return {
+            "timeout": httpx2.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+            "event_hooks": {"request": [wire.request_hook]},
+        }
 
     def timeout(self, request_timeout_s: float) -> httpx2.Timeout:
         """The smaller of the configured timeout and the request's remaining deadline."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx2
 
-from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Usage, wire
+from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Usage
 
 from .base import BaseProvider, Connection
 from .http_errors import (
@@ -71,10 +71,9 @@ class ChatCompletionsProvider(BaseProvider):
         """The provider's one HTTP client, made on first use and kept until ``aclose``."""
         if self._client is None:
             self._client = httpx2.AsyncClient(
-                timeout=httpx2.Timeout(self.conn.timeout_s, connect=self.conn.connect_timeout_s),
+                **self.conn.client_options(),
                 limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20),
                 follow_redirects=False,
-                event_hooks={"request": [wire.request_hook]},
             )
         return self._client
 

@@ -25,7 +25,6 @@ from llmgw.kernel import (
     Outcome,
     ProviderRequest,
     Usage,
-    wire,
 )
 
 from .base import BaseProvider, Connection, ProviderPlugin
@@ -92,11 +91,7 @@ class GeminiProvider(BaseProvider):
                     self._errors = importlib.import_module("google.genai.errors")
                     self._types = types
                     self._http = httpx2.AsyncClient(
-                        timeout=httpx2.Timeout(
-                            self.conn.timeout_s, connect=self.conn.connect_timeout_s
-                        ),
-                        follow_redirects=False,
-                        event_hooks={"request": [wire.request_hook]},
+                        **self.conn.client_options(), follow_redirects=False
                     )
                     self._client = genai.Client(
                         api_key=self.conn.key_value,
