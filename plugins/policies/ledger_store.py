@@ -199,19 +199,25 @@ class LedgerStore:
                 pass
 
     @contextmanager
+    def _rolled_back_on_error(self, db: sqlite3.Connection) -> Iterator[None]:
+        """Any exception rolls the transaction back; an SQLite one becomes a LedgerError."""
+        try:
+            yield
+        except BaseException as exc:
+            self._rollback(db)
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerError(f"{self.path}: {exc}") from None
+            raise
+
+    @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction, committed or rolled back as a whole."""
         with self._lock:
             db = self._open_db()
             self._begin(db)
-            try:
+            with self._rolled_back_on_error(db):
                 yield db
                 self._commit(db)
-            except BaseException as exc:
-                self._rollback(db)
-                if isinstance(exc, sqlite3.Error):
-                    raise LedgerError(f"{self.path}: {exc}") from None
-                raise
 
     def run_batch(self, ops: Sequence[Op]) -> list[Result]:
         """Run ``ops`` in order in ONE transaction (a group commit) and return, per op,
@@ -259,8 +265,7 @@ class LedgerStore:
                     return None
                 raise LedgerError(f"{self.path}: {exc}") from None
         except BaseException:
-            if self._lock.locked():
-                self._lock.release()
+            self._lock.release()  # held here: the busy path returned above
             raise
         return db
 
@@ -290,7 +295,7 @@ class LedgerStore:
         return results
 
     def _apply(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
-        try:
+        with self._rolled_back_on_error(db):
             if len(ops) == 1:  # alone: the transaction is its savepoint
                 try:
                     return [(True, ops[0](db))]
@@ -298,23 +303,13 @@ class LedgerStore:
                     self._rollback(db)
                     return [(False, self._op_error(exc))]
             return self._optimistic(db, ops)
-        except BaseException as exc:
-            self._rollback(db)
-            if isinstance(exc, sqlite3.Error):
-                raise LedgerError(f"{self.path}: {exc}") from None
-            raise
 
     def _commit_open(self, db: sqlite3.Connection) -> None:
         """COMMIT, unless the batch's only write failed and rolled the transaction back."""
         if not db.in_transaction:
             return
-        try:
+        with self._rolled_back_on_error(db):
             self._commit(db)
-        except BaseException as exc:
-            self._rollback(db)
-            if isinstance(exc, sqlite3.Error):
-                raise LedgerError(f"{self.path}: {exc}") from None
-            raise
 
     def _optimistic(self, db: sqlite3.Connection, ops: Sequence[Op]) -> list[Result]:
         """Run the ops of a batch, each as if in its own savepoint, at the cost of one.

@@ -63,7 +63,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -81,7 +81,7 @@ class _Job:
     fn: Callable[[], Any] | None = None
     lazy: bool = False
     queued_at: float = 0.0
-    running: bool = False  # taken by an inline batch that could not begin, then put back
+    running: bool = False  # claimed by a batch (see _claim); may be put back if it could not begin
     #: Queued for the event loop to apply (:meth:`LedgerWriter.run`): not urgent for the
     #: thread, which takes it only if the loop has not within ``loop_grace_s``.
     loop_batch: bool = False
@@ -266,15 +266,12 @@ class LedgerWriter:
             self._queue.clear()
             self._inline = True
         try:
-            live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
-            for j in live:
-                j.running = True
+            live = _claim(jobs)
             ops = [j.op for j in live if j.op is not None]
             try:
                 results = self.store.try_batch([*ops, op])
             except BaseException as exc:
-                for j in live:
-                    j.future.set_exception(exc)
+                _complete(live, exc)
                 _wake(live)
                 raise
             if results is None:
@@ -290,11 +287,7 @@ class LedgerWriter:
                 if self._queue:
                     self._cond.notify()
         *theirs, (ok, value) = results
-        for j, (j_ok, j_value) in zip(live, theirs, strict=True):
-            if j_ok:
-                j.future.set_result(j_value)
-            else:
-                j.future.set_exception(j_value)
+        _complete(live, theirs)
         _wake(live)  # writes the loop had queued for itself (they have waiters)
         if not ok:
             raise value
@@ -351,8 +344,7 @@ class LedgerWriter:
         try:
             db = self.store.begin_nowait()
         except BaseException as exc:  # not open, I/O error, read-only: fail closed
-            live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
-            self._ended(loop, live, None, exc)  # resets _inline/_committing, reschedules
+            self._ended(loop, _claim(jobs), exc)  # resets _inline/_committing, reschedules
             return
         if db is None:  # another connection holds the write lock: the thread waits for it
             with self._cond:
@@ -360,14 +352,12 @@ class LedgerWriter:
                 self._inline = self._committing = False
                 self._hand_over()
             return
-        live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
-        for j in live:
-            j.running = True
+        live = _claim(jobs)
         try:
             results = self.store.apply(db, [j.op for j in live if j.op is not None])
         except BaseException as exc:
             # Rolled back, nothing written: every write of the batch fails (fail closed).
-            self._ended(loop, live, None, exc)
+            self._ended(loop, live, exc)
             return
         self._count(len(live))
         self.stats.loop += 1
@@ -376,9 +366,9 @@ class LedgerWriter:
             try:
                 self.store.finish(db, results)
             except BaseException as exc:
-                self._ended(loop, live, None, exc)
+                self._ended(loop, live, exc)
             else:
-                self._ended(loop, live, results, None)
+                self._ended(loop, live, results)
 
         with self._cond:
             self._commit = _Job(cf.Future(), fn=commit)
@@ -389,18 +379,12 @@ class LedgerWriter:
         self,
         loop: asyncio.AbstractEventLoop,
         jobs: list[_Job],
-        results: list[tuple[bool, Any]] | None,
-        error: BaseException | None,
+        outcome: list[tuple[bool, Any]] | BaseException,
     ) -> None:
-        """A loop batch is over (committed, or failed as a whole): complete its writes,
-        free the store for the next batch, wake the waiters and schedule what queued."""
-        for i, j in enumerate(jobs):
-            if results is None:
-                j.future.set_exception(error if error is not None else LedgerError("failed"))
-            elif results[i][0]:
-                j.future.set_result(results[i][1])
-            else:
-                j.future.set_exception(results[i][1])
+        """A loop batch is over: committed (a result per write), or failed as a whole (the
+        exception). Complete its writes, free the store for the next batch, wake the
+        waiters and schedule what queued meanwhile."""
+        _complete(jobs, outcome)
         with self._cond:
             self._inline = self._committing = False
             self._released_at = time.monotonic()
@@ -535,7 +519,7 @@ class LedgerWriter:
             job.future.set_result(value)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
-        live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
+        live = _claim(jobs)
         if not live:
             _wake(jobs)
             return
@@ -544,19 +528,35 @@ class LedgerWriter:
             results = self.store.run_batch(ops)
         except BaseException as exc:
             # Nothing of the batch was written: every write of it fails (fail closed).
-            for j in live:
-                j.future.set_exception(exc)
+            _complete(live, exc)
             _wake(jobs)
             return
         self._count(len(live))
         # After the COMMIT: completing a future runs its callbacks here (they may queue
         # more writes, e.g. releasing an abandoned reservation) and wakes its event loop.
-        for j, (ok, value) in zip(live, results, strict=True):
-            if ok:
-                j.future.set_result(value)
-            else:
-                j.future.set_exception(value)
+        _complete(live, results)
         _wake(jobs)
+
+
+def _claim(jobs: list[_Job]) -> list[_Job]:
+    """The writes of a batch that will run: marked running (their futures can no longer
+    be cancelled), whether or not a batch that could not begin had taken them before."""
+    live = [j for j in jobs if j.running or j.future.set_running_or_notify_cancel()]
+    for j in live:
+        j.running = True
+    return live
+
+
+def _complete(jobs: list[_Job], outcome: Sequence[tuple[bool, Any]] | BaseException) -> None:
+    """Complete each write of a batch: with its own result, or with the error that failed
+    the whole batch (its waiters are woken apart: :func:`_wake`)."""
+    for i, j in enumerate(jobs):
+        if isinstance(outcome, BaseException):
+            j.future.set_exception(outcome)
+        elif outcome[i][0]:
+            j.future.set_result(outcome[i][1])
+        else:
+            j.future.set_exception(outcome[i][1])
 
 
 def _wake(jobs: list[_Job]) -> None:
