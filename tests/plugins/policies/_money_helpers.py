@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from llmgw.kernel import Disposition, Outcome, ProviderRequest, Request, Route, Target, hookimpl
 from llmgw.kernel.testing import FakeProvider, flat_price
@@ -111,3 +112,23 @@ def rows(path: Path) -> list[dict[str, Any]]:
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     finally:
         db.close()
+
+
+def fail_once(
+    monkeypatch: pytest.MonkeyPatch,
+    obj: object,
+    name: str,
+    error: BaseException,
+    before: Callable[..., object] | None = None,
+) -> None:
+    """Make ``obj.name`` raise ``error`` on its next call only (``before`` gets the call's
+    arguments first, e.g. to roll back as SQLite would)."""
+    real = getattr(obj, name)
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(obj, name, real)
+        if before is not None:
+            before(*args, **kwargs)
+        raise error
+
+    monkeypatch.setattr(obj, name, failing)

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,6 @@ ledger:
 def reserve(i: str, amount: int, caps: Caps) -> Any:
     item = Item(i, "a", "m", "cls", f"req-{i}", amount)
     return ops.Reserve([item], caps, NOW, 60)
-
-
-@pytest.fixture
-def st(tmp_path: Path) -> Iterator[LedgerStore]:
-    s = LedgerStore(tmp_path / "l.db")
-    s.open()
-    yield s
-    s.close()
 
 
 @pytest.mark.anyio

@@ -13,12 +13,12 @@ import concurrent.futures as cf
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _money_helpers import fail_once
 
 from llmgw.plugins.policies import ledger_ops as ops
 from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, Item, LedgerError, LedgerStore
@@ -29,14 +29,6 @@ NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 
 def reserve(i: str, amount: int, caps: Caps | None = None) -> ops.Reserve:
     return ops.Reserve([Item(i, "a", "m", "cls", f"req-{i}", amount)], caps or Caps(), NOW, 60)
-
-
-@pytest.fixture
-def st(tmp_path: Path) -> Iterator[LedgerStore]:
-    s = LedgerStore(tmp_path / "l.db")
-    s.open()
-    yield s
-    s.close()
 
 
 async def together(writer: LedgerWriter, writes: list[Any], **kw: Any) -> list[Any]:
@@ -115,13 +107,7 @@ async def test_a_locked_database_sends_the_loop_batch_to_the_thread(
 async def test_a_failed_commit_fails_every_write_of_the_loop_batch_and_frees_the_store(
     st: LedgerStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_commit = st._commit
-
-    def failing(db: sqlite3.Connection) -> None:
-        monkeypatch.setattr(st, "_commit", real_commit)  # only this once
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(st, "_commit", failing)
+    fail_once(monkeypatch, st, "_commit", sqlite3.OperationalError("disk I/O error"))
     writer = LedgerWriter(st)
     results = await together(writer, [reserve("a", 10), reserve("b", 10)])
     assert all(isinstance(r, LedgerError) and "disk I/O" in str(r) for r in results)
@@ -136,14 +122,13 @@ async def test_a_failed_commit_fails_every_write_of_the_loop_batch_and_frees_the
 async def test_a_failed_apply_fails_every_write_of_the_loop_batch_and_frees_the_store(
     st: LedgerStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = st._optimistic
-
-    def rolled_back(db: sqlite3.Connection, batch: Any) -> Any:
-        monkeypatch.setattr(st, "_optimistic", real)  # only this once
-        db.execute("ROLLBACK")  # as SQLite does on a full disk
-        raise LedgerError("the transaction was rolled back (disk full)")
-
-    monkeypatch.setattr(st, "_optimistic", rolled_back)
+    fail_once(
+        monkeypatch,
+        st,
+        "_optimistic",
+        LedgerError("the transaction was rolled back (disk full)"),
+        before=lambda db, ops: db.execute("ROLLBACK"),  # as SQLite does on a full disk
+    )
     writer = LedgerWriter(st)
     results = await together(writer, [reserve("a", 10), reserve("b", 10)])
     assert all(isinstance(r, LedgerError) and "rolled back" in str(r) for r in results)
@@ -196,13 +181,7 @@ def test_a_failed_begin_fails_the_loop_batch_and_frees_the_writer(
     st: LedgerStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """BEGIN failing with an I/O error (not "busy"): the writes fail, nothing is stuck."""
-    real = st.begin_nowait
-
-    def failing() -> None:
-        monkeypatch.setattr(st, "begin_nowait", real)  # only this once
-        raise LedgerError(f"{st.path}: disk I/O error")
-
-    monkeypatch.setattr(st, "begin_nowait", failing)
+    fail_once(monkeypatch, st, "begin_nowait", LedgerError(f"{st.path}: disk I/O error"))
     writer = LedgerWriter(st)
 
     async def main() -> list[Any]:

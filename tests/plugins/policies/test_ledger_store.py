@@ -25,14 +25,6 @@ def item(i: str, amount: int, provider: str = "a") -> Item:
     return Item(i, provider, "m", "cls", f"req-{i}", amount)
 
 
-@pytest.fixture
-def st(tmp_path: Path) -> LedgerStore:
-    s = LedgerStore(tmp_path / "l.db")
-    s.open()
-    yield s
-    s.close()
-
-
 def test_opens_in_wal_with_synchronous_full(st: LedgerStore) -> None:
     db = sqlite3.connect(st.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -13,14 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from _money_helpers import PRICE, fake, flush, rows, worst_micro
+from _money_helpers import PRICE, fail_once, fake, flush, rows, worst_micro
 
 from llmgw.kernel import Outcome, ProviderRequest, Request
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
@@ -45,14 +44,6 @@ def item(i: str, amount: int) -> Item:
 
 def reserve(i: str, amount: int, caps: Caps) -> Any:
     return ops.Reserve([item(i, amount)], caps, NOW, 60)
-
-
-@pytest.fixture
-def st(tmp_path: Path) -> Iterator[LedgerStore]:
-    s = LedgerStore(tmp_path / "l.db")
-    s.open()
-    yield s
-    s.close()
 
 
 class Stalled:
@@ -123,13 +114,7 @@ def test_a_failed_commit_fails_every_write_of_the_batch(
         writer.submit(ops.Settle("old", 5, NOW)),
         writer.submit(reserve("b", 10, Caps())),
     ]
-    real_commit = st._commit
-
-    def failing(db: sqlite3.Connection) -> None:
-        monkeypatch.setattr(st, "_commit", real_commit)  # only this once
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(st, "_commit", failing)
+    fail_once(monkeypatch, st, "_commit", sqlite3.OperationalError("disk I/O error"))
     stall.release()
     for job in jobs:
         with pytest.raises(LedgerError, match="disk I/O error"):
