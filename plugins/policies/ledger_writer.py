@@ -229,10 +229,8 @@ class LedgerWriter:
         )
         if job.done():  # refused at once (closed): no batch will resolve the waiter
             _resolve([(waiter, job)])
-        elif self.loop_batches and self._scheduled is not loop:
-            # Every write queued before the loop gets to it joins the same batch.
-            self._scheduled = loop
-            loop.call_soon(self._loop_batch, loop)
+        elif self.loop_batches:
+            self._schedule(loop)  # every write queued before the loop gets to it joins
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -400,6 +398,7 @@ class LedgerWriter:
                     self._hand_over()
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run a loop batch on ``loop`` soon, unless one is scheduled there already."""
         if self._scheduled is not loop:
             self._scheduled = loop
             loop.call_soon(self._loop_batch, loop)
