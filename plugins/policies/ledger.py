@@ -29,7 +29,10 @@ Speed without weakening any of that (figures in docs/performance.md):
 - Inline when alone: a reservation made while no other call of this gateway is out and
   the writer is idle commits on the event loop thread (same connection, same lock, one
   ``BEGIN IMMEDIATE`` try, together with the queued settles), saving the hop to the
-  thread and back; locked by another process, it goes to the thread as above.
+  thread and back; locked by another process, it goes to the thread as above. Not for a
+  panel: applied on the loop and committed on the thread (the writer's loop batch), its
+  slowest member answered 0.3-0.5 ms sooner in interleaved runs, although its request
+  left ~0.4 ms later (bench/README.md); for one call after another, inline stays faster.
 - A reservation is waited for (nothing is sent before it is on disk); a settle, unknown
   or release is handed to the writer and ``after_call`` returns at once. That is safe:
   until it commits, the reservation keeps the worst case counted (the invariant is only
@@ -166,7 +169,9 @@ class LedgerPlugin:
             await self.writer.run(
                 Reserve(items, self.caps, now, self.config.lease_s),
                 if_abandoned=release_all,
-                inline=self.in_flight == 0,
+                # A panel's reservation is committed on the thread even when alone: see
+                # "Inline when alone" in the module docstring.
+                inline=self.in_flight == 0 and not call.is_panel,
             )
         except CapExceeded as exc:
             raise CallRefused(

@@ -75,6 +75,29 @@ async def test_sequential_calls_reserve_inline_and_pay_one_commit_each(tmp_path:
 
 
 @pytest.mark.anyio
+async def test_a_panel_reservation_commits_on_the_thread_even_when_alone(tmp_path: Path) -> None:
+    # Measured: the panel's slowest member answers sooner so (see the ledger's docstring).
+    yaml = YAML.replace(
+        "ledger:",
+        "  duo:\n    members: [{provider: fake, model: m1}, {provider: fake, model: m2}]\n"
+        "    max_tokens: 100\nledger:",
+    )
+    g = gateway_from_yaml(
+        yaml, env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")}, providers=[fake()]
+    )
+    ledger = g.plugins[[p.name for p in g.plugins].index("ledger")].obj
+    assert (await g.route(Request("duo", "hi"))).ok
+    stats = ledger.writer.stats
+    assert stats.inline == 0 and stats.loop == 1 and stats.sizes == [1]
+    assert (await g.route(Request("quick", "hi"))).ok  # one call alone: inline again
+    assert stats.inline == 1 and ledger.in_flight == 0
+    await flush(g)
+    got = sorted((r["model"], r["state"]) for r in rows(tmp_path / "l.db"))
+    assert got == [("m1", "settled"), ("m1", "settled"), ("m2", "settled")]
+    await g.aclose()
+
+
+@pytest.mark.anyio
 async def test_a_locked_database_falls_back_to_the_thread(st: LedgerStore) -> None:
     writer = LedgerWriter(st)
     other = sqlite3.connect(st.path, isolation_level=None, check_same_thread=False)
