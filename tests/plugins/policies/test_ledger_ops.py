@@ -365,7 +365,9 @@ def test_a_batch_finds_its_rows_by_primary_key(query: str, tmp_path: Path) -> No
 
 def peek(db: sqlite3.Connection) -> str:
     """A plain function in a batch: reads what the writes before it left."""
-    rows = db.execute("SELECT scope, reserved_micro, unknown_micro FROM totals ORDER BY 1")
+    rows = db.execute(
+        "SELECT month, scope, reserved_micro, unknown_micro FROM totals ORDER BY month, scope"
+    )
     return repr(rows.fetchall())
 
 
