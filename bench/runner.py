@@ -225,6 +225,22 @@ class Run:
             )
             cols.append(
                 Column(
+                    "mcp_gw_sdk",
+                    "MCP stdio: llmgw serve, SDK transport",
+                    {
+                        "kind": "mcp",
+                        "command": [
+                            sys.executable,
+                            str(REPO / "bench" / "serve_sdk_stdio.py"),
+                            *serve[1:],
+                        ],
+                        "tool": "llm_route",
+                        "arguments": {"task_class": configs.TASK_CLASS, "prompt": configs.PROMPT},
+                    },
+                )
+            )
+            cols.append(
+                Column(
                     "mcp_bare",
                     "MCP stdio: bare MCPServer tool",
                     {

@@ -118,6 +118,26 @@ def test_stray_output_of_a_plugin_and_its_children_stays_off_the_wire(config: Pa
     assert proc.returncode == 0
 
 
+def test_frames_larger_than_the_pipe_buffer_go_both_ways(config: Path) -> None:
+    # ~0.9 MB in (under gateway.max_prompt_bytes), ~1.8 MB out (text and structured
+    # content): many times a pipe's 64 KiB, so both transports wait for room.
+    prompt = "".join(chr(0x41 + i % 26) for i in range(900_000))
+    proc = serve(config)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        send(proc.stdin, INIT)
+        answer(proc.stdout, 1)
+        send(proc.stdin, INITIALIZED, call(2, prompt), call(3, "after"))
+        got = answer(proc.stdout, 2)["result"]["structuredContent"]
+        assert got["data"]["text"] == f"echo[m1]: {prompt}"
+        after = answer(proc.stdout, 3)["result"]["structuredContent"]
+        assert after["data"]["text"] == "echo[m1]: after"
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+
+
 def test_a_file_on_stdin_is_served_by_the_sdk_transport(config: Path, tmp_path: Path) -> None:
     frames = tmp_path / "frames.jsonl"
     frames.write_text(json.dumps(INIT) + "\n")
