@@ -270,8 +270,13 @@ class _SanitizedLines:
             yield sanitize_frame(line)
 
 
-#: The longest stdin frame the pipe transport reads (a longer one is dropped and logged).
-MAX_FRAME_BYTES = 64 * 1024 * 1024
+#: The longest stdin frame the pipe transport reads; a longer one is dropped whole and
+#: logged. A prompt and a system prompt at ``gateway.max_prompt_bytes`` (1 MiB) each fit
+#: even fully escaped. The reader buffers at most twice this before it stops reading.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: How long a server that stops waits for the client to read the rest of a half-written
+#: frame before it drops it.
+DRAIN_S = 5.0
 
 
 class _PipeLines:
@@ -285,19 +290,38 @@ class _PipeLines:
 
     async def _lines(self) -> AsyncIterator[str]:
         while True:
-            try:
-                line = await self._reader.readline()
-            except ValueError:  # longer than MAX_FRAME_BYTES: asyncio dropped what it read
-                log.warning("stdio.frame_too_long", limit_bytes=MAX_FRAME_BYTES)
-                continue
-            if not line:
+            line = await self._frame()
+            if line is None:
                 return  # EOF: the client is gone
             yield line.decode("utf-8", errors="replace")
 
+    async def _frame(self) -> bytes | None:
+        """The next line; a line over the limit is skipped to its end (its tail must not
+        pass for a frame of its own). None at EOF."""
+        too_long = False
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)  # drop what is buffered
+                too_long = True
+                continue
+            except asyncio.IncompleteReadError as exc:
+                line = exc.partial  # EOF: a last line without its newline, or nothing
+                if not line:
+                    return None
+            if not too_long:
+                return line
+            log.warning("stdio.frame_too_long", limit_bytes=MAX_FRAME_BYTES)
+            too_long = False
+            if not line.endswith(b"\n"):
+                return None  # EOF in the middle of the long line
+
 
 class _PipeOut(asyncio.BaseProtocol):
-    """stdout as an asyncio pipe writer: ``write`` queues, ``flush`` waits while the
-    pipe is full; no worker thread per frame."""
+    """stdout as an asyncio pipe writer. ``flush`` returns once the kernel has every byte
+    written so far (no write buffer of its own: see :func:`_pipe_stdio`); no worker
+    thread per frame."""
 
     def __init__(self) -> None:
         self._room = asyncio.Event()
@@ -312,115 +336,153 @@ class _PipeOut(asyncio.BaseProtocol):
         self._room.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = exc or BrokenPipeError("stdout was closed")
+        self._lost = exc or BrokenPipeError()
         self._room.set()
 
-    async def write(self, text: str) -> None:
+    def _check(self) -> None:
         if self._lost is not None:
-            raise self._lost
+            raise BrokenPipeError(f"stdout is closed ({self._lost!r})")
+
+    async def write(self, text: str) -> None:
+        self._check()
         assert self.transport is not None
         self.transport.write(text.encode("utf-8"))
 
     async def flush(self) -> None:
         await self._room.wait()
-        if self._lost is not None:
-            raise self._lost
+        self._check()
+
+    async def flush_quietly(self) -> None:
+        """Wait until the kernel took every byte or the pipe closed."""
+        await self._room.wait()
 
 
-def _is_pipe(fd: int) -> bool:
-    """A pipe or a socket: how MCP clients connect a server's stdin and stdout."""
+def _is_pipe(fd: int) -> os.stat_result | None:
+    """fd's status if it is a pipe or a socket (how MCP clients connect a server)."""
     try:
-        mode = os.fstat(fd).st_mode
+        st = os.fstat(fd)
     except OSError:
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+        return None
+    return st if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode) else None
 
 
-async def _open_pipes(
-    wire_in: int, wire_out: int, out: _PipeOut
-) -> tuple[asyncio.BaseTransport, _PipeLines]:
+class _Wires:
+    """The wire moved to private descriptors while serving: fd 0 reads the null device,
+    fd 1 writes to stderr (the null device if there is none), so a stray ``print`` or a
+    child process can neither read the client's frames nor corrupt the replies."""
+
+    def __init__(self) -> None:
+        self.fd_in = self.fd_out = -1
+        self.blocking: tuple[bool, bool] = (True, True)
+        self.diverted = False
+
+    def divert(self) -> None:
+        """Raises OSError with everything put back as it was."""
+        try:
+            self.fd_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
+            self.fd_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+            self.blocking = (os.get_blocking(self.fd_in), os.get_blocking(self.fd_out))
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                self.diverted = True
+                os.dup2(null, 0)
+                try:
+                    os.dup2(2, 1)
+                except OSError:
+                    os.dup2(null, 1)
+            finally:
+                os.close(null)
+        except OSError:
+            self.restore()
+            raise
+
+    def restore(self) -> None:
+        """fd 0 and fd 1 back on the wire, with the blocking mode they had; the private
+        descriptors closed. Safe to call after a partial :meth:`divert`."""
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()  # a stray print still buffered goes to stderr, not the wire
+        pairs = ((0, self.fd_in, self.blocking[0]), (1, self.fd_out, self.blocking[1]))
+        for fd, wire, blocking in pairs:
+            if wire < 0:
+                continue
+            with contextlib.suppress(OSError):
+                os.set_blocking(wire, blocking)
+            if self.diverted:
+                with contextlib.suppress(OSError):
+                    os.dup2(wire, fd)
+            with contextlib.suppress(OSError):
+                os.close(wire)
+        self.fd_in = self.fd_out = -1
+        self.diverted = False
+
+
+async def _connect(wires: _Wires, out: _PipeOut) -> tuple[asyncio.BaseTransport, _PipeLines]:
+    """Both pipe transports; on any failure neither is left open."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_FRAME_BYTES, loop=loop)
     read_transport, _ = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
-        os.fdopen(wire_in, "rb", buffering=0, closefd=False),
+        os.fdopen(wires.fd_in, "rb", buffering=0, closefd=False),
     )
     try:
         out.transport, _ = await loop.connect_write_pipe(
-            lambda: out, os.fdopen(wire_out, "wb", buffering=0, closefd=False)
+            lambda: out, os.fdopen(wires.fd_out, "wb", buffering=0, closefd=False)
         )
     except BaseException:
         read_transport.close()
         raise
+    # No buffer of its own: flush() waits until the kernel took every byte, as the SDK's
+    # blocking write did, so nothing is left queued when the server exits.
+    out.transport.set_write_buffer_limits(high=0)
     return read_transport, _PipeLines(reader)
-
-
-def _divert_std_fds() -> tuple[int, int] | None:
-    """Move the wire to private descriptors: fd 0 then reads the null device and fd 1
-    writes to stderr (the null device if there is none). ``(wire_in, wire_out)``, or
-    None, nothing changed, if the descriptors cannot be duplicated."""
-    try:
-        wire_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
-    except OSError:
-        return None
-    try:
-        wire_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
-    except OSError:
-        os.close(wire_in)
-        return None
-    null = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(null, 0)
-        try:
-            os.dup2(2, 1)
-        except OSError:
-            os.dup2(null, 1)
-    finally:
-        os.close(null)
-    return wire_in, wire_out
-
-
-def _restore_std_fds(wire_in: int, wire_out: int) -> None:
-    """Put the wire back on fd 0 and fd 1, blocking again, and close the duplicates."""
-    for fd, wire_fd in ((0, wire_in), (1, wire_out)):
-        with contextlib.suppress(OSError):
-            os.set_blocking(wire_fd, True)
-            os.dup2(wire_fd, fd)
-        os.close(wire_fd)
 
 
 @asynccontextmanager
 async def _pipe_stdio() -> AsyncIterator[tuple[_PipeLines, _PipeOut] | None]:
-    """stdin and stdout as asyncio pipes, or None where that cannot be (Windows, a file or
-    a terminal): the caller then uses the SDK's transport, a worker thread hop per read
-    and per write.
+    """stdin and stdout as asyncio pipes, or None where that cannot be (Windows, a file,
+    a terminal, one socket for both): the caller then uses the SDK's transport, a worker
+    thread hop per line read and per frame written and flushed.
 
-    Like the SDK's transport, the wire moves to private descriptors while serving (see
-    :func:`_divert_std_fds`), so a stray ``print`` or a child process cannot corrupt the
-    JSON-RPC stream; both are restored, blocking again, on exit.
+    The wire moves to private descriptors while serving (:class:`_Wires`, as the SDK's
+    transport does too); they are put back, with their blocking mode, on every exit.
     """
-    if sys.platform == "win32" or not (_is_pipe(0) and _is_pipe(1)):
+    if sys.platform == "win32":
         yield None
         return
-    wires = _divert_std_fds()
-    if wires is None:
+    st_in, st_out = _is_pipe(0), _is_pipe(1)
+    if st_in is None or st_out is None or os.path.samestat(st_in, st_out):
+        # One socket on both (inetd, socat EXEC): asyncio's write transport watches its
+        # descriptor for the peer closing and would take the first request for that.
         yield None
         return
+    wires = _Wires()
     out = _PipeOut()
     try:
-        read_transport, lines = await _open_pipes(*wires, out)
+        wires.divert()
+        read_transport, lines = await _connect(wires, out)
     except (OSError, ValueError) as exc:
-        _restore_std_fds(*wires)
+        wires.restore()
         log.warning("stdio.pipes_unavailable", error=str(exc))
         yield None
         return
+    except BaseException:
+        wires.restore()
+        raise
     try:
         yield lines, out
     finally:
         read_transport.close()
-        if out.transport is not None:
+        assert out.transport is not None
+        if out.transport.get_write_buffer_size():
+            # Stopped in the middle of a frame (the client was not reading): finish it,
+            # for a while, rather than leave the client half a frame.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(DRAIN_S):
+                await out.flush_quietly()
+        if out.transport.get_write_buffer_size():
+            out.transport.abort()  # still not read: dropped before the fd is closed
+        else:
             out.transport.close()
-        _restore_std_fds(*wires)
+        wires.restore()
 
 
 async def run_stdio(server: MCPServer) -> None:
@@ -435,6 +497,7 @@ async def run_stdio(server: MCPServer) -> None:
 
     lowlevel = server._lowlevel_server
     async with _pipe_stdio() as pipes:
+        log.info("stdio.serving", transport="pipes" if pipes is not None else "sdk")
         if pipes is not None:
             lines, out = pipes
             streams = stdio_server(stdin=_SanitizedLines(lines), stdout=out)  # type: ignore[arg-type]

@@ -9,9 +9,14 @@ descriptors restored after serving.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,8 +37,12 @@ from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin
 
 class Noisy(FakeProvider):
     async def complete(self, request):
+        if request.messages[-1].content.startswith("B"):  # bulk calls stay quiet
+            return await super().complete(request)
         print("provider noise on stdout", flush=True)
         subprocess.run([sys.executable, "-c", "print('child noise on stdout')"], check=True)
+        child = "import sys; print('child stdin:', repr(sys.stdin.read()), file=sys.stderr)"
+        subprocess.run([sys.executable, "-c", child], check=True, timeout=20)
         return await super().complete(request)
 
 plugin = lambda ctx: FakeProviderPlugin(Noisy())
@@ -88,14 +97,27 @@ def config(tmp_path: Path) -> Path:
     return tmp_path / "routing.yaml"
 
 
-def serve(config: Path, stdin: Any = subprocess.PIPE) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def serve(config: Path, stdin: Any = subprocess.PIPE, stdout: Any = subprocess.PIPE) -> Any:
+    proc = subprocess.Popen(
         [sys.executable, "-m", "llmgw.kernel.cli", "serve", "--config", str(config)],
         stdin=stdin,
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
     )
+    # A server that hangs is killed, so a read sees EOF and the test fails, not hangs.
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.daemon = True
+    watchdog.start()
+    return proc
+
+
+def transport(stderr: str) -> str:
+    """Which stdio transport the server said it used."""
+    for line in stderr.splitlines():
+        if '"stdio.serving"' in line:
+            return str(json.loads(line)["transport"])
+    raise AssertionError(f"no stdio.serving log line in {stderr[-500:]!r}")
 
 
 def test_stray_output_of_a_plugin_and_its_children_stays_off_the_wire(config: Path) -> None:
@@ -113,8 +135,10 @@ def test_stray_output_of_a_plugin_and_its_children_stays_off_the_wire(config: Pa
         proc.wait(timeout=30)
     assert proc.stdout.read() == ""  # EOF on stdin ends the server, nothing after
     err = proc.stderr.read()
+    assert transport(err) == "pipes"
     assert err.count("provider noise on stdout") == 2
     assert err.count("child noise on stdout") == 2
+    assert err.count("child stdin: ''") == 2  # fd 0 reads the null device, not the frames
     assert proc.returncode == 0
 
 
@@ -136,6 +160,73 @@ def test_frames_larger_than_the_pipe_buffer_go_both_ways(config: Path) -> None:
         proc.stdin.close()
         proc.wait(timeout=30)
     assert proc.returncode == 0
+    assert transport(proc.stderr.read()) == "pipes"
+
+
+@pytest.mark.parametrize("calls", [1, 10])
+def test_no_frame_is_torn_when_the_client_reads_only_after_closing_stdin(
+    config: Path, calls: int
+) -> None:
+    # Replies larger than a pipe holds are written while the client does not read, then
+    # stdin closes and the server stops: what it wrote must be whole frames, the one it
+    # was in the middle of included.
+    size = 200_000 if calls == 1 else 10_000
+    proc = serve(config)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    send(proc.stdin, INIT)
+    answer(proc.stdout, 1)
+    send(proc.stdin, INITIALIZED, *(call(i, "B" * size) for i in range(2, 2 + calls)))
+    time.sleep(1.5)
+    proc.stdin.close()
+    time.sleep(0.5)
+    lines = proc.stdout.read().splitlines()
+    proc.wait(timeout=30)
+    ids = [json.loads(line)["id"] for line in lines]  # a torn frame fails to parse
+    assert ids == sorted(ids) and ids[:1] == [2]
+    assert transport(proc.stderr.read()) == "pipes"
+
+
+def test_a_server_interrupted_mid_frame_finishes_it_first(config: Path) -> None:
+    # Ctrl-C while a reply larger than a pipe holds is half-written: the server waits
+    # (a while) for the client to take the rest rather than leave half a frame.
+    proc = serve(config)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    send(proc.stdin, INIT)
+    answer(proc.stdout, 1)
+    send(proc.stdin, INITIALIZED, call(2, "B" * 200_000))
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    out = proc.stdout.read()
+    proc.wait(timeout=30)
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [2]
+    assert transport(proc.stderr.read()) == "pipes"
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_sockets_for_stdin_and_stdout(config: Path, shared: bool) -> None:
+    # Node-based clients connect a server with sockets; inetd and socat EXEC with one
+    # socket for both ends, which asyncio's write transport cannot serve (SDK's then).
+    ours_in, theirs_in = socket.socketpair()
+    ours_out, theirs_out = (ours_in, theirs_in) if shared else socket.socketpair()
+    proc = serve(config, stdin=theirs_in.fileno(), stdout=theirs_out.fileno())
+    theirs_in.close()
+    theirs_out.close()
+    to_server = ours_in.makefile("w", encoding="utf-8")
+    from_server = ours_out.makefile("r", encoding="utf-8")
+    send(to_server, INIT)
+    assert "result" in answer(from_server, 1)
+    # "B...": the quiet path of the provider (with the SDK's transport, a child would
+    # read the client's socket on fd 0: only the pipe transport moves fd 0 away).
+    send(to_server, INITIALIZED, call(2, "B over a socket"))
+    got = answer(from_server, 2)["result"]["structuredContent"]
+    assert got["data"]["text"] == "echo[m1]: B over a socket"
+    ours_in.shutdown(socket.SHUT_WR)  # EOF for the server's stdin
+    proc.wait(timeout=30)
+    for f in (to_server, from_server, ours_in, ours_out):
+        f.close()
+    assert transport(proc.stderr.read()) == ("sdk" if shared else "pipes")
+    assert proc.returncode == 0
 
 
 def test_a_file_on_stdin_is_served_by_the_sdk_transport(config: Path, tmp_path: Path) -> None:
@@ -147,6 +238,7 @@ def test_a_file_on_stdin_is_served_by_the_sdk_transport(config: Path, tmp_path: 
     replies = [json.loads(line) for line in out.splitlines()]
     assert [r["id"] for r in replies] == [1]
     assert replies[0]["result"]["serverInfo"]["name"] == "llm-gateway-mcp"
+    assert transport(err) == "sdk"
     assert "stdio.pipes_unavailable" not in err  # not tried: a file is not a pipe
 
 
@@ -158,9 +250,14 @@ from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
 server.MAX_FRAME_BYTES = int(sys.argv[1])
 yaml = "plugins: [router, fake]\\ntask_classes:\\n  q: {provider: fake, model: m1}\\n"
 srv = server.build_server(gateway_from_yaml(yaml, providers=[FakeProvider()]))
+def fds():
+    ident = [(s.st_dev, s.st_ino) for s in map(os.fstat, (0, 1))]
+    return ident, [os.get_blocking(0), os.get_blocking(1)], len(os.listdir("/proc/self/fd"))
+before = fds()
 anyio.run(server.run_stdio, srv)
-# Served until stdin's EOF: fd 0 and fd 1 are the wire again, and blocking.
-print("after", os.get_blocking(0), os.get_blocking(1), flush=True)
+# Served until stdin's EOF: fd 0 and fd 1 are the wire again, as blocking as before,
+# and no descriptor is left open.
+print("after", fds() == before, flush=True)
 """
 
 
@@ -175,7 +272,10 @@ def run_script(tmp_path: Path, limit: int, *frames: dict[str, Any] | str) -> tup
         text=True,
     )
     assert proc.stdin is not None and proc.stdout is not None
-    send(proc.stdin, *frames)
+    for frame in frames:  # one write each, with a pause: a long frame arrives in parts
+        proc.stdin.write(frame if isinstance(frame, str) else json.dumps(frame) + "\n")
+        proc.stdin.flush()
+        time.sleep(0.2)
     seen = []
     while not seen or json.loads(seen[-1]).get("id") != 1:  # answered before stdin closes
         seen.append(proc.stdout.readline())
@@ -187,15 +287,24 @@ def run_script(tmp_path: Path, limit: int, *frames: dict[str, Any] | str) -> tup
     return out, err
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
 def test_the_standard_descriptors_are_restored_after_serving(tmp_path: Path) -> None:
-    out, _ = run_script(tmp_path, 1 << 20, INIT)
-    assert out.splitlines()[1:] == ["after True True"]
+    out, err = run_script(tmp_path, 1 << 20, INIT)
+    assert out.splitlines()[1:] == ["after True"]
+    assert transport(err) == "pipes"
 
 
-def test_a_frame_over_the_limit_is_dropped_and_the_next_one_answered(tmp_path: Path) -> None:
-    # The long frame is valid JSON-RPC: were it read, its id 9 would be answered.
-    long_frame = call(9, "x" * 20_000)
-    out, err = run_script(tmp_path, 4096, long_frame, INIT)
-    assert '"id": 9' not in out and '"id":9' not in out
-    assert "stdio.frame_too_long" in err
-    assert out.endswith("after True True\n")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_frame_over_the_limit_is_dropped_whole_and_the_next_one_answered(
+    tmp_path: Path,
+) -> None:
+    # Valid JSON-RPC, were it read its id 9 would be answered.
+    long_frame = json.dumps(call(9, "x" * 20_000)) + "\n"
+    # Over the limit before its newline arrives; its tail is a frame of its own (id 8).
+    head = "x" * 10_000
+    tail = json.dumps({"jsonrpc": "2.0", "id": 8, "method": "ping"}) + "\n"
+    out, err = run_script(tmp_path, 4096, long_frame, head, tail, INIT)
+    ids = [json.loads(line).get("id") for line in out.splitlines()[:-1]]
+    assert ids == [1]
+    assert err.count("stdio.frame_too_long") == 2
+    assert out.endswith("after True\n")
