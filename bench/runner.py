@@ -41,6 +41,10 @@ class Profile:
     #: Throughput rounds: a burst of 200 calls lasts 0.1-0.7 s, so more rounds than the
     #: latency phase are needed for a steady median.
     conc_rounds: int = 5
+    #: Slices of a latency round taken in turn by every column (see latency_phase).
+    chunks: int = 8
+    #: Calls each column makes unmeasured before each slice after the first.
+    rewarm: int = 5
     variants: bool = True  # one gateway column per policy switched off
     litellm: bool = True
     mcp: bool = True
@@ -48,9 +52,23 @@ class Profile:
 
 PROFILES = {
     "full": Profile("full", 5, 400, 100, 200, 50, 40, 9, 2.0, 3, conc_rounds=15),
-    "quick": Profile("quick", 2, 150, 40, 200, 50, 8, 2, 1.0, 1, conc_rounds=3),
+    "quick": Profile("quick", 2, 160, 40, 200, 50, 8, 2, 1.0, 1, conc_rounds=3, chunks=4),
     "smoke": Profile(
-        "smoke", 1, 5, 2, 20, 5, 2, 1, 0.3, 1, conc_rounds=1, variants=False, litellm=False
+        "smoke",
+        1,
+        6,
+        2,
+        20,
+        5,
+        2,
+        1,
+        0.3,
+        1,
+        conc_rounds=1,
+        chunks=2,
+        rewarm=1,
+        variants=False,
+        litellm=False,
     ),
 }
 
@@ -301,18 +319,32 @@ class Run:
             col.agents[agent] = col.agents.get(agent, 0) + n
 
     def latency_phase(self) -> None:
+        """Each round measures every column ``seq_n`` times, in ``chunks`` slices taken in
+        turn (the order rotated each round, reversed every other slice), so columns
+        compared with each other are measured over the same stretch of the round: the
+        machine's slow spells (seconds long here) land on all of them alike."""
         p = self.profile
         keys = [k for k in self.columns if k != "panel"]
+        per_chunk = max(1, p.seq_n // p.chunks)
         for r in range(p.rounds):
             order = keys[r % len(keys) :] + keys[: r % len(keys)]
             self.say(f"  latency round {r + 1}/{p.rounds}")
-            for key in order:
-                col = self.columns[key]
-                assert col.proc is not None
-                warm = p.warmup * (2 if r == 0 else 1)
-                reply = col.proc.ask({"op": "seq", "n": p.seq_n, "warmup": warm}, 300)
-                self._note(col, reply, p.seq_n + warm)
-                col.rounds.append({**summary(reply["lat_ms"]), "cpu_ms": reply["cpu_ms_per_call"]})
+            lat: dict[str, list[float]] = {k: [] for k in keys}
+            cpu: dict[str, list[float]] = {k: [] for k in keys}
+            for c in range(p.chunks):
+                for key in order if c % 2 == 0 else order[::-1]:
+                    col = self.columns[key]
+                    assert col.proc is not None
+                    # The first slice warms up; later ones re-warm after the others' turns.
+                    warm = p.warmup * (2 if r == 0 else 1) if c == 0 else p.rewarm
+                    reply = col.proc.ask({"op": "seq", "n": per_chunk, "warmup": warm}, 300)
+                    self._note(col, reply, per_chunk + warm)
+                    lat[key] += reply["lat_ms"]
+                    cpu[key].append(reply["cpu_ms_per_call"])
+            for key in keys:
+                self.columns[key].rounds.append(
+                    {**summary(lat[key]), "cpu_ms": sum(cpu[key]) / len(cpu[key])}
+                )
 
     def throughput_phase(self) -> None:
         p = self.profile
