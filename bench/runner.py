@@ -51,7 +51,7 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", 5, 400, 100, 200, 50, 40, 9, 2.0, 3, conc_rounds=15),
+    "full": Profile("full", 5, 400, 100, 200, 50, 40, 15, 2.0, 3, conc_rounds=15),
     "quick": Profile("quick", 2, 160, 40, 200, 50, 8, 2, 1.0, 1, conc_rounds=3, chunks=4),
     "smoke": Profile(
         "smoke",
