@@ -107,6 +107,7 @@ def assemble(
         "settings": {
             "rounds": p.rounds,
             "sequential_calls_per_round": p.seq_n,
+            "slices_per_round": p.chunks,
             "warmup_calls": p.warmup,
             "throughput_calls": p.conc_n,
             "in_flight": p.inflight,
@@ -214,7 +215,8 @@ def render(doc: dict[str, Any]) -> str:
         f"Python {m['python']}, {m['cpu']}",
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
         f"{s['rounds']} rounds x {s['sequential_calls_per_round']} sequential calls "
-        f"(+{s['warmup_calls']} warm-up); medians over rounds [min..max]; wall {doc['wall_s']} s",
+        f"in {s.get('slices_per_round', 1)} slices (+{s['warmup_calls']} warm-up); "
+        f"medians over rounds [min..max]; wall {doc['wall_s']} s",
         "",
         "Sequential latency (ms), fake upstream answering at once",
         f"{'column':<36} {'p50':>7} {'p90':>7} {'p99':>7}  {'added p50 [spread]':<24} "
