@@ -22,6 +22,7 @@ from .http_errors import (
     retry_hint,
     status_class,
 )
+from .pool import cheap_idle_checks
 from .pricing import PriceBook
 
 _REFUSED_CODES = {"content_filter", "content_policy_violation"}
@@ -75,6 +76,7 @@ class ChatCompletionsProvider(BaseProvider):
                 limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20),
                 follow_redirects=False,
             )
+            cheap_idle_checks(self._client)
         return self._client
 
     async def _close(self) -> None:

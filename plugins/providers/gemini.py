@@ -37,6 +37,7 @@ from .http_errors import (
     retry_hint,
     status_class,
 )
+from .pool import cheap_idle_checks
 from .pricing import PriceBook
 
 NAME = "gemini"
@@ -93,6 +94,7 @@ class GeminiProvider(BaseProvider):
                     self._http = httpx2.AsyncClient(
                         **self.conn.client_options(), follow_redirects=False
                     )
+                    cheap_idle_checks(self._http)
                     self._client = genai.Client(
                         api_key=self.conn.key_value,
                         vertexai=False,
