@@ -14,6 +14,10 @@ with a zero-timeout ``poll`` on it; everything else goes to the stock stream unc
 The pool is reached through private attributes of httpx2 and httpcore2 (neither lets a
 client choose its network backend), so the wrapper is applied only when they are exactly
 what it expects; otherwise the client keeps the stock backend, which is merely slower.
+
+httpcore2 is not imported here: httpx2 imports it when a client is first made, and a
+server start that makes none should not pay its ~0.1 s and ~2.5 MB (the wrappers follow
+its network interface without subclassing it).
 """
 
 # The timeout parameters are httpcore2's network interface, not ours to change.
@@ -22,11 +26,12 @@ what it expects; otherwise the client keeps the stock backend, which is merely s
 from __future__ import annotations
 
 import select
+import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import httpcore2
-import httpx2
+if TYPE_CHECKING:
+    import httpx2
 
 
 def _readable(sock: Any) -> bool:
@@ -43,15 +48,16 @@ def _readable(sock: Any) -> bool:
     return bool(poller.poll(0))
 
 
-class _Stream(httpcore2.AsyncNetworkStream):
-    """A stock stream that knows its raw socket."""
+class _Stream:
+    """A stock stream (httpcore2's ``AsyncNetworkStream``) that knows its raw socket."""
 
-    def __init__(self, inner: httpcore2.AsyncNetworkStream) -> None:
+    def __init__(self, inner: Any) -> None:
         self._inner = inner
         self._socket: Any = inner.get_extra_info("socket")
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
+        data: bytes = await self._inner.read(max_bytes, timeout)
+        return data
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         await self._inner.write(buffer, timeout)
@@ -61,7 +67,7 @@ class _Stream(httpcore2.AsyncNetworkStream):
 
     async def start_tls(
         self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore2.AsyncNetworkStream:
+    ) -> _Stream:
         return _Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
 
     def get_extra_info(self, info: str) -> Any:
@@ -70,10 +76,11 @@ class _Stream(httpcore2.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
-class _Backend(httpcore2.AsyncNetworkBackend):
-    """The stock backend, its streams wrapped in :class:`_Stream`."""
+class _Backend:
+    """The stock backend (httpcore2's ``AsyncNetworkBackend``), its streams wrapped in
+    :class:`_Stream`."""
 
-    def __init__(self, inner: httpcore2.AsyncNetworkBackend) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
 
     async def connect_tcp(
@@ -83,14 +90,14 @@ class _Backend(httpcore2.AsyncNetworkBackend):
         timeout: float | None = None,
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
-    ) -> httpcore2.AsyncNetworkStream:
+    ) -> _Stream:
         return _Stream(
             await self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
         )
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore2.AsyncNetworkStream:
+    ) -> _Stream:
         return _Stream(await self.inner.connect_unix_socket(path, timeout, socket_options))
 
     async def sleep(self, seconds: float) -> None:
@@ -101,12 +108,15 @@ def cheap_idle_checks(client: httpx2.AsyncClient) -> bool:
     """Give ``client``'s connection pool the cheaper idle checks; False (and the client
     unchanged) when its transport is not the stock httpx2 one over an httpcore2 pool.
     Call it before the client makes its first request."""
+    httpcore2 = sys.modules.get("httpcore2")  # imported by httpx2 for the client's transport
+    if httpcore2 is None:
+        return False
     pool = getattr(getattr(client, "_transport", None), "_pool", None)
     backend = getattr(pool, "_network_backend", None)
     if not isinstance(pool, httpcore2.AsyncConnectionPool):
         return False
-    if not isinstance(backend, httpcore2.AsyncNetworkBackend):
+    if not isinstance(backend, httpcore2.AsyncNetworkBackend | _Backend):
         return False
     if not isinstance(backend, _Backend):
-        pool._network_backend = _Backend(backend)
+        cast(Any, pool)._network_backend = _Backend(backend)
     return True

@@ -51,15 +51,20 @@ LAZY = """
 import json, sys
 from llmgw.kernel.testing import gateway_from_yaml
 import llmgw.plugins.providers.anthropic, llmgw.plugins.providers.gemini
-after_import = {m: m in sys.modules for m in ("anthropic", "google.genai")}
+import llmgw.plugins.providers.openai
+# The SDKs, and httpcore2, which httpx2 imports with a client's first transport.
+LAZY_MODULES = ("anthropic", "google.genai", "httpcore2")
+after_import = {m: m in sys.modules for m in LAZY_MODULES}
 gw = gateway_from_yaml('''
-plugins: [router, anthropic, gemini]
+plugins: [router, anthropic, gemini, openai]
 task_classes:
   a: {provider: anthropic, model: claude-haiku-4-5}
   g: {provider: gemini, model: gemini-2.5-flash}
-''', env={"ANTHROPIC_API_KEY": "sk-ant-x-0123456789", "GEMINI_API_KEY": "g-0123456789"})
+  o: {provider: openai, model: gpt-4o-mini}
+''', env={"ANTHROPIC_API_KEY": "sk-ant-x-0123456789", "GEMINI_API_KEY": "g-0123456789",
+        "OPENAI_API_KEY": "sk-0123456789"})
 gw.routing_info()
-after_build = {m: m in sys.modules for m in ("anthropic", "google.genai")}
+after_build = {m: m in sys.modules for m in LAZY_MODULES}
 print(json.dumps({"import": after_import, "build": after_build}))
 """
 
@@ -73,10 +78,8 @@ def test_sdks_are_imported_lazily() -> None:
         check=True,
     )
     seen = json.loads(result.stdout.strip().splitlines()[-1])
-    assert seen == {
-        "import": {"anthropic": False, "google.genai": False},
-        "build": {"anthropic": False, "google.genai": False},
-    }
+    nothing = {"anthropic": False, "google.genai": False, "httpcore2": False}
+    assert seen == {"import": nothing, "build": nothing}
 
 
 @pytest.mark.anyio
