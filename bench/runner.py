@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import configs
-from .coldstart import cold_start
+from .coldstart import cold_start, compile_gateway
 from .common import REPO, clean_env, llmgw_command
 from .ledger_bench import check_invariant, prepare
 from .stats import over_rounds, summary
@@ -391,6 +391,7 @@ class Run:
         serve = [*llmgw_command(), "serve", "--config", self.config("cold")]
         bare = [sys.executable, str(REPO / "bench" / "bare_server.py")]
         runs: dict[str, list[dict[str, Any]]] = {"llmgw": [], "bare": []}
+        compile_gateway(env)
         with self.log("coldstart") as errlog:
             # One unmeasured start each first: the page cache, not the code, would win.
             cold_start(serve, env, cwd=str(self.tmp), stderr=errlog)
