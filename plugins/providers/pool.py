@@ -104,19 +104,33 @@ class _Backend:
         await self.inner.sleep(seconds)
 
 
+#: httpcore2's own backends, whose streams answer ``is_readable`` from their raw socket.
+_STOCK = frozenset({"AutoBackend", "AnyIOBackend", "TrioBackend"})
+
+
+def _wrap(transport: Any, httpcore2: Any) -> bool:
+    pool = getattr(transport, "_pool", None)
+    if not isinstance(pool, httpcore2.AsyncConnectionPool):  # proxies' pools included
+        return False
+    backend = getattr(pool, "_network_backend", None)
+    if isinstance(backend, _Backend):
+        return True
+    kind = type(backend)
+    if kind.__module__.partition(".")[0] != "httpcore2" or kind.__name__ not in _STOCK:
+        return False  # someone's own backend: its streams may answer differently
+    cast(Any, pool)._network_backend = _Backend(backend)
+    return True
+
+
 def cheap_idle_checks(client: httpx2.AsyncClient) -> bool:
-    """Give ``client``'s connection pool the cheaper idle checks; False (and the client
-    unchanged) when its transport is not the stock httpx2 one over an httpcore2 pool.
-    Call it before the client makes its first request."""
+    """Give ``client``'s connection pools the cheaper idle checks: its own, and those of
+    its proxy mounts (``HTTPS_PROXY`` and the like). True when its own transport got
+    them; False, that pool unchanged, when it is not httpx2's stock transport over one of
+    httpcore2's own backends. Call it before the client makes its first request."""
     httpcore2 = sys.modules.get("httpcore2")  # imported by httpx2 for the client's transport
     if httpcore2 is None:
         return False
-    pool = getattr(getattr(client, "_transport", None), "_pool", None)
-    backend = getattr(pool, "_network_backend", None)
-    if not isinstance(pool, httpcore2.AsyncConnectionPool):
-        return False
-    if not isinstance(backend, httpcore2.AsyncNetworkBackend | _Backend):
-        return False
-    if not isinstance(backend, _Backend):
-        cast(Any, pool)._network_backend = _Backend(backend)
-    return True
+    for mount in getattr(client, "_mounts", {}).values():
+        if mount is not None:
+            _wrap(mount, httpcore2)
+    return _wrap(getattr(client, "_transport", None), httpcore2)
