@@ -35,7 +35,6 @@ from .http_errors import (
     retry_hint,
     status_class,
 )
-from .pool import cheap_idle_checks
 from .pricing import PriceBook
 
 NAME = "anthropic"
@@ -75,15 +74,13 @@ class AnthropicProvider(BaseProvider):
                 if self._client is None:
                     sdk = await asyncio.to_thread(importlib.import_module, "anthropic")
                     self._sdk = sdk
-                    options = self.conn.client_options()
-                    # The SDK's own client settings, plus the kernel's wire signal.
-                    http = sdk.DefaultAsyncHttpxClient(**options)
-                    cheap_idle_checks(http)
+                    # The SDK's own client settings, plus what every provider's has.
+                    http = self.conn.http_client(sdk.DefaultAsyncHttpxClient)
                     self._client = sdk.AsyncAnthropic(
                         api_key=self.conn.key_value,
                         base_url=self.conn.base_url,
                         max_retries=0,
-                        timeout=options["timeout"],
+                        timeout=http.timeout,
                         http_client=http,
                     )
         return self._client

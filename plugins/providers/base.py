@@ -39,6 +39,7 @@ from .http_errors import (
     unusable_key,
     unusable_key_reason,
 )
+from .pool import cheap_idle_checks
 from .pricing import PriceBook, PriceInfo, price_dict
 
 log = structlog.get_logger("llmgw.providers")
@@ -73,13 +74,21 @@ class Connection:
         upstream."""
         return request_timeout_s < self.connect_timeout_s
 
-    def client_options(self) -> dict[str, Any]:
-        """What every provider's HTTP client starts with: the configured timeouts, and the
-        kernel's "request on the wire" hook (:mod:`llmgw.kernel.wire`; paces panels)."""
-        return {
-            "timeout": httpx2.Timeout(self.timeout_s, connect=self.connect_timeout_s),
-            "event_hooks": {"request": [wire.request_hook]},
-        }
+    def http_client(
+        self, factory: Callable[..., httpx2.AsyncClient] = httpx2.AsyncClient, **options: Any
+    ) -> httpx2.AsyncClient:
+        """A provider's HTTP client (``factory``: an SDK's own ``httpx2.AsyncClient``
+        subclass, or the plain one, given ``options``), with what every provider's client
+        has: the configured timeouts, the kernel's "request on the wire" hook
+        (:mod:`llmgw.kernel.wire`; paces panels) and the cheap idle-connection checks of
+        its pool (:mod:`.pool`)."""
+        client = factory(
+            timeout=httpx2.Timeout(self.timeout_s, connect=self.connect_timeout_s),
+            event_hooks={"request": [wire.request_hook]},
+            **options,
+        )
+        cheap_idle_checks(client)
+        return client
 
     def timeout(self, request_timeout_s: float) -> httpx2.Timeout:
         """The smaller of the configured timeout and the request's remaining deadline."""

@@ -22,7 +22,6 @@ from .http_errors import (
     retry_hint,
     status_class,
 )
-from .pool import cheap_idle_checks
 from .pricing import PriceBook
 
 _REFUSED_CODES = {"content_filter", "content_policy_violation"}
@@ -71,12 +70,10 @@ class ChatCompletionsProvider(BaseProvider):
     def client(self) -> httpx2.AsyncClient:
         """The provider's one HTTP client, made on first use and kept until ``aclose``."""
         if self._client is None:
-            self._client = httpx2.AsyncClient(
-                **self.conn.client_options(),
+            self._client = self.conn.http_client(
                 limits=httpx2.Limits(max_connections=100, max_keepalive_connections=20),
                 follow_redirects=False,
             )
-            cheap_idle_checks(self._client)
         return self._client
 
     async def _close(self) -> None:

@@ -37,7 +37,6 @@ from .http_errors import (
     retry_hint,
     status_class,
 )
-from .pool import cheap_idle_checks
 from .pricing import PriceBook
 
 NAME = "gemini"
@@ -91,10 +90,7 @@ class GeminiProvider(BaseProvider):
                     types = importlib.import_module("google.genai.types")
                     self._errors = importlib.import_module("google.genai.errors")
                     self._types = types
-                    self._http = httpx2.AsyncClient(
-                        **self.conn.client_options(), follow_redirects=False
-                    )
-                    cheap_idle_checks(self._http)
+                    self._http = self.conn.http_client(follow_redirects=False)
                     self._client = genai.Client(
                         api_key=self.conn.key_value,
                         vertexai=False,
