@@ -348,13 +348,13 @@ class _PipeOut(asyncio.BaseProtocol):
         assert self.transport is not None
         self.transport.write(text.encode("utf-8"))
 
-    async def flush(self) -> None:
-        await self._room.wait()
-        self._check()
-
     async def flush_quietly(self) -> None:
         """Wait until the kernel took every byte or the pipe closed."""
         await self._room.wait()
+
+    async def flush(self) -> None:
+        await self.flush_quietly()
+        self._check()
 
 
 def _is_pipe(fd: int) -> os.stat_result | None:

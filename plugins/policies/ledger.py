@@ -31,7 +31,7 @@ Speed without weakening any of that (figures in docs/performance.md):
   ``BEGIN IMMEDIATE`` try, together with the queued settles), saving the hop to the
   thread and back; locked by another process, it goes to the thread as above. Not for a
   panel: applied on the loop and committed on the thread (the writer's loop batch), its
-  slowest member answered 0.3-0.5 ms sooner in interleaved runs, although its request
+  slowest member answered 0.3-0.7 ms sooner in interleaved runs, although its request
   left ~0.4 ms later (bench/README.md); for one call after another, inline stays faster.
 - A reservation is waited for (nothing is sent before it is on disk); a settle, unknown
   or release is handed to the writer and ``after_call`` returns at once. That is safe:
