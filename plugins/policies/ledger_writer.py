@@ -433,13 +433,7 @@ class LedgerWriter:
         step (at most ``max_batch``). None when the thread should stop."""
         idle = 0.0
         with self._cond:
-            self._running = False
-            if self._resume is not None:
-                loop, self._resume = self._resume, None
-                try:
-                    loop.call_soon_threadsafe(self._schedule, loop)
-                except RuntimeError:  # the loop is closed: take its writes here
-                    self._hand_over()
+            self._release_locked()
             while self._commit is None and (not self._queue or self._lingering() or self._inline):
                 if self._inline:  # a caller runs a batch inline: it notifies when done
                     # (only if work is queued then; a settle queued after it does not)
@@ -469,6 +463,22 @@ class LedgerWriter:
             self._urgent -= sum(not j.lazy and not j.loop_batch for j in jobs)
             self._running = True
             return jobs
+
+    def _release_locked(self) -> None:
+        """The thread's batch or step is over (the lock held): the store is free again, and
+        a loop batch that found it busy is rescheduled. Done before the batch's waiters are
+        woken, so a caller that goes on at once finds the writer idle (and runs inline)."""
+        self._running = False
+        if self._resume is not None:
+            loop, self._resume = self._resume, None
+            try:
+                loop.call_soon_threadsafe(self._schedule, loop)
+            except RuntimeError:  # the loop is closed: take its writes here
+                self._hand_over()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._release_locked()
 
     def _count(self, n: int) -> None:
         self.stats.batches += 1
@@ -505,16 +515,17 @@ class LedgerWriter:
             else:
                 self._run_batch(jobs)
 
-    @staticmethod
-    def _run_plain(job: _Job) -> None:
+    def _run_plain(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
         assert job.fn is not None
         try:
             value = job.fn()
         except BaseException as exc:
+            self._release()
             job.future.set_exception(exc)
         else:
+            self._release()
             job.future.set_result(value)
 
     def _run_batch(self, jobs: list[_Job]) -> None:
@@ -527,10 +538,12 @@ class LedgerWriter:
             results = self.store.run_batch(ops)
         except BaseException as exc:
             # Nothing of the batch was written: every write of it fails (fail closed).
+            self._release()
             _complete(live, exc)
             _wake(jobs)
             return
         self._count(len(live))
+        self._release()
         # After the COMMIT: completing a future runs its callbacks here (they may queue
         # more writes, e.g. releasing an abandoned reservation) and wakes its event loop.
         _complete(live, results)

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ async def test_a_panel_reservation_commits_on_the_thread_even_when_alone(tmp_pat
         yaml, env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")}, providers=[fake()]
     )
     ledger = g.plugins[[p.name for p in g.plugins].index("ledger")].obj
+    ledger.writer.linger_s = 5.0  # the settles wait for the next reservation (no race)
     assert (await g.route(Request("duo", "hi"))).ok
     stats = ledger.writer.stats
     assert stats.inline == 0 and stats.loop == 1 and stats.sizes == [1]
@@ -110,6 +112,34 @@ async def test_a_locked_database_falls_back_to_the_thread(st: LedgerStore) -> No
     assert st.entry("a") is not None
     await writer.run(reserve("b", 10, Caps()), inline=True)  # idle again: inline
     assert writer.stats.inline == 1
+    writer.close()
+
+
+class SlowToReturn(LedgerWriter):
+    """A writer whose thread comes back late for its next batch (a busy machine)."""
+
+    def _take(self) -> Any:
+        if self._running:
+            time.sleep(0.1)
+        return super()._take()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("first", ["thread batch", "loop batch", "plain step"])
+async def test_the_writer_is_idle_once_its_waiters_wake(st: LedgerStore, first: str) -> None:
+    """The thread frees the store before it wakes a batch's waiters, not when it comes back
+    for the next batch: the caller that goes on at once runs inline."""
+    writer = SlowToReturn(st)
+    if first == "thread batch":
+        writer.loop_batches = False
+        await writer.run(reserve("a", 10, Caps()))
+    elif first == "loop batch":
+        await writer.run(reserve("a", 10, Caps()))  # its COMMIT runs on the thread
+        assert writer.stats.loop == 1
+    else:
+        await writer.run_plain(lambda: None)
+    await writer.run(reserve("b", 10, Caps()), inline=True)
+    assert writer.stats.inline == 1 and writer.stats.loop_handovers == 0
     writer.close()
 
 
