@@ -102,25 +102,29 @@ def _dist_name(ep: EntryPoint) -> str:
     return dist_info(ep)[0]
 
 
-def available_entry_points() -> dict[str, EntryPoint]:
-    """Entry points in group ``llmgw`` by name; ours wins where a name is also elsewhere.
-
-    :func:`entry_point_clashes` lists names that several distributions provide; the
-    loader refuses to load such a name rather than pick one silently.
-    """
+def scan_entry_points() -> tuple[dict[str, EntryPoint], dict[str, list[str]]]:
+    """One pass over the installed distributions (~5 ms with a few hundred installed):
+    entry points in group ``llmgw`` by name, ours winning where a name is also elsewhere,
+    and the names that several distributions provide, with those distributions (the
+    loader refuses to load such a name rather than pick one silently)."""
     found: dict[str, EntryPoint] = {}
+    by_name: dict[str, set[str]] = {}
     for ep in entry_points(group=GROUP):
-        if ep.name not in found or _dist_name(ep) == OWN_DISTRIBUTION:
+        dist = _dist_name(ep)
+        by_name.setdefault(ep.name, set()).add(dist)
+        if ep.name not in found or dist == OWN_DISTRIBUTION:
             found[ep.name] = ep
-    return found
+    return found, {n: sorted(d) for n, d in by_name.items() if len(d) > 1}
+
+
+def available_entry_points() -> dict[str, EntryPoint]:
+    """Entry points in group ``llmgw`` by name (:func:`scan_entry_points`)."""
+    return scan_entry_points()[0]
 
 
 def entry_point_clashes() -> dict[str, list[str]]:
     """Plugin names provided by more than one installed distribution."""
-    by_name: dict[str, set[str]] = {}
-    for ep in entry_points(group=GROUP):
-        by_name.setdefault(ep.name, set()).add(_dist_name(ep))
-    return {n: sorted(d) for n, d in by_name.items() if len(d) > 1}
+    return scan_entry_points()[1]
 
 
 def describe_entry_point(ep: EntryPoint) -> str:
@@ -206,6 +210,19 @@ def _instantiate(name: str, target: Any, ctx: PluginContext) -> object:
     return target  # an already-built plugin object
 
 
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager, not looking for hook implementations among dunder attributes.
+
+    ``register`` inspects every name in ``dir(plugin)`` with ``inspect.getattr_static``;
+    two thirds of a plugin object's names are ``object``'s dunders, and no hook is named
+    so (a hook's name or its ``specname`` is one of the kernel's hookspecs)."""
+
+    def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
 def load_plugins(
     settings: Settings,
     *,
@@ -220,8 +237,7 @@ def load_plugins(
         matches a key here uses that object instead of an entry point.
     """
     extra = extra or {}
-    eps = available_entry_points()
-    clashes = entry_point_clashes()
+    eps, clashes = scan_entry_points()
     names = list(settings.plugins)
 
     # Built-in plugins that refuse to be left out (kill switch, ledger with caps).
@@ -248,7 +264,7 @@ def load_plugins(
             note="this plugin cannot be removed by config",
         )
 
-    pm = pluggy.PluginManager(GROUP)
+    pm = _PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     loaded: list[LoadedPlugin] = []
     base = settings.base_dir

@@ -97,6 +97,33 @@ def test_misspelled_hook_argument_is_a_plugin_error() -> None:
     assert "'t'" in str(err.value)
 
 
+@pytest.mark.anyio
+async def test_hooks_are_found_by_name_or_specname_and_never_on_dunders() -> None:
+    seen: list[str] = []
+
+    class Named:
+        @hookimpl(specname="before_call")
+        def _note(self, call: Any) -> None:
+            seen.append("specname")
+
+        @hookimpl
+        def after_call(self, call: Any) -> None:
+            seen.append("name")
+
+        @hookimpl
+        def __call__(self, call: Any) -> None:  # not a hook: never registered or called
+            seen.append("dunder")
+
+    g = gateway_from_yaml(
+        BASE.format(names="n, router, fake"),
+        providers=[FakeProvider()],
+        extra_plugins={"n": Named()},
+    )
+    assert (await g.route(Request("quick", "hi"))).ok
+    assert seen == ["specname", "name"]
+    await g.aclose()
+
+
 def test_local_file_hook_is_loaded_by_path_and_configured(tmp_path: Path) -> None:
     (tmp_path / "hooks").mkdir()
     (tmp_path / "hooks" / "tagger.py").write_text(
