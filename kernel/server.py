@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -443,8 +443,9 @@ async def _pipe_stdio() -> AsyncIterator[tuple[_PipeLines, _PipeOut] | None]:
     a terminal, one socket for both): the caller then uses the SDK's transport, a worker
     thread hop per line read and per frame written and flushed.
 
-    The wire moves to private descriptors while serving (:class:`_Wires`, as the SDK's
-    transport does too); they are put back, with their blocking mode, on every exit.
+    The wire moves to private descriptors while serving (:class:`_Wires`, as it does for
+    the SDK's transport, :func:`_sdk_files`); they are put back, with their blocking mode,
+    on every exit.
     """
     if sys.platform == "win32":
         yield None
@@ -498,16 +499,50 @@ async def run_stdio(server: MCPServer) -> None:
     lowlevel = server._lowlevel_server
     async with _pipe_stdio() as pipes:
         log.info("stdio.serving", transport="pipes" if pipes is not None else "sdk")
-        if pipes is not None:
-            lines, out = pipes
-            streams = stdio_server(stdin=_SanitizedLines(lines), stdout=out)  # type: ignore[arg-type]
-        else:
-            stdin = anyio.wrap_file(
-                io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace", newline="")
-            )
-            streams = stdio_server(stdin=_SanitizedLines(stdin))  # type: ignore[arg-type]
-        async with streams as (read_stream, write_stream):
-            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+        with contextlib.ExitStack() as stack:
+            if pipes is not None:
+                lines, out = pipes
+                streams = stdio_server(stdin=_SanitizedLines(lines), stdout=out)  # type: ignore[arg-type]
+            else:
+                stdin, stdout = stack.enter_context(_sdk_files())
+                streams = stdio_server(stdin=_SanitizedLines(stdin), stdout=stdout)  # type: ignore[arg-type]
+            async with streams as (read_stream, write_stream):
+                options = lowlevel.create_initialization_options()
+                await lowlevel.run(read_stream, write_stream, options)
+
+
+@contextlib.contextmanager
+def _sdk_files() -> Iterator[tuple[anyio.AsyncFile[str], anyio.AsyncFile[str] | None]]:
+    """stdin and stdout for the SDK's transport, on private descriptors as the pipe
+    transport's are (:class:`_Wires`: a child process reads the null device, not the
+    client's frames). Where they cannot move (Windows, a failure), stdin is read in place
+    and stdout left to the SDK, which moves fd 1 itself."""
+    wires = _Wires()
+    if sys.platform != "win32":
+        try:
+            wires.divert()
+        except OSError as exc:
+            log.warning("stdio.divert_failed", error=str(exc))
+    if not wires.diverted:
+        stdin = io.TextIOWrapper(sys.stdin.buffer, "utf-8", errors="replace", newline="")
+        try:
+            yield anyio.wrap_file(stdin), None
+        finally:
+            with contextlib.suppress(ValueError):
+                stdin.detach()  # sys.stdin's buffer stays open
+        return
+    # Buffered files (a raw write to a socket may take only part of a frame); closing
+    # them leaves the private descriptors to wires.restore() (closefd=False).
+    try:
+        with (
+            io.TextIOWrapper(
+                os.fdopen(wires.fd_in, "rb", closefd=False), "utf-8", errors="replace", newline=""
+            ) as stdin,
+            io.TextIOWrapper(os.fdopen(wires.fd_out, "wb", closefd=False), "utf-8") as stdout,
+        ):
+            yield anyio.wrap_file(stdin), anyio.wrap_file(stdout)
+    finally:
+        wires.restore()
 
 
 # --- HTTP ------------------------------------------------------------------------------

@@ -207,16 +207,19 @@ def test_sockets_for_stdin_and_stdout(config: Path, shared: bool) -> None:
     from_server = ours_out.makefile("r", encoding="utf-8")
     send(to_server, INIT)
     assert "result" in answer(from_server, 1)
-    # "B...": the quiet path of the provider (with the SDK's transport, a child would
-    # read the client's socket on fd 0: only the pipe transport moves fd 0 away).
-    send(to_server, INITIALIZED, call(2, "B over a socket"))
+    # The noisy path of the provider: with either transport, the wire is on private
+    # descriptors while serving, so the child reads the null device, not the client's
+    # socket, and stray output goes to stderr, not into the replies.
+    send(to_server, INITIALIZED, call(2, "over a socket"))
     got = answer(from_server, 2)["result"]["structuredContent"]
-    assert got["data"]["text"] == "echo[m1]: B over a socket"
+    assert got["data"]["text"] == "echo[m1]: over a socket"
     ours_in.shutdown(socket.SHUT_WR)  # EOF for the server's stdin
     proc.wait(timeout=30)
     for f in (to_server, from_server, ours_in, ours_out):
         f.close()
-    assert transport(proc.stderr.read()) == ("sdk" if shared else "pipes")
+    err = proc.stderr.read()
+    assert transport(err) == ("sdk" if shared else "pipes")
+    assert "child stdin: ''" in err and "child noise on stdout" in err
     assert proc.returncode == 0
 
 
@@ -283,6 +286,31 @@ def test_the_standard_descriptors_are_restored_after_serving(tmp_path: Path) -> 
     out, err = run_script(tmp_path, 1 << 20, INIT)
     assert out.splitlines()[1:] == ["after True"]
     assert transport(err) == "pipes"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_the_sdk_transport_restores_the_descriptors_too(tmp_path: Path) -> None:
+    script = tmp_path / "serve_once.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    ours, theirs = socket.socketpair()  # one socket on both ends: the SDK's transport
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(1 << 20)],
+        stdin=theirs.fileno(),
+        stdout=theirs.fileno(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    theirs.close()
+    to_server, from_server = ours.makefile("w", encoding="utf-8"), ours.makefile("r")
+    send(to_server, INIT)
+    assert "result" in answer(from_server, 1)
+    ours.shutdown(socket.SHUT_WR)
+    assert from_server.read() == "after True\n"  # printed on fd 1, the socket again
+    assert proc.stderr is not None
+    assert transport(proc.stderr.read()) == "sdk"
+    assert proc.wait(timeout=30) == 0
+    for f in (to_server, from_server, ours):
+        f.close()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
