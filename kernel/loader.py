@@ -214,8 +214,9 @@ class _PluginManager(pluggy.PluginManager):
     """pluggy's manager, not looking for hook implementations among dunder attributes.
 
     ``register`` inspects every name in ``dir(plugin)`` with ``inspect.getattr_static``;
-    two thirds of a plugin object's names are ``object``'s dunders, and no hook is named
-    so (a hook's name or its ``specname`` is one of the kernel's hookspecs)."""
+    two thirds of a plugin object's names are ``object``'s dunders. No hookspec is a dunder
+    name, and a dunder method is not taken for a hook even with ``specname`` (documented
+    in docs/plugins.md)."""
 
     def parse_hookimpl_opts(self, plugin: object, name: str) -> Any:
         if name.startswith("__") and name.endswith("__"):

@@ -531,17 +531,20 @@ def _sdk_files() -> Iterator[tuple[anyio.AsyncFile[str], anyio.AsyncFile[str] | 
             with contextlib.suppress(ValueError):
                 stdin.detach()  # sys.stdin's buffer stays open
         return
-    # Buffered files (a raw write to a socket may take only part of a frame); closing
-    # them leaves the private descriptors to wires.restore() (closefd=False).
+    # Buffered files (a raw write to a socket may take only part of a frame) over the
+    # private descriptors; closing them leaves those to wires.restore() (closefd=False).
+    files: list[io.TextIOWrapper] = []
     try:
-        with (
-            io.TextIOWrapper(
-                os.fdopen(wires.fd_in, "rb", closefd=False), "utf-8", errors="replace", newline=""
-            ) as stdin,
-            io.TextIOWrapper(os.fdopen(wires.fd_out, "wb", closefd=False), "utf-8") as stdout,
-        ):
-            yield anyio.wrap_file(stdin), anyio.wrap_file(stdout)
+        raw_in = os.fdopen(wires.fd_in, "rb", closefd=False)
+        files.append(io.TextIOWrapper(raw_in, "utf-8", errors="replace", newline=""))
+        files.append(io.TextIOWrapper(os.fdopen(wires.fd_out, "wb", closefd=False), "utf-8"))
+        yield anyio.wrap_file(files[0]), anyio.wrap_file(files[1])
     finally:
+        for f in reversed(files):
+            # A peer gone mid-frame fails this flush too: the error that ended the
+            # serving is the one to report, not this one.
+            with contextlib.suppress(OSError, ValueError):
+                f.close()
         wires.restore()
 
 

@@ -110,8 +110,8 @@ async def test_hooks_are_found_by_name_or_specname_and_never_on_dunders() -> Non
         def after_call(self, call: Any) -> None:
             seen.append("name")
 
-        @hookimpl
-        def __call__(self, call: Any) -> None:  # not a hook: never registered or called
+        @hookimpl(specname="after_call")
+        def __call__(self, call: Any) -> None:  # a dunder is never taken for a hook
             seen.append("dunder")
 
     g = gateway_from_yaml(
