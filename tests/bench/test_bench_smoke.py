@@ -43,7 +43,8 @@ def test_smoke_run_measures_every_column_correctly(tmp_path: Path) -> None:
     assert cold["llmgw"]["rss_mb"]["median"] > 10
 
     ledger = doc["ledger"]
-    assert ledger["procs_1"]["invariant_ok"] and ledger["procs_4"]["invariant_ok"]
+    for procs in ("procs_1", "procs_4"):
+        assert ledger[procs]["invariant_ok"], (procs, ledger[procs]["problems"])
     assert ledger["procs_4"]["reservations_per_s"]["median"] > 0
     assert ledger["cap_race"] == {
         "room": 10, "accepted": 10, "overshoot_micro": 0, "ok": True
