@@ -103,7 +103,7 @@ def _dist_name(ep: EntryPoint) -> str:
 
 
 def scan_entry_points() -> tuple[dict[str, EntryPoint], dict[str, list[str]]]:
-    """One pass over the installed distributions (~5 ms with a few hundred installed):
+    """One pass over the installed distributions (3-6 ms with ~100 installed):
     entry points in group ``llmgw`` by name, ours winning where a name is also elsewhere,
     and the names that several distributions provide, with those distributions (the
     loader refuses to load such a name rather than pick one silently)."""
