@@ -1,8 +1,10 @@
 """``llmgw serve`` with the MCP SDK's stdio transport instead of the gateway's pipes.
 
-A bench column only: it shows how much of the MCP figure is the transport (the SDK reads
-each line and writes each frame through a worker thread; ``llmgw serve`` uses asyncio
-pipes, see ``kernel/server.py``). Run as ``python bench/serve_sdk_stdio.py serve ...``.
+A bench column only: it shows how much of the MCP figure is the transport. This is the
+server's fallback for files, terminals and one socket on both ends: the SDK's
+``stdio_server`` writes and flushes each frame through a worker thread, and a reader
+thread hands it each line; on pipes ``llmgw serve`` uses asyncio instead, see
+``kernel/server.py``. Run as ``python bench/serve_sdk_stdio.py serve ...``.
 """
 
 from __future__ import annotations

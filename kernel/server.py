@@ -15,10 +15,12 @@ import io
 import ipaddress
 import json
 import os
+import queue
 import re
 import stat
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -512,7 +514,7 @@ async def run_stdio(server: MCPServer) -> None:
 
 
 @contextlib.contextmanager
-def _sdk_files() -> Iterator[tuple[anyio.AsyncFile[str], anyio.AsyncFile[str] | None]]:
+def _sdk_files() -> Iterator[tuple[AsyncIterable[str], anyio.AsyncFile[str] | None]]:
     """stdin and stdout for the SDK's transport, on private descriptors as the pipe
     transport's are (:class:`_Wires`: a child process reads the null device, not the
     client's frames). Where they cannot move (Windows, a failure), stdin is read in place
@@ -532,20 +534,86 @@ def _sdk_files() -> Iterator[tuple[anyio.AsyncFile[str], anyio.AsyncFile[str] | 
                 stdin.detach()  # sys.stdin's buffer stays open
         return
     # Buffered files (a raw write to a socket may take only part of a frame) over the
-    # private descriptors; closing them leaves those to wires.restore() (closefd=False).
-    files: list[io.TextIOWrapper] = []
+    # private descriptors, which wires.restore() closes (closefd=False here). stdin is not
+    # closed: its reader thread may still be blocked in readline, holding the buffer.
+    stdout: io.TextIOWrapper | None = None
     try:
         raw_in = os.fdopen(wires.fd_in, "rb", closefd=False)
-        files.append(io.TextIOWrapper(raw_in, "utf-8", errors="replace", newline=""))
-        files.append(io.TextIOWrapper(os.fdopen(wires.fd_out, "wb", closefd=False), "utf-8"))
-        yield anyio.wrap_file(files[0]), anyio.wrap_file(files[1])
+        stdin = io.TextIOWrapper(raw_in, "utf-8", errors="replace", newline="")
+        stdout = io.TextIOWrapper(os.fdopen(wires.fd_out, "wb", closefd=False), "utf-8")
+        yield _DaemonLines(stdin), anyio.wrap_file(stdout)
     finally:
-        for f in reversed(files):
+        if stdout is not None:
             # A peer gone mid-frame fails this flush too: the error that ended the
             # serving is the one to report, not this one.
             with contextlib.suppress(OSError, ValueError):
-                f.close()
+                stdout.close()
         wires.restore()
+
+
+class _DaemonLines:
+    """The lines of a blocking text file, read by a daemon thread of their own.
+
+    A terminal or a socket gives no EOF on Ctrl-C: a reader that must be waited for (the
+    SDK's, a worker thread per line) held ``llmgw serve`` up until the client sent a line
+    or closed. This thread is left blocked instead, and the process exits without it.
+    Left behind in a process that goes on, it may still take input up to its next line
+    from the stream it was reading.
+    """
+
+    def __init__(self, file: io.TextIOWrapper) -> None:
+        self._file = file
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._lines()
+
+    async def _lines(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        asks: queue.SimpleQueue[asyncio.Future[str] | None] = queue.SimpleQueue()
+        threading.Thread(
+            target=self._serve, args=(loop, asks), name="llmgw-stdin", daemon=True
+        ).start()
+        try:
+            while line := await _asked(loop, asks):
+                yield line
+        finally:
+            asks.put(None)
+
+    def _serve(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        asks: queue.SimpleQueue[asyncio.Future[str] | None],
+    ) -> None:
+        """On the thread: one line per future asked for, until EOF, an error or None."""
+        while (asked := asks.get()) is not None:
+            error: BaseException | None = None
+            try:
+                line = self._file.readline()
+            except Exception as exc:  # handed to the loop, which raises it
+                line, error = "", exc
+            try:
+                loop.call_soon_threadsafe(_answer, asked, line, error)
+            except RuntimeError:  # the loop is closed: nobody is reading any more
+                return
+            if error is not None or not line:
+                return
+
+
+async def _asked(
+    loop: asyncio.AbstractEventLoop, asks: queue.SimpleQueue[asyncio.Future[str] | None]
+) -> str:
+    answer: asyncio.Future[str] = loop.create_future()
+    asks.put(answer)
+    return await answer
+
+
+def _answer(asked: asyncio.Future[str], line: str, error: BaseException | None) -> None:
+    if asked.done():  # its reader was cancelled meanwhile
+        return
+    if error is not None:
+        asked.set_exception(error)
+    else:
+        asked.set_result(line)
 
 
 # --- HTTP ------------------------------------------------------------------------------

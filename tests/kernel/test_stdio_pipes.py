@@ -223,6 +223,34 @@ def test_sockets_for_stdin_and_stdout(config: Path, shared: bool) -> None:
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_ctrl_c_ends_the_server_without_waiting_for_the_client(config: Path, shared: bool) -> None:
+    # Ctrl-C in a terminal brings no EOF: a reader waiting for the next line must not keep
+    # the server up (the SDK's transport waited for it; one socket on both ends uses it).
+    ours, theirs = socket.socketpair()
+    proc = serve(
+        config, stdin=theirs.fileno(), stdout=theirs.fileno() if shared else subprocess.PIPE
+    )
+    theirs.close()
+    to_server, from_server = ours.makefile("w", encoding="utf-8"), None
+    if shared:
+        from_server = ours.makefile("r", encoding="utf-8")
+    else:
+        assert proc.stdout is not None
+    send(to_server, INIT)
+    assert "result" in answer(from_server or proc.stdout, 1)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)  # the client neither writes nor closes meanwhile
+    finally:
+        for f in (to_server, from_server, ours):
+            if f is not None:
+                f.close()
+    assert proc.stderr is not None
+    assert transport(proc.stderr.read()) == ("sdk" if shared else "pipes")
+    assert proc.returncode == 1
+
+
 def test_a_file_on_stdin_is_served_by_the_sdk_transport(config: Path, tmp_path: Path) -> None:
     frames = tmp_path / "frames.jsonl"
     frames.write_text(json.dumps(INIT) + "\n")
