@@ -398,9 +398,11 @@ class _Wires:
             self.restore()
             raise
 
-    def restore(self) -> None:
+    def restore(self, *, keep_in: bool = False) -> None:
         """fd 0 and fd 1 back on the wire, with the blocking mode they had; the private
-        descriptors closed. Safe to call after a partial :meth:`divert`."""
+        descriptors closed, except the input one with ``keep_in`` (a thread still blocked
+        reading it: closed, its number could go to the next file opened, which that
+        thread would then read). Safe to call after a partial :meth:`divert`."""
         with contextlib.suppress(Exception):
             sys.stdout.flush()  # a stray print still buffered goes to stderr, not the wire
         pairs = ((0, self.fd_in, self.blocking[0]), (1, self.fd_out, self.blocking[1]))
@@ -412,6 +414,8 @@ class _Wires:
             if self.diverted:
                 with contextlib.suppress(OSError):
                     os.dup2(wire, fd)
+            if fd == 0 and keep_in:
+                continue
             with contextlib.suppress(OSError):
                 os.close(wire)
         self.fd_in = self.fd_out = -1
@@ -537,18 +541,19 @@ def _sdk_files() -> Iterator[tuple[AsyncIterable[str], anyio.AsyncFile[str] | No
     # private descriptors, which wires.restore() closes (closefd=False here). stdin is not
     # closed: its reader thread may still be blocked in readline, holding the buffer.
     stdout: io.TextIOWrapper | None = None
+    lines: _DaemonLines | None = None
     try:
         raw_in = os.fdopen(wires.fd_in, "rb", closefd=False)
-        stdin = io.TextIOWrapper(raw_in, "utf-8", errors="replace", newline="")
+        lines = _DaemonLines(io.TextIOWrapper(raw_in, "utf-8", errors="replace", newline=""))
         stdout = io.TextIOWrapper(os.fdopen(wires.fd_out, "wb", closefd=False), "utf-8")
-        yield _DaemonLines(stdin), anyio.wrap_file(stdout)
+        yield lines, anyio.wrap_file(stdout)
     finally:
         if stdout is not None:
             # A peer gone mid-frame fails this flush too: the error that ended the
             # serving is the one to report, not this one.
             with contextlib.suppress(OSError, ValueError):
                 stdout.close()
-        wires.restore()
+        wires.restore(keep_in=lines is not None and lines.reading())
 
 
 class _DaemonLines:
@@ -558,11 +563,16 @@ class _DaemonLines:
     SDK's, a worker thread per line) held ``llmgw serve`` up until the client sent a line
     or closed. This thread is left blocked instead, and the process exits without it.
     Left behind in a process that goes on, it may still take input up to its next line
-    from the stream it was reading.
+    from the stream it was reading (its private descriptor is then left open for it).
     """
 
     def __init__(self, file: io.TextIOWrapper) -> None:
         self._file = file
+        self._asking = False  # a line asked for and not answered: the thread reads
+
+    def reading(self) -> bool:
+        """Whether the thread may be reading (its descriptor must stay open for it)."""
+        return self._asking
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._lines()
@@ -574,7 +584,14 @@ class _DaemonLines:
             target=self._serve, args=(loop, asks), name="llmgw-stdin", daemon=True
         ).start()
         try:
-            while line := await _asked(loop, asks):
+            while True:
+                answer: asyncio.Future[str] = loop.create_future()
+                self._asking = True
+                asks.put(answer)
+                line = await answer  # cancelled here, the thread is left reading
+                self._asking = False
+                if not line:
+                    return
                 yield line
         finally:
             asks.put(None)
@@ -597,14 +614,6 @@ class _DaemonLines:
                 return
             if error is not None or not line:
                 return
-
-
-async def _asked(
-    loop: asyncio.AbstractEventLoop, asks: queue.SimpleQueue[asyncio.Future[str] | None]
-) -> str:
-    answer: asyncio.Future[str] = loop.create_future()
-    asks.put(answer)
-    return await answer
 
 
 def _answer(asked: asyncio.Future[str], line: str, error: BaseException | None) -> None:
