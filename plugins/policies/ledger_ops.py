@@ -437,9 +437,16 @@ class Batch:
         self, entry: _Entry, state: str, *, settled: int = 0, overage: int = 0, now: datetime
     ) -> None:
         """Take ``entry`` from its state to ``state`` in its month's totals (both scopes):
-        its reservation leaves the old state's column; ``unknown`` keeps it charged."""
+        its reservation leaves the old state's column; ``unknown`` keeps it charged.
+
+        A scope with no row that no reservation of this batch creates (a damaged ledger:
+        the entry's reservation made it) is left alone: one write at a time, its UPDATE
+        finds no row and changes nothing, so the batch does the same. Only a batch reads
+        the month here; it reads it anyway, for the checks of :meth:`write`."""
         for name in (TOTAL, provider_scope(entry.provider)):
-            s = self.scope(entry.month, name)
+            s = self.scope(entry.month, name, read=self.stepwise)
+            if not s.exists and not s.cap_set:
+                continue
             if entry.state == "reserved":
                 s.d_reserved -= entry.reserved
             else:

@@ -448,6 +448,25 @@ def test_a_batch_leaves_what_one_write_per_transaction_leaves(
     compare(tmp_path_factory.mktemp(form), setup, damage, batch)
 
 
+@pytest.mark.parametrize(
+    "write",
+    [ops.Settle("e0", 30, NOV), ops.MarkUnknown("e0", NOV), ops.Release("e0", NOV)],
+    ids=["settle", "mark_unknown", "release"],
+)
+def test_a_write_on_a_scope_whose_row_is_gone_does_not_make_one_in_a_batch(
+    form: str, tmp_path: Path, write: Any
+) -> None:
+    # Found by the property below: a zero reservation, then its provider's row deleted.
+    # One write at a time, the UPDATE finds no row; the batch used to create one (with
+    # the settled cost, and no cap) because it read the month and found the scope absent.
+    compare(
+        tmp_path,
+        [ops.Reserve([item("e0", 0)], CAPS, NOV, 60)],
+        "DELETE FROM totals WHERE scope = 'provider:a'",
+        [peek, write, ops.Reserve([item("x", 5)], CAPS, NOV, 60)],
+    )
+
+
 def test_a_settle_and_a_reservation_on_a_damaged_scope_fail_as_one_at_a_time(
     form: str, tmp_path: Path
 ) -> None:
