@@ -562,8 +562,9 @@ class _DaemonLines:
     A terminal or a socket gives no EOF on Ctrl-C: a reader that must be waited for (the
     SDK's, a worker thread per line) held ``llmgw serve`` up until the client sent a line
     or closed. This thread is left blocked instead, and the process exits without it.
-    Left behind in a process that goes on, it may still take input up to its next line
-    from the stream it was reading (its private descriptor is then left open for it).
+    Left behind in a process that goes on, it may still take one buffered read (up to
+    8 KiB, several lines maybe) from the stream it was reading (its private descriptor is
+    then left open for it). Iterate it once.
     """
 
     def __init__(self, file: io.TextIOWrapper) -> None:
@@ -588,7 +589,13 @@ class _DaemonLines:
                 answer: asyncio.Future[str] = loop.create_future()
                 self._asking = True
                 asks.put(answer)
-                line = await answer  # cancelled here, the thread is left reading
+                try:
+                    line = await answer  # cancelled here, the thread is left reading
+                except asyncio.CancelledError:
+                    raise
+                except BaseException:
+                    self._asking = False  # readline failed: the thread has ended
+                    raise
                 self._asking = False
                 if not line:
                     return

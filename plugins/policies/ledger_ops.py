@@ -658,7 +658,10 @@ class Release(_LeaveReserved):
 @dataclass(frozen=True, slots=True)
 class ExpireLeases(Op):
     """Turn reservations whose lease ran out into ``unknown`` (their process died or hung:
-    they may have been billed), each as :class:`MarkUnknown` would. Returns how many."""
+    they may have been billed), each as :class:`MarkUnknown` would. Returns how many.
+
+    Run it alone (:meth:`LedgerStore.expire_leases`): it finds the expired leases in the
+    database, so in a batch it would not see a reservation made earlier in that batch."""
 
     now: datetime
 
