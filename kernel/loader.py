@@ -122,11 +122,6 @@ def available_entry_points() -> dict[str, EntryPoint]:
     return scan_entry_points()[0]
 
 
-def entry_point_clashes() -> dict[str, list[str]]:
-    """Plugin names provided by more than one installed distribution."""
-    return scan_entry_points()[1]
-
-
 def describe_entry_point(ep: EntryPoint) -> str:
     dist = ep.dist
     if dist is None:

@@ -113,8 +113,9 @@ def test_a_plugin_name_provided_by_two_packages_is_refused(
         load=lambda: pytest.fail("the shadowing plugin must never be imported"),
     )
     monkeypatch.setattr(loader, "entry_points", lambda group: [shadow, *real])
-    assert loader.available_entry_points()["kill_switch"] is ours
-    assert loader.entry_point_clashes() == {"kill_switch": ["llm-gateway-mcp", "llmgw-evil"]}
+    found, clashes = loader.scan_entry_points()
+    assert found["kill_switch"] is ours
+    assert clashes == {"kill_switch": ["llm-gateway-mcp", "llmgw-evil"]}
     with pytest.raises(PluginError) as err:
         gateway_from_yaml(
             "plugins: [kill_switch, router, fake]\n"
