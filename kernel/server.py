@@ -446,8 +446,8 @@ async def _connect(wires: _Wires, out: _PipeOut) -> tuple[asyncio.BaseTransport,
 @asynccontextmanager
 async def _pipe_stdio() -> AsyncIterator[tuple[_PipeLines, _PipeOut] | None]:
     """stdin and stdout as asyncio pipes, or None where that cannot be (Windows, a file,
-    a terminal, one socket for both): the caller then uses the SDK's transport, a worker
-    thread hop per line read and per frame written and flushed.
+    a terminal, one socket for both): the caller then uses the SDK's transport
+    (:func:`_sdk_files`), a thread hop per line read and per frame written and flushed.
 
     The wire moves to private descriptors while serving (:class:`_Wires`, as it does for
     the SDK's transport, :func:`_sdk_files`); they are put back, with their blocking mode,
@@ -495,10 +495,10 @@ async def _pipe_stdio() -> AsyncIterator[tuple[_PipeLines, _PipeOut] | None]:
 async def run_stdio(server: MCPServer) -> None:
     """Serve ``server`` over stdin/stdout (stdout carries nothing but JSON-RPC).
 
-    On POSIX pipes (how MCP clients start a server) both ends are asyncio pipe transports;
-    the SDK's transport, used otherwise, reads each line and writes and flushes each frame
-    in a worker thread: three thread hops per tool call (~0.6 ms of a call's p50 on two
-    cores, see docs/performance.md).
+    On POSIX pipes (how MCP clients start a server) both ends are asyncio pipe transports.
+    Otherwise the SDK's transport writes and flushes each frame in a worker thread and
+    :class:`_DaemonLines` reads each line in a thread: three thread hops per tool call
+    (~0.6 ms of a call's p50 on two cores, see docs/performance.md).
     """
     from mcp.server.stdio import stdio_server
 
