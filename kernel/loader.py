@@ -339,8 +339,6 @@ def load_plugins(
 
 def _check_sections(settings: Settings, loaded: set[str], installed: set[str]) -> None:
     """A section must belong to a loaded plugin, or to an installed one that is disabled."""
-    import difflib
-
     from .config import KERNEL_SECTIONS
 
     for name in settings.sections:
@@ -349,6 +347,8 @@ def _check_sections(settings: Settings, loaded: set[str], installed: set[str]) -
         if name in installed:
             log.info("config.section_of_disabled_plugin", section=name)
             continue
+        import difflib  # only for the error: not part of every start
+
         known = sorted(KERNEL_SECTIONS | loaded | installed)
         close = difflib.get_close_matches(name, known, n=1)
         fix = f"did you mean `{close[0]}`?" if close else f"known sections: {', '.join(known)}"

@@ -254,3 +254,44 @@ def test_report_info_shows_settings_and_budgets() -> None:
     plugin.budget("a").note_request(0.0)
     info = gw.routing_info()["retry"]
     assert info["max_attempts"] == 3 and info["budgets"]["a"]["retries"] == 0
+
+
+LAZY_TENACITY = """
+import asyncio, json, sys
+from llmgw.kernel import ErrorClass, Outcome, Request
+from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
+
+yaml = '''
+plugins: [retry, router, fake]
+task_classes:
+  qa: {provider: a, model: m1, max_tokens: 64}
+'''
+a = FakeProvider("a")
+gw = gateway_from_yaml(yaml, providers=[a], clock=FakeClock())
+seen = {"build": "tenacity" in sys.modules}
+env = asyncio.run(gw.route(Request("qa", "hi")))
+seen["success"] = ["tenacity" in sys.modules, env.ok]
+a.script.append(Outcome.failure(ErrorClass.OVERLOADED, "busy", sent=True))
+env = asyncio.run(gw.route(Request("qa", "hi")))
+seen["retried"] = ["tenacity" in sys.modules, env.ok, len(a.received)]
+print(json.dumps(seen))
+"""
+
+
+def test_tenacity_is_loaded_by_the_first_failure_not_at_start() -> None:
+    """A gateway whose calls succeed never imports tenacity (a cold-start cost); the
+    first transient failure does, and is retried as before."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LAZY_TENACITY)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"build": False, "success": [False, True], "retried": [True, True, 3]}
