@@ -101,13 +101,13 @@ def check_invariant(path: str) -> dict[str, Any]:
     settled = by_state.get("settled", (0, 0, 0))[2]
     reserved = by_state.get("reserved", (0, 0, 0))[1]
     for scope in (TOTAL, provider_scope(PROVIDER)):
-        use = scopes.get(scope)
-        if use is None:
+        row = scopes.get(scope)
+        if row is None:
             problems.append(f"{scope}: no totals row")
             continue
-        if use.settled_micro != settled or use.reserved_micro != reserved:
+        if row.settled_micro != settled or row.reserved_micro != reserved:
             problems.append(
-                f"{scope}: totals settled {use.settled_micro}/reserved {use.reserved_micro} "
+                f"{scope}: totals settled {row.settled_micro}/reserved {row.reserved_micro} "
                 f"!= entries {settled}/{reserved}"
             )
     integrity = store.integrity_check()

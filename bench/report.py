@@ -8,6 +8,7 @@ import sys
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from .probe import render as render_probe
 from .stats import over_rounds
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def assemble(
     cold: dict[str, Any] | None,
     ledger: dict[str, Any],
     seconds: float,
+    probes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     p = run.profile
     columns: dict[str, Any] = {}
@@ -118,6 +120,7 @@ def assemble(
             "ledger_rounds": p.ledger_rounds,
         },
         "machine": machine(),
+        "machine_probe": probes,
         "wall_s": round(seconds, 1),
         "columns": columns,
         "plugin_cost_p50_ms": plugin_cost,
@@ -217,6 +220,11 @@ def render(doc: dict[str, Any]) -> str:
         f"{s['rounds']} rounds x {s['sequential_calls_per_round']} sequential calls "
         f"in {s.get('slices_per_round', 1)} slices (+{s['warmup_calls']} warm-up); "
         f"medians over rounds [min..max]; wall {doc['wall_s']} s",
+    ]
+    probes = doc.get("machine_probe")
+    if probes:
+        lines.append(render_probe(probes["start"], probes.get("end")))
+    lines += [
         "",
         "Sequential latency (ms), fake upstream answering at once",
         f"{'column':<36} {'p50':>7} {'p90':>7} {'p99':>7}  {'added p50 [spread]':<24} "

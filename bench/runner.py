@@ -45,6 +45,8 @@ class Profile:
     chunks: int = 8
     #: Calls each column makes unmeasured before each slice after the first.
     rewarm: int = 5
+    #: Samples of the machine probe's fdatasync after an idle gap (bench/probe.py).
+    probe_idle: int = 10
     variants: bool = True  # one gateway column per policy switched off
     litellm: bool = True
     mcp: bool = True
@@ -67,6 +69,7 @@ PROFILES = {
         conc_rounds=1,
         chunks=2,
         rewarm=1,
+        probe_idle=2,
         variants=False,
         litellm=False,
     ),
@@ -490,8 +493,16 @@ class Run:
 
     # --- the whole run -----------------------------------------------------------------
 
+    def machine_probe(self) -> dict[str, Any]:
+        from .probe import probe
+
+        n = self.profile.probe_idle
+        return probe(self.tmp, back_to_back=10 * n, idle=n)
+
     def execute(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self.say("machine probe ...")
+        probes = {"start": self.machine_probe()}
         self.root = self.start_upstream()
         try:
             self.plan_columns()
@@ -507,9 +518,10 @@ class Run:
             self.stop_workers()
             if self.upstream is not None:
                 self.upstream.stop()
+        probes["end"] = self.machine_probe()
         from .report import assemble
 
-        return assemble(self, panel, cold, ledger, time.perf_counter() - t0)
+        return assemble(self, panel, cold, ledger, time.perf_counter() - t0, probes)
 
 
 def run_bench(profile_name: str, out: IO[str], keep: Path | None = None) -> dict[str, Any]:

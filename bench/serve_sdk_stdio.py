@@ -22,7 +22,7 @@ async def _no_pipes() -> AsyncIterator[None]:
     yield None  # run_stdio then falls back to the SDK's transport
 
 
-server._pipe_stdio = _no_pipes  # type: ignore[assignment]
+server._pipe_stdio = _no_pipes
 
 if __name__ == "__main__":
     sys.exit(main())

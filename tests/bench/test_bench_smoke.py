@@ -50,6 +50,14 @@ def test_smoke_run_measures_every_column_correctly(tmp_path: Path) -> None:
         "room": 10, "accepted": 10, "overshoot_micro": 0, "ok": True
     }  # fmt: skip
 
+    # The machine's own costs, at the start and the end of the run (bench/probe.py).
+    for when in ("start", "end"):
+        probe = doc["machine_probe"][when]
+        assert probe["fdatasync_ms"]["back_to_back_p50"] > 0
+        assert probe["fdatasync_ms"]["after_idle_p50"] > 0
+        assert probe["syscall_us"] > 0 and probe["python_ms"] > 0
+    assert "machine probe (start -> end): fdatasync of 24 KiB" in proc.stdout
+
     names = {g["goal"] for g in doc["goals"]}
     assert "in-process added p50, full stack + ledger" in names
     assert all(isinstance(g["pass"], bool) for g in doc["goals"])
