@@ -27,6 +27,20 @@ from typing import Any
 SCHEMA_VERSION = 1
 TOTAL = "total"
 
+#: Indexes whose definition changed since a ledger file may have been created, with the
+#: current definition: :func:`migrate_indexes` rebuilds an index that differs. An index is
+#: derived data, so rebuilding it loses nothing, and a file rebuilt this way still opens
+#: in an older version (it creates its indexes only if missing, by name), so the schema
+#: version does not change.
+#:
+#: ``entries_open`` holds only the reservations still open (what expiring leases looks
+#: for). It used to hold every entry by state: a settle then moved its entry within the
+#: index (a leaf page of the reserved part and one of the settled part), one WAL frame
+#: more per commit than taking it out, and the index grew with every settled entry.
+INDEXES = {
+    "entries_open": "CREATE INDEX entries_open ON entries (lease_until) WHERE state = 'reserved'",
+}
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     id TEXT PRIMARY KEY,
@@ -48,7 +62,7 @@ CREATE TABLE IF NOT EXISTS entries (
     lease_until REAL NOT NULL,
     CHECK (state <> 'settled' OR cost_micro IS NOT NULL)
 );
-CREATE INDEX IF NOT EXISTS entries_open ON entries (state, lease_until);
+CREATE INDEX IF NOT EXISTS entries_open ON entries (lease_until) WHERE state = 'reserved';
 CREATE INDEX IF NOT EXISTS entries_month ON entries (month);
 CREATE TABLE IF NOT EXISTS totals (
     month TEXT NOT NULL,
@@ -65,6 +79,25 @@ CREATE TABLE IF NOT EXISTS totals (
            settled_micro - overage_micro + reserved_micro + unknown_micro <= cap_micro)
 );
 """
+
+
+def _normal(sql_text: str) -> str:
+    return " ".join(sql_text.replace("IF NOT EXISTS ", "").split()).lower()
+
+
+def migrate_indexes(db: sqlite3.Connection) -> list[str]:
+    """Drop each index of :data:`INDEXES` whose stored definition differs from the
+    current one (the schema then creates it anew); the names of those dropped. Runs in
+    the caller's transaction, with the schema."""
+    dropped = []
+    for name, definition in INDEXES.items():
+        row = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)
+        ).fetchone()
+        if row is not None and _normal(str(row[0])) != _normal(definition):
+            db.execute(f'DROP INDEX "{name}"')
+            dropped.append(name)
+    return dropped
 
 
 class LedgerError(Exception):

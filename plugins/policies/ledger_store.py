@@ -131,6 +131,7 @@ class LedgerStore:
                             f"(schema {version}); upgrade, or point LLM_GATEWAY_LEDGER_PATH "
                             "elsewhere"
                         )
+                    sql.migrate_indexes(db)
                     # Not executescript(): it would COMMIT the open transaction first.
                     for statement in SCHEMA.split(";"):
                         if statement.strip():

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llmgw.plugins.policies import ledger_ops as sql_ops
+from llmgw.plugins.policies import ledger_sql as sql
 from llmgw.plugins.policies.ledger_store import (
     CapExceeded,
     Caps,
@@ -143,3 +145,110 @@ def test_cannot_open_is_a_ledger_error(tmp_path: Path) -> None:
     (tmp_path / "junk.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(LedgerError, match="cannot open"):
         LedgerStore(tmp_path / "junk.db").open()
+
+
+# --- the open-reservations index ----------------------------------------------------------
+
+#: How ``entries_open`` was defined before it held only open reservations.
+OLD_OPEN_INDEX = "CREATE INDEX entries_open ON entries (state, lease_until)"
+
+
+def _index_sql(path: Path, name: str = "entries_open") -> str | None:
+    db = sqlite3.connect(path)
+    try:
+        row = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+    finally:
+        db.close()
+
+
+def _plan(st: LedgerStore, query: str, *params: object) -> str:
+    assert st._db is not None
+    return " ".join(str(r[3]) for r in st._db.execute(f"EXPLAIN QUERY PLAN {query}", params))
+
+
+def test_the_open_index_holds_only_open_reservations(st: LedgerStore) -> None:
+    assert _index_sql(st.path) == sql.INDEXES["entries_open"]
+    st.reserve([item("1", 10), item("2", 10), item("3", 10)], Caps(), now=NOW, lease_s=60)
+    st.settle("1", cost_micro=5, now=NOW)
+    st.release("2", now=NOW)
+    assert st._db is not None
+    indexed = st._db.execute(
+        "SELECT id FROM entries INDEXED BY entries_open WHERE state = 'reserved'"
+    )
+    assert [r[0] for r in indexed] == ["3"]
+    # What expiring leases and counting open reservations ask for is found through it.
+    assert "USING INDEX entries_open" in _plan(st, sql_ops._EXPIRED, 0.0)
+    assert "entries_open" in _plan(st, "SELECT COUNT(*) FROM entries WHERE state = 'reserved'")
+    assert st.count("reserved") == 1
+
+
+def test_the_schema_creates_every_index_as_defined() -> None:
+    """The definitions :func:`migrate_indexes` compares against are the schema's own."""
+    statements = {" ".join(s.split()) for s in sql.SCHEMA.split(";")}
+    for definition in sql.INDEXES.values():
+        assert definition.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS") in statements
+
+
+def _old_ledger(path: Path) -> None:
+    """A ledger as the previous schema left it: reserved, settled and unknown entries,
+    indexed by state."""
+    st = LedgerStore(path)
+    st.open()
+    st.reserve([item("r", 10), item("s", 20), item("u", 30)], Caps(total=1000), now=NOW, lease_s=60)
+    st.settle("s", cost_micro=15, now=NOW)
+    st.mark_unknown("u", now=NOW)
+    st.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP INDEX entries_open")
+    db.execute(OLD_OPEN_INDEX)
+    db.commit()
+    db.close()
+    assert _index_sql(path) == OLD_OPEN_INDEX
+
+
+def test_opening_a_ledger_with_the_old_index_rebuilds_it_and_keeps_every_entry(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    _old_ledger(path)
+    st = LedgerStore(path)
+    st.open()
+    try:
+        assert _index_sql(path) == sql.INDEXES["entries_open"]
+        assert st.integrity_check() == "ok"
+        states = {e: (st.entry(e) or {}).get("state") for e in ("r", "s", "u")}
+        assert states == {"r": "reserved", "s": "settled", "u": "unknown"}
+        total = st.scopes("2026-11")["total"]
+        assert (total.reserved_micro, total.settled_micro, total.unknown_micro) == (10, 15, 30)
+        # The rebuilt index serves the lease expiry: the open reservation turns unknown.
+        assert st.expire_leases(NOW + timedelta(seconds=61)) == 1
+        assert st.count("reserved") == 0 and st.count("unknown") == 2
+    finally:
+        st.close()
+    # Opening again finds the index as defined: nothing more to rebuild.
+    db = sqlite3.connect(path)
+    db.execute("BEGIN IMMEDIATE")
+    assert sql.migrate_indexes(db) == []
+    db.execute("ROLLBACK")
+    db.close()
+
+
+def test_a_rebuilt_ledger_still_opens_with_the_previous_schema(tmp_path: Path) -> None:
+    """The previous version creates its indexes only when missing (by name): it keeps the
+    rebuilt index, and its lease query still finds the open reservations through it."""
+    path = tmp_path / "l.db"
+    st = LedgerStore(path)
+    st.open()
+    st.reserve([item("r", 10)], Caps(), now=NOW, lease_s=60)
+    st.close()
+    db = sqlite3.connect(path)
+    db.execute(OLD_OPEN_INDEX.replace("CREATE INDEX", "CREATE INDEX IF NOT EXISTS"))
+    assert _index_sql(path) == sql.INDEXES["entries_open"]
+    expired = "SELECT id FROM entries WHERE state = 'reserved' AND lease_until < ?"
+    plan = " ".join(str(r[3]) for r in db.execute(f"EXPLAIN QUERY PLAN {expired}", (0.0,)))
+    assert "USING INDEX entries_open" in plan
+    assert [r[0] for r in db.execute(expired, (NOW.timestamp() + 61,))] == ["r"]
+    db.close()
