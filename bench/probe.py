@@ -9,8 +9,8 @@ end says whether it changed during the run.
 
 - ``fdatasync``: 24 KiB written in place (about one ledger commit's WAL frames) then
   ``os.fdatasync``, back to back and after ``idle_s`` of sleep;
-- ``syscall_us``: one ``os.getpid()`` (Python 3.11's ``asyncio.get_running_loop`` makes
-  this system call each time it is called);
+- ``syscall_us``: one ``os.getpid()`` call from Python, the system call included (Python
+  3.11's ``asyncio.get_running_loop`` makes this system call each time it is called);
 - ``python_ms``: a fixed pure-Python loop, a proxy for the CPU's speed right now.
 """
 
@@ -37,6 +37,8 @@ def probe(
     directory: Path, *, back_to_back: int = 100, idle: int = 10, idle_s: float = 0.05
 ) -> dict[str, Any]:
     """Measure the disk, the kernel and the interpreter here, now (~1 s with defaults)."""
+    if back_to_back < 1 or idle < 1:
+        raise ValueError("the probe needs at least one sample of each kind")
     path = directory / "probe.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -85,8 +87,9 @@ def render(start: dict[str, Any], end: dict[str, Any] | None) -> str:
         return " -> ".join(f"{v:.{nd}f}" for v in values)
 
     idle_ms = round(start["fdatasync_ms"]["idle_s"] * 1000)
+    when = "start -> end" if end is not None else "start"
     return (
-        "machine probe (start -> end): fdatasync of 24 KiB "
+        f"machine probe ({when}): fdatasync of 24 KiB "
         f"{both(lambda p: p['fdatasync_ms']['back_to_back_p50'], 3)} ms back to back, "
         f"{both(lambda p: p['fdatasync_ms']['after_idle_p50'], 3)} ms after {idle_ms} ms idle; "
         f"getpid {both(lambda p: p['syscall_us'], 2)} us; "

@@ -246,8 +246,9 @@ _ENTRY_READ = (
     "id, month, provider, state, reserved_micro, cost_micro, priced, error_class, "
     "input_tokens, output_tokens, updated_at"
 )
-# The unary + keeps the planner on the primary key: the ``entries_open`` index would scan
-# every open entry of the ledger for the few ids a batch reads.
+# The unary + keeps the planner on the primary key, whatever index on ``state`` the file
+# has: an index by state (as ``entries_open`` was before it held only open reservations)
+# would scan every open entry of the ledger for the few ids a batch reads.
 _OPEN_SQL = "+state IN ('reserved', 'unknown')"
 _INSERT_COLUMNS = (
     "id, month, provider, model, task_class, request_id, attempt, state, reserved_micro, "

@@ -27,11 +27,13 @@ from typing import Any
 SCHEMA_VERSION = 1
 TOTAL = "total"
 
-#: Indexes whose definition changed since a ledger file may have been created, with the
-#: current definition: :func:`migrate_indexes` rebuilds an index that differs. An index is
-#: derived data, so rebuilding it loses nothing, and a file rebuilt this way still opens
-#: in an older version (it creates its indexes only if missing, by name), so the schema
-#: version does not change.
+#: The current definition of each index that has had another one, and the earlier
+#: definitions a ledger file may still carry: :func:`migrate_indexes` rebuilds an index
+#: found in an earlier form. An index is derived data, so rebuilding it loses nothing, and
+#: a file rebuilt this way still opens in an older version (it creates its indexes only
+#: if missing, by name), so the schema version does not change. A definition that is
+#: neither current nor earlier (written by a newer version) is left alone: two versions
+#: sharing one file must not rebuild it at every start.
 #:
 #: ``entries_open`` holds only the reservations still open (what expiring leases looks
 #: for). It used to hold every entry by state: a settle then moved its entry within the
@@ -39,6 +41,9 @@ TOTAL = "total"
 #: more per commit than taking it out, and the index grew with every settled entry.
 INDEXES = {
     "entries_open": "CREATE INDEX entries_open ON entries (lease_until) WHERE state = 'reserved'",
+}
+SUPERSEDED = {
+    "entries_open": ("CREATE INDEX entries_open ON entries (state, lease_until)",),
 }
 
 SCHEMA = """
@@ -82,19 +87,20 @@ CREATE TABLE IF NOT EXISTS totals (
 
 
 def _normal(sql_text: str) -> str:
-    return " ".join(sql_text.replace("IF NOT EXISTS ", "").split()).lower()
+    """SQL text with its whitespace collapsed (SQLite stores a statement as written)."""
+    return " ".join(sql_text.replace("IF NOT EXISTS ", "").split())
 
 
 def migrate_indexes(db: sqlite3.Connection) -> list[str]:
-    """Drop each index of :data:`INDEXES` whose stored definition differs from the
-    current one (the schema then creates it anew); the names of those dropped. Runs in
-    the caller's transaction, with the schema."""
+    """Drop each index stored in one of its :data:`SUPERSEDED` forms (the schema then
+    creates it as :data:`INDEXES` defines it); the names of those dropped. Runs in the
+    caller's transaction, with the schema: a failure leaves the old index in place."""
     dropped = []
-    for name, definition in INDEXES.items():
+    for name, earlier in SUPERSEDED.items():
         row = db.execute(
             "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (name,)
         ).fetchone()
-        if row is not None and _normal(str(row[0])) != _normal(definition):
+        if row is not None and _normal(str(row[0])) in {_normal(e) for e in earlier}:
             db.execute(f'DROP INDEX "{name}"')
             dropped.append(name)
     return dropped

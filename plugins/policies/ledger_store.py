@@ -139,7 +139,9 @@ class LedgerStore:
                     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    # SQLite may have rolled back already (an I/O error or an interrupt
+                    # while the index is rebuilt): a second ROLLBACK would hide why.
+                    self._rollback(db)
                     raise
                 db.execute("PRAGMA busy_timeout = 0")
             except sqlite3.Error as exc:
@@ -428,6 +430,8 @@ class LedgerStore:
         return self._reading(one)
 
     def count(self, state: str) -> int:
+        """Entries in ``state`` (tests, reports). Only ``reserved`` is indexed: any other
+        state reads the whole table, so keep this off the hot path."""
         return int(self._read("SELECT COUNT(*) FROM entries WHERE state = ?", (state,))[0][0])
 
     def integrity_check(self) -> str:

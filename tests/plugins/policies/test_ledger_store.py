@@ -252,3 +252,58 @@ def test_a_rebuilt_ledger_still_opens_with_the_previous_schema(tmp_path: Path) -
     assert "USING INDEX entries_open" in plan
     assert [r[0] for r in db.execute(expired, (NOW.timestamp() + 61,))] == ["r"]
     db.close()
+
+
+def test_an_index_of_a_newer_version_is_left_alone(tmp_path: Path) -> None:
+    """Neither current nor earlier: a newer version wrote it. Rebuilding it would make two
+    versions sharing one file rebuild the index at every start."""
+    path = tmp_path / "l.db"
+    LedgerStore(path).open()
+    newer = "CREATE INDEX entries_open ON entries (lease_until, month) WHERE state = 'reserved'"
+    db = sqlite3.connect(path)
+    db.execute("DROP INDEX entries_open")
+    db.execute(newer)
+    db.commit()
+    db.close()
+    st = LedgerStore(path)
+    st.open()
+    st.close()
+    assert _index_sql(path) == newer
+
+
+def test_a_rebuild_that_fails_reports_why_and_keeps_the_old_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite rolls the whole transaction back when the index build is interrupted; the
+    error says so (not "cannot rollback"), the file keeps its old index, and the next
+    open rebuilds it."""
+    path = tmp_path / "old.db"
+    _old_ledger(path)
+    db = sqlite3.connect(path)
+    with db:
+        db.executemany(
+            "INSERT INTO entries SELECT ? || id, month, provider, model, task_class, request_id,"
+            " attempt, state, reserved_micro, cost_micro, priced, error_class, input_tokens,"
+            " output_tokens, created_at, updated_at, lease_until FROM entries WHERE id = 's'",
+            [(f"x{i}",) for i in range(3000)],
+        )
+    db.close()
+    real = sql.migrate_indexes
+
+    def interrupted(conn: sqlite3.Connection) -> list[str]:
+        dropped = real(conn)
+        conn.set_progress_handler(lambda: 1, 2_000)  # stops the long CREATE INDEX only
+        return dropped
+
+    monkeypatch.setattr(sql, "migrate_indexes", interrupted)
+    with pytest.raises(LedgerError, match="interrupted"):
+        LedgerStore(path).open()
+    assert _index_sql(path) == OLD_OPEN_INDEX
+    monkeypatch.setattr(sql, "migrate_indexes", real)
+    st = LedgerStore(path)
+    st.open()
+    try:
+        assert _index_sql(path) == sql.INDEXES["entries_open"]
+        assert st.integrity_check() == "ok" and st.count("settled") == 3001
+    finally:
+        st.close()
