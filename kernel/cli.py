@@ -101,7 +101,14 @@ def _parser() -> argparse.ArgumentParser:
         help="list installed plugins that plugins: does not enable",
     )
     sub.add_parser("check-config", parents=[common], help="validate routing.yaml and summarise it")
-    sub.add_parser("spend", parents=[common], help="month-to-date spend, reservations and caps")
+    sp = sub.add_parser(
+        "spend", parents=[common], help="month-to-date spend, reservations and caps"
+    )
+    sp.add_argument(
+        "--check",
+        action="store_true",
+        help="also check the whole ledger against itself (exit 1 if it is damaged)",
+    )
     sub.add_parser("demo", parents=[common], help="offline demo against a local fake upstream")
     b = sub.add_parser(
         "bench", help="benchmarks against a local fake upstream (run from the repository)"
@@ -303,8 +310,10 @@ def cmd_spend(args: argparse.Namespace) -> int:
     except ImportError:
         sys.stderr.write("llmgw: the ledger plugin is not installed\n")
         return EXIT_FAIL
-    report = spend_report(settings)
+    report = spend_report(settings, check=args.check)
     sys.stdout.write(format_spend(report) + "\n")
+    if args.check and not report["check"]["ok"]:
+        return EXIT_FAIL
     return EXIT_OK
 
 

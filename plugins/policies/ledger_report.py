@@ -15,6 +15,7 @@ from llmgw.kernel import Settings
 from llmgw.kernel.config import pydantic_errors
 
 from .ledger_config import LedgerConfig, ledger_enabled, ledger_path, resolve_caps
+from .ledger_sql import Audit
 from .ledger_store import TOTAL, Caps, LedgerError, LedgerStore, ScopeUse, month_of
 
 MICRO = 1_000_000
@@ -95,7 +96,9 @@ def build_report(
     }
 
 
-def spend_report(settings: Settings, *, now: datetime | None = None) -> dict[str, Any]:
+def spend_report(
+    settings: Settings, *, now: datetime | None = None, check: bool = False
+) -> dict[str, Any]:
     """Month-to-date spend for ``llmgw spend``: reads the ledger the config points at.
 
     Never creates a ledger: with no file yet the report is all zeros. It reads the file
@@ -103,6 +106,9 @@ def spend_report(settings: Settings, *, now: datetime | None = None) -> dict[str
     ``flush()`` first, or the settles still queued there are not counted yet (their
     reservations are, at the worst case). Raises
     :class:`llmgw.kernel.ConfigError` for an invalid ``ledger`` section or cap variable.
+
+    ``check``: also check the whole ledger against itself (``report["check"]``, see
+    :func:`.ledger_sql.audit`): ``ok`` is False when it is damaged or cannot be read.
     """
     try:
         config = LedgerConfig.model_validate(
@@ -114,20 +120,40 @@ def spend_report(settings: Settings, *, now: datetime | None = None) -> dict[str
         ) from None
     caps, origin = resolve_caps(settings, config)
     path = ledger_path(settings, config)
-    month = month_of(now or datetime.now(UTC))
+    at = now or datetime.now(UTC)
+    month = month_of(at)
     enabled = ledger_enabled(settings.env)
     if not path.exists():
-        return build_report(None, caps, origin, month=month, path=str(path), enabled=enabled)
+        report = build_report(None, caps, origin, month=month, path=str(path), enabled=enabled)
+        if check:
+            report["check"] = _check_dict(Audit(notes=["no ledger file yet: nothing to check"]))
+        return report
     store = LedgerStore(path, busy_timeout_s=config.busy_timeout_s)
     try:
         store.open()
-        return build_report(store, caps, origin, month=month, path=str(path), enabled=enabled)
+        report = build_report(store, caps, origin, month=month, path=str(path), enabled=enabled)
+        if check:
+            report["check"] = _check_dict(store.audit(at))
+        return report
     except LedgerError as exc:
-        return build_report(
+        report = build_report(
             None, caps, origin, month=month, path=str(path), enabled=enabled, error=str(exc)
         )
+        if check:
+            report["check"] = _check_dict(Audit(problems=[f"cannot read the ledger: {exc}"]))
+        return report
     finally:
         store.close()
+
+
+def _check_dict(found: Audit) -> dict[str, Any]:
+    return {
+        "ok": found.ok,
+        "entries": found.entries,
+        "months": found.months,
+        "problems": found.problems,
+        "notes": found.notes,
+    }
 
 
 def _money(value: float | None) -> str:
@@ -176,4 +202,22 @@ def format_spend(report: dict[str, Any]) -> str:
         "\nunknown = sent but no usage came back (timeout, reset, crash): "
         "charged at the reserved worst case"
     )
+    check = report.get("check")
+    if check is not None:
+        lines.append("")
+        if check["ok"]:
+            lines.append(
+                f"ledger check: OK ({check['entries']:,} entries in {len(check['months'])} "
+                "month(s); every scope's totals match its entries; integrity_check ok)"
+            )
+        else:
+            lines.append(f"ledger check: {len(check['problems'])} PROBLEM(S)")
+            lines += [f"  {p}" for p in check["problems"]]
+            lines.append(
+                "Caps are checked against the totals, so a wrong total lets spend through "
+                "or refuses it wrongly. Stop the gateways that use this file and keep a "
+                "copy of it; then restore a backup, or set each totals row named above to "
+                "what its entries add up to."
+            )
+        lines += [f"note: {n}" for n in check["notes"]]
     return "\n".join(lines)

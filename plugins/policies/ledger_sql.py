@@ -224,3 +224,114 @@ def breakdown(db: sqlite3.Connection, month: str) -> list[dict[str, Any]]:
     ).fetchall()
     keys = ("provider", "model", "task_class", "state", "count", "micro", "unpriced")
     return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+#: What each scope's totals must be, recomputed from the entries (see :func:`audit`).
+_FROM_ENTRIES = """
+SELECT month, scope,
+       SUM(CASE state WHEN 'settled' THEN cost_micro ELSE 0 END),
+       SUM(CASE state WHEN 'settled' THEN MAX(0, cost_micro - reserved_micro) ELSE 0 END),
+       SUM(CASE state WHEN 'reserved' THEN reserved_micro ELSE 0 END),
+       SUM(CASE state WHEN 'unknown' THEN reserved_micro ELSE 0 END)
+FROM (SELECT month, 'total' AS scope, state, cost_micro, reserved_micro FROM entries
+      UNION ALL
+      SELECT month, 'provider:' || provider, state, cost_micro, reserved_micro FROM entries)
+GROUP BY month, scope
+"""
+
+_TOTALS_FIELDS = ("settled", "overage", "reserved", "unknown")
+
+
+@dataclass
+class Audit:
+    """What :func:`audit` found: ``problems`` (the ledger is damaged) and ``notes``."""
+
+    entries: int = 0
+    months: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def audit(db: sqlite3.Connection, now: float) -> Audit:
+    """Check the ledger against itself, reading only.
+
+    - SQLite's ``integrity_check``;
+    - every scope's totals equal what its entries add up to: settled (their cost),
+      overage (cost above their reservation), reserved and unknown (their reservation);
+    - no scope over the cap recorded with it (``settled - overage + reserved + unknown``);
+    - a note for reservations past their lease (a gateway that stopped without settling
+      them: the next start of a gateway turns them ``unknown``, still charged).
+
+    Totals are what caps are checked against, and they are kept by increments: a totals
+    row changed or deleted by hand stays wrong until it is repaired, and the ledger keeps
+    enforcing caps against it. This finds such damage.
+
+    Every read is in one read transaction: the entries and the totals come from the same
+    snapshot while gateways go on writing (WAL readers do not block writers).
+    """
+    db.execute("BEGIN")
+    try:
+        return _audit(db, now)
+    finally:
+        db.execute("ROLLBACK")
+
+
+def _audit(db: sqlite3.Connection, now: float) -> Audit:
+    result = Audit()
+    integrity = [str(r[0]) for r in db.execute("PRAGMA integrity_check").fetchall()]
+    if integrity != ["ok"]:
+        result.problems += [f"integrity_check: {line}" for line in integrity]
+    result.entries = int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+    expected = {(r[0], r[1]): tuple(int(v or 0) for v in r[2:]) for r in db.execute(_FROM_ENTRIES)}
+    stored = {
+        (r[0], r[1]): (tuple(int(v) for v in r[2:6]), r[6])
+        for r in db.execute(
+            "SELECT month, scope, settled_micro, overage_micro, reserved_micro, "
+            "unknown_micro, cap_micro FROM totals"
+        )
+    }
+    result.months = sorted({month for month, _ in expected} | {month for month, _ in stored})
+    for key in sorted(expected.keys() | stored.keys()):
+        month, scope = key
+        want = expected.get(key, (0, 0, 0, 0))
+        have, cap = stored.get(key, (None, None))
+        if have is None:
+            if any(want):
+                result.problems.append(
+                    f"{month} {scope}: no totals row, but its entries add up to " + _amounts(want)
+                )
+            continue
+        for name, h, w in zip(_TOTALS_FIELDS, have, want, strict=True):
+            if h != w:
+                result.problems.append(
+                    f"{month} {scope}: totals {name} ${h / 1e6:.6f}, "
+                    f"its entries add up to ${w / 1e6:.6f}"
+                )
+        settled, overage, reserved, unknown = have
+        if cap is not None and settled - overage + reserved + unknown > cap:
+            result.problems.append(
+                f"{month} {scope}: ${(settled - overage + reserved + unknown) / 1e6:.6f} "
+                f"counted against a cap of ${cap / 1e6:.6f}"
+            )
+    stale = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(reserved_micro), 0) FROM entries "
+        "WHERE state = 'reserved' AND lease_until < ?",
+        (now,),
+    ).fetchone()
+    if stale[0]:
+        result.notes.append(
+            f"{stale[0]} reservation(s) (${stale[1] / 1e6:.6f}) are past their lease: a "
+            "gateway stopped before settling them. The next gateway start turns them "
+            "unknown (still charged)"
+        )
+    return result
+
+
+def _amounts(values: tuple[int, ...]) -> str:
+    return ", ".join(
+        f"{name} ${v / 1e6:.6f}" for name, v in zip(_TOTALS_FIELDS, values, strict=True) if v
+    )

@@ -429,6 +429,10 @@ class LedgerStore:
 
         return self._reading(one)
 
+    def audit(self, now: datetime) -> sql.Audit:
+        """Check the ledger against itself, reading only (see :func:`.ledger_sql.audit`)."""
+        return self._reading(lambda db: sql.audit(db, now.timestamp()))
+
     def count(self, state: str) -> int:
         """Entries in ``state`` (tests, reports). Only ``reserved`` is indexed: any other
         state reads the whole table, so keep this off the hot path."""

@@ -208,6 +208,8 @@ def test_batches_leave_what_the_reference_model_leaves(
             assert entries == model.entries
             assert nonzero(totals) == nonzero({k: list(v) for k, v in model.totals.items()})
         assert st.integrity_check() == "ok"
+        # `llmgw spend --check` recomputes every total from the entries: it must agree.
+        assert st.audit(NOV).problems == []
     finally:
         st.close()
 

@@ -1,0 +1,192 @@
+"""``llmgw spend --check``: the ledger checked against itself, reading only."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from _money_helpers import fake
+
+from llmgw.kernel import Request
+from llmgw.kernel.cli import main
+from llmgw.kernel.testing import gateway_from_yaml
+from llmgw.plugins.policies.ledger_store import Caps, Item, LedgerStore
+
+CONFIG = """
+plugins: [{plugins}]
+task_classes:
+  quick: {{provider: fake, model: m1, max_tokens: 100}}
+ledger:
+  caps: {{total_monthly_usd: 2}}
+"""
+
+NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+NEXT_MONTH = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+
+
+def item(i: str, amount: int, provider: str = "a") -> Item:
+    return Item(i, provider, "m", "cls", f"req-{i}", amount)
+
+
+def busy_ledger(path: Path) -> LedgerStore:
+    """Every kind of write, two providers, two months."""
+    st = LedgerStore(path)
+    st.open()
+    caps = Caps(total=10_000, providers={"a": 6_000})
+    st.reserve([item("s", 100), item("o", 100, "b")], caps, now=NOW, lease_s=60)
+    st.settle("s", cost_micro=40, now=NOW, input_tokens=3, output_tokens=4)
+    st.settle("o", cost_micro=130, now=NOW)  # above its reservation: overage 30
+    st.reserve([item("u", 200), item("r", 50, "b")], caps, now=NOW, lease_s=60)
+    st.mark_unknown("u", now=NOW, error_class="timeout")
+    st.release("r", now=NOW)
+    st.reserve([item("late", 70)], caps, now=NOW, lease_s=60)
+    st.mark_unknown("late", now=NOW)
+    st.settle("late", cost_micro=20, now=NOW)  # usage came back after all
+    st.reserve([item("old", 90)], caps, now=NOW, lease_s=60)
+    assert st.expire_leases(NOW + timedelta(seconds=61)) == 1
+    st.reserve([item("dec", 300, "b")], caps, now=NEXT_MONTH, lease_s=600)
+    return st
+
+
+def test_every_kind_of_write_leaves_a_ledger_that_checks_clean(tmp_path: Path) -> None:
+    st = busy_ledger(tmp_path / "l.db")
+    try:
+        found = st.audit(NEXT_MONTH)
+        assert found.problems == []
+        assert found.ok and found.entries == 7
+        assert found.months == ["2026-11", "2026-12"]
+        assert found.notes == []
+        # Past its lease, the open December reservation is pointed out, not a problem.
+        later = st.audit(NEXT_MONTH + timedelta(seconds=601))
+        assert later.ok
+        assert len(later.notes) == 1 and "1 reservation(s) ($0.000300)" in later.notes[0]
+    finally:
+        st.close()
+
+
+def _tamper(path: Path, statement: str) -> None:
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA ignore_check_constraints = ON")  # damage the CHECKs would refuse
+    db.execute(statement)
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        (
+            "UPDATE totals SET settled_micro = settled_micro + 7 WHERE scope = 'provider:a' "
+            "AND month = '2026-11'",
+            "2026-11 provider:a: totals settled $0.000067, its entries add up to $0.000060",
+        ),
+        (
+            "UPDATE totals SET unknown_micro = 0 WHERE scope = 'total' AND month = '2026-11'",
+            "2026-11 total: totals unknown $0.000000, its entries add up to $0.000290",
+        ),
+        (
+            "DELETE FROM totals WHERE scope = 'provider:b' AND month = '2026-12'",
+            "2026-12 provider:b: no totals row, but its entries add up to reserved $0.000300",
+        ),
+        (
+            "UPDATE totals SET cap_micro = 100 WHERE scope = 'total' AND month = '2026-11'",
+            "2026-11 total: $0.000450 counted against a cap of $0.000100",
+        ),
+        (
+            "UPDATE entries SET cost_micro = 41 WHERE id = 's'",
+            "2026-11 total: totals settled $0.000190, its entries add up to $0.000191",
+        ),
+    ],
+)
+def test_damage_is_named_by_month_scope_and_amount(
+    tmp_path: Path, statement: str, expected: str
+) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path).close()
+    _tamper(path, statement)
+    st = LedgerStore(path)
+    st.open()
+    try:
+        found = st.audit(NEXT_MONTH)
+    finally:
+        st.close()
+    assert not found.ok
+    assert expected in found.problems, found.problems
+
+
+def test_the_check_reads_one_snapshot_while_a_gateway_writes(tmp_path: Path) -> None:
+    """Entries and totals come from the same read transaction: a write committed by
+    another connection between the two reads cannot show up as damage."""
+    path = tmp_path / "l.db"
+    st = busy_ledger(path)
+    writer = LedgerStore(path)
+    writer.open()
+    db = st._db
+    assert db is not None
+    real = db.execute
+    wrote: list[bool] = []
+
+    class Interleaving:
+        """The reader's connection, with a write of another process slipped in right
+        after the entries have been summed."""
+
+        def execute(self, query: str, *params: object) -> sqlite3.Cursor:
+            cursor = real(query, *params)
+            if "UNION ALL" in query and not wrote:
+                rows = cursor.fetchall()
+                writer.reserve([item("new", 500)], Caps(), now=NOW, lease_s=60)
+                wrote.append(True)
+                return _Rows(rows)  # type: ignore[return-value]
+            return cursor
+
+    from llmgw.plugins.policies import ledger_sql
+
+    try:
+        found = ledger_sql.audit(Interleaving(), NOW.timestamp())  # type: ignore[arg-type]
+    finally:
+        writer.close()
+        st.close()
+    assert wrote and found.ok, found.problems
+
+
+class _Rows:
+    def __init__(self, rows: list[object]) -> None:
+        self.rows = rows
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.rows)
+
+
+@pytest.mark.anyio
+async def test_llmgw_spend_check_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "routing.yaml"
+    config.write_text(CONFIG.format(plugins="ledger, router"))
+    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(tmp_path / "l.db"))
+    # No ledger yet: nothing to check, and no file made.
+    assert main(["spend", "--check", "--config", str(config)]) == 0
+    assert "nothing to check" in capsys.readouterr().out
+    assert not (tmp_path / "l.db").exists()
+
+    g = gateway_from_yaml(
+        CONFIG.format(plugins="ledger, router, fake"),
+        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+        providers=[fake()],
+    )
+    for _ in range(3):
+        assert (await g.route(Request("quick", "hi"))).ok
+    await g.aclose()
+    assert main(["spend", "--check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "ledger check: OK (3 entries in 1 month(s)" in out
+
+    _tamper(tmp_path / "l.db", "UPDATE totals SET settled_micro = 0 WHERE scope = 'total'")
+    assert main(["spend", "--check", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "ledger check: 1 PROBLEM(S)" in out and "total: totals settled $0.000000" in out
+    # Without --check the report is printed as before, and the exit code is 0.
+    assert main(["spend", "--config", str(config)]) == 0
+    assert "ledger check" not in capsys.readouterr().out
