@@ -7,7 +7,8 @@ ledger plugin's ``report_info`` in ``llm_routing_info``. Months are UTC.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -16,7 +17,15 @@ from llmgw.kernel.config import pydantic_errors
 
 from .ledger_config import LedgerConfig, ledger_enabled, ledger_path, resolve_caps
 from .ledger_sql import Audit
-from .ledger_store import TOTAL, Caps, LedgerError, LedgerStore, ScopeUse, month_of
+from .ledger_store import (
+    TOTAL,
+    Caps,
+    LedgerError,
+    LedgerReader,
+    LedgerStore,
+    ScopeUse,
+    month_of,
+)
 
 MICRO = 1_000_000
 
@@ -38,8 +47,16 @@ def _scope_dict(use: ScopeUse, cap: int | None, source: str | None) -> dict[str,
     }
 
 
+class SpendSource(Protocol):
+    """What a report reads: a :class:`LedgerStore`, or a read-only :class:`LedgerReader`."""
+
+    def scopes(self, month: str) -> dict[str, ScopeUse]: ...
+
+    def breakdown(self, month: str) -> list[dict[str, Any]]: ...
+
+
 def build_report(
-    store: LedgerStore | None,
+    store: SpendSource | None,
     caps: Caps,
     origin: dict[str, str],
     *,
@@ -126,29 +143,74 @@ def spend_report(
     if not path.exists():
         report = build_report(None, caps, origin, month=month, path=str(path), enabled=enabled)
         if check:
-            report["check"] = _check_dict(Audit(notes=["no ledger file yet: nothing to check"]))
+            report["check"] = _check_dict(None, note="no ledger file yet")
         return report
+    if check:
+        # Read-only from the start: no schema, no index rebuilt, nothing written.
+        return _checked_report(path, config, caps, origin, month=month, at=at, enabled=enabled)
     store = LedgerStore(path, busy_timeout_s=config.busy_timeout_s)
     try:
         store.open()
-        report = build_report(store, caps, origin, month=month, path=str(path), enabled=enabled)
-        if check:
-            report["check"] = _check_dict(store.audit(at))
-        return report
+        return build_report(store, caps, origin, month=month, path=str(path), enabled=enabled)
     except LedgerError as exc:
-        report = build_report(
+        return build_report(
             None, caps, origin, month=month, path=str(path), enabled=enabled, error=str(exc)
         )
-        if check:
-            report["check"] = _check_dict(Audit(problems=[f"cannot read the ledger: {exc}"]))
-        return report
     finally:
         store.close()
 
 
-def _check_dict(found: Audit) -> dict[str, Any]:
+def _checked_report(
+    path: Path,
+    config: LedgerConfig,
+    caps: Caps,
+    origin: dict[str, str],
+    *,
+    month: str,
+    at: datetime,
+    enabled: bool,
+) -> dict[str, Any]:
+    try:
+        reader = LedgerReader(path, busy_timeout_s=config.busy_timeout_s)
+    except LedgerError as exc:
+        report = build_report(
+            None, caps, origin, month=month, path=str(path), enabled=enabled, error=str(exc)
+        )
+        report["check"] = _check_dict(None, error=str(exc))
+        return report
+    try:
+        found = reader.audit(at)
+        report = build_report(reader, caps, origin, month=month, path=str(path), enabled=enabled)
+        report["check"] = _check_dict(found)
+    except LedgerError as exc:
+        report = build_report(
+            None, caps, origin, month=month, path=str(path), enabled=enabled, error=str(exc)
+        )
+        report["check"] = _check_dict(None, error=str(exc))
+    finally:
+        reader.close()
+    return report
+
+
+def _check_dict(
+    found: Audit | None, *, note: str | None = None, error: str | None = None
+) -> dict[str, Any]:
+    """``checked``: the ledger was read whole; ``ok``: nothing wrong was found and, when it
+    could not be read (``error``), False: damage is not ruled out."""
+    if found is None:
+        return {
+            "checked": False,
+            "ok": error is None,
+            "error": error,
+            "entries": 0,
+            "months": [],
+            "problems": [],
+            "notes": [note] if note else [],
+        }
     return {
+        "checked": True,
         "ok": found.ok,
+        "error": None,
         "entries": found.entries,
         "months": found.months,
         "problems": found.problems,
@@ -205,7 +267,13 @@ def format_spend(report: dict[str, Any]) -> str:
     check = report.get("check")
     if check is not None:
         lines.append("")
-        if check["ok"]:
+        if not check["checked"]:
+            lines.append(
+                f"ledger check: could not read the ledger ({check['error']})"
+                if check["error"]
+                else "ledger check: nothing to check"
+            )
+        elif check["ok"]:
             lines.append(
                 f"ledger check: OK ({check['entries']:,} entries in {len(check['months'])} "
                 "month(s); every scope's totals match its entries; integrity_check ok)"

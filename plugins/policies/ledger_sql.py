@@ -277,7 +277,8 @@ def audit(db: sqlite3.Connection, now: float) -> Audit:
     try:
         return _audit(db, now)
     finally:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # SQLite may have ended it already (an I/O error)
+            db.execute("ROLLBACK")
 
 
 def _audit(db: sqlite3.Connection, now: float) -> Audit:
@@ -285,10 +286,12 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
     integrity = [str(r[0]) for r in db.execute("PRAGMA integrity_check").fetchall()]
     if integrity != ["ok"]:
         result.problems += [f"integrity_check: {line}" for line in integrity]
+    for query in _NOT_INTEGERS:
+        result.problems += [str(r[0]) for r in db.execute(query)]
     result.entries = int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
-    expected = {(r[0], r[1]): tuple(int(v or 0) for v in r[2:]) for r in db.execute(_FROM_ENTRIES)}
+    expected = {(r[0], r[1]): tuple(v or 0 for v in r[2:]) for r in db.execute(_FROM_ENTRIES)}
     stored = {
-        (r[0], r[1]): (tuple(int(v) for v in r[2:6]), r[6])
+        (r[0], r[1]): (tuple(r[2:6]), r[6])
         for r in db.execute(
             "SELECT month, scope, settled_micro, overage_micro, reserved_micro, "
             "unknown_micro, cap_micro FROM totals"
@@ -308,14 +311,15 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
         for name, h, w in zip(_TOTALS_FIELDS, have, want, strict=True):
             if h != w:
                 result.problems.append(
-                    f"{month} {scope}: totals {name} ${h / 1e6:.6f}, "
-                    f"its entries add up to ${w / 1e6:.6f}"
+                    f"{month} {scope}: totals {name} {_usd(h)}, its entries add up to {_usd(w)}"
                 )
+        if not all(isinstance(v, int) for v in (*have, cap if cap is not None else 0)):
+            continue  # named above; no cap arithmetic on text
         settled, overage, reserved, unknown = have
         if cap is not None and settled - overage + reserved + unknown > cap:
             result.problems.append(
-                f"{month} {scope}: ${(settled - overage + reserved + unknown) / 1e6:.6f} "
-                f"counted against a cap of ${cap / 1e6:.6f}"
+                f"{month} {scope}: {_usd(settled - overage + reserved + unknown)} "
+                f"counted against a cap of {_usd(cap)}"
             )
     stale = db.execute(
         "SELECT COUNT(*), COALESCE(SUM(reserved_micro), 0) FROM entries "
@@ -324,14 +328,34 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
     ).fetchone()
     if stale[0]:
         result.notes.append(
-            f"{stale[0]} reservation(s) (${stale[1] / 1e6:.6f}) are past their lease: a "
+            f"{stale[0]} reservation(s) ({_usd(stale[1])}) are past their lease: a "
             "gateway stopped before settling them. The next gateway start turns them "
             "unknown (still charged)"
         )
     return result
 
 
-def _amounts(values: tuple[int, ...]) -> str:
+#: Money columns must hold integers (micro-dollars); a CHECK does not refuse text or a
+#: fraction (text sorts above every number), and ``integrity_check`` does not name them.
+_NOT_INTEGERS = (
+    "SELECT month || ' ' || scope || ': a money column of its totals row holds a value "
+    "that is not an integer' FROM totals WHERE typeof(settled_micro) <> 'integer' "
+    "OR typeof(overage_micro) <> 'integer' OR typeof(reserved_micro) <> 'integer' "
+    "OR typeof(unknown_micro) <> 'integer' "
+    "OR (cap_micro IS NOT NULL AND typeof(cap_micro) <> 'integer')",
+    "SELECT 'entries: ' || COUNT(*) || ' hold a cost or a reservation that is not an "
+    "integer' FROM entries WHERE typeof(reserved_micro) <> 'integer' "
+    "OR (cost_micro IS NOT NULL AND typeof(cost_micro) <> 'integer') HAVING COUNT(*) > 0",
+)
+
+
+def _usd(value: object) -> str:
+    if isinstance(value, int | float):
+        return f"${value / 1e6:.6f}"
+    return repr(value)
+
+
+def _amounts(values: tuple[object, ...]) -> str:
     return ", ".join(
-        f"{name} ${v / 1e6:.6f}" for name, v in zip(_TOTALS_FIELDS, values, strict=True) if v
+        f"{name} {_usd(v)}" for name, v in zip(_TOTALS_FIELDS, values, strict=True) if v
     )

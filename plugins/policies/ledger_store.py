@@ -60,6 +60,7 @@ __all__ = [
     "Caps",
     "Item",
     "LedgerError",
+    "LedgerReader",
     "LedgerStore",
     "Op",
     "ScopeUse",
@@ -429,10 +430,6 @@ class LedgerStore:
 
         return self._reading(one)
 
-    def audit(self, now: datetime) -> sql.Audit:
-        """Check the ledger against itself, reading only (see :func:`.ledger_sql.audit`)."""
-        return self._reading(lambda db: sql.audit(db, now.timestamp()))
-
     def count(self, state: str) -> int:
         """Entries in ``state`` (tests, reports). Only ``reserved`` is indexed: any other
         state reads the whole table, so keep this off the hot path."""
@@ -440,3 +437,42 @@ class LedgerStore:
 
     def integrity_check(self) -> str:
         return str(self._read("PRAGMA integrity_check")[0][0])
+
+
+class LedgerReader:
+    """A ledger file opened read-only (``mode=ro``): no schema, no index rebuilt, nothing
+    written, so a copy kept aside, or a file on a read-only mount, can be read and
+    checked as it is. Every failure is a :class:`LedgerError`."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        try:
+            self._db = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}?mode=ro",
+                uri=True,
+                timeout=busy_timeout_s,
+                isolation_level=None,
+            )
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open {self.path} to read: {exc}") from None
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return fn(self._db)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read {self.path}: {exc}") from None
+
+    def scopes(self, month: str) -> dict[str, ScopeUse]:
+        """Every scope with activity in ``month``."""
+        return self._run(lambda db: sql.scopes(db, month))
+
+    def breakdown(self, month: str) -> list[dict[str, Any]]:
+        """Sums per (provider, model, task class, state) for ``month``."""
+        return self._run(lambda db: sql.breakdown(db, month))
+
+    def audit(self, now: datetime) -> sql.Audit:
+        """The ledger checked against itself (:func:`.ledger_sql.audit`)."""
+        return self._run(lambda db: sql.audit(db, now.timestamp()))
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,7 +1,8 @@
-"""``llmgw spend --check``: the ledger checked against itself, reading only."""
+"""``llmgw spend --check``: the ledger checked against itself, read-only."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +13,9 @@ from _money_helpers import fake
 from llmgw.kernel import Request
 from llmgw.kernel.cli import main
 from llmgw.kernel.testing import gateway_from_yaml
-from llmgw.plugins.policies.ledger_store import Caps, Item, LedgerStore
+from llmgw.plugins.policies import ledger_sql
+from llmgw.plugins.policies.ledger_sql import Audit
+from llmgw.plugins.policies.ledger_store import Caps, Item, LedgerReader, LedgerStore
 
 CONFIG = """
 plugins: [{plugins}]
@@ -21,7 +24,6 @@ task_classes:
 ledger:
   caps: {{total_monthly_usd: 2}}
 """
-
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 NEXT_MONTH = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
 
@@ -30,8 +32,8 @@ def item(i: str, amount: int, provider: str = "a") -> Item:
     return Item(i, provider, "m", "cls", f"req-{i}", amount)
 
 
-def busy_ledger(path: Path) -> LedgerStore:
-    """Every kind of write, two providers, two months."""
+def busy_ledger(path: Path) -> None:
+    """Every kind of write, two providers, two months, a settle in the month after."""
     st = LedgerStore(path)
     st.open()
     caps = Caps(total=10_000, providers={"a": 6_000})
@@ -46,24 +48,43 @@ def busy_ledger(path: Path) -> LedgerStore:
     st.settle("late", cost_micro=20, now=NOW)  # usage came back after all
     st.reserve([item("old", 90)], caps, now=NOW, lease_s=60)
     assert st.expire_leases(NOW + timedelta(seconds=61)) == 1
+    st.reserve([item("nov", 25)], caps, now=NOW, lease_s=60)
+    st.settle("nov", cost_micro=None, now=NEXT_MONTH)  # unpriced, settled in December
     st.reserve([item("dec", 300, "b")], caps, now=NEXT_MONTH, lease_s=600)
-    return st
+    st.close()
+
+
+def audit(path: Path, at: datetime = NEXT_MONTH) -> Audit:
+    reader = LedgerReader(path)
+    try:
+        return reader.audit(at)
+    finally:
+        reader.close()
 
 
 def test_every_kind_of_write_leaves_a_ledger_that_checks_clean(tmp_path: Path) -> None:
-    st = busy_ledger(tmp_path / "l.db")
-    try:
-        found = st.audit(NEXT_MONTH)
-        assert found.problems == []
-        assert found.ok and found.entries == 7
-        assert found.months == ["2026-11", "2026-12"]
-        assert found.notes == []
-        # Past its lease, the open December reservation is pointed out, not a problem.
-        later = st.audit(NEXT_MONTH + timedelta(seconds=601))
-        assert later.ok
-        assert len(later.notes) == 1 and "1 reservation(s) ($0.000300)" in later.notes[0]
-    finally:
-        st.close()
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    found = audit(path)
+    assert found.problems == []
+    assert found.ok and found.entries == 8
+    assert found.months == ["2026-11", "2026-12"]
+    assert found.notes == []
+    # Past its lease, the open December reservation is pointed out, not a problem.
+    later = audit(path, NEXT_MONTH + timedelta(seconds=601))
+    assert later.ok
+    assert len(later.notes) == 1 and "1 reservation(s) ($0.000300)" in later.notes[0]
+
+
+def test_a_scope_exactly_at_its_cap_with_an_overage_checks_clean(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    st = LedgerStore(path)
+    st.open()
+    st.reserve([item("x", 200)], Caps(total=200), now=NOW, lease_s=60)
+    st.settle("x", cost_micro=250, now=NOW)  # 250 settled, 50 of it overage: 200 counted
+    st.close()
+    found = audit(path)
+    assert found.ok, found.problems
 
 
 def _tamper(path: Path, statement: str) -> None:
@@ -98,20 +119,23 @@ def _tamper(path: Path, statement: str) -> None:
             "UPDATE entries SET cost_micro = 41 WHERE id = 's'",
             "2026-11 total: totals settled $0.000190, its entries add up to $0.000191",
         ),
+        (
+            "UPDATE totals SET reserved_micro = 'x' WHERE scope = 'total' AND month = '2026-12'",
+            "2026-12 total: a money column of its totals row holds a value that is not an integer",
+        ),
+        (
+            "UPDATE entries SET cost_micro = 40.5 WHERE id = 's'",
+            "entries: 1 hold a cost or a reservation that is not an integer",
+        ),
     ],
 )
 def test_damage_is_named_by_month_scope_and_amount(
     tmp_path: Path, statement: str, expected: str
 ) -> None:
     path = tmp_path / "l.db"
-    busy_ledger(path).close()
+    busy_ledger(path)
     _tamper(path, statement)
-    st = LedgerStore(path)
-    st.open()
-    try:
-        found = st.audit(NEXT_MONTH)
-    finally:
-        st.close()
+    found = audit(path)
     assert not found.ok
     assert expected in found.problems, found.problems
 
@@ -120,73 +144,101 @@ def test_the_check_reads_one_snapshot_while_a_gateway_writes(tmp_path: Path) -> 
     """Entries and totals come from the same read transaction: a write committed by
     another connection between the two reads cannot show up as damage."""
     path = tmp_path / "l.db"
-    st = busy_ledger(path)
+    busy_ledger(path)
     writer = LedgerStore(path)
     writer.open()
-    db = st._db
-    assert db is not None
-    real = db.execute
+    reading = sqlite3.connect(path, isolation_level=None)
     wrote: list[bool] = []
 
     class Interleaving:
         """The reader's connection, with a write of another process slipped in right
         after the entries have been summed."""
 
-        def execute(self, query: str, *params: object) -> sqlite3.Cursor:
-            cursor = real(query, *params)
+        def __getattr__(self, name: str) -> object:
+            return getattr(reading, name)
+
+        def execute(self, query: str, *params: object) -> object:
+            cursor = reading.execute(query, *params)
             if "UNION ALL" in query and not wrote:
                 rows = cursor.fetchall()
                 writer.reserve([item("new", 500)], Caps(), now=NOW, lease_s=60)
                 wrote.append(True)
-                return _Rows(rows)  # type: ignore[return-value]
+                return iter(rows)
             return cursor
-
-    from llmgw.plugins.policies import ledger_sql
 
     try:
         found = ledger_sql.audit(Interleaving(), NOW.timestamp())  # type: ignore[arg-type]
     finally:
         writer.close()
-        st.close()
+        reading.close()
     assert wrote and found.ok, found.problems
 
 
-class _Rows:
-    def __init__(self, rows: list[object]) -> None:
-        self.rows = rows
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.rows)
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.anyio
-async def test_llmgw_spend_check_exit_codes(
+async def test_llmgw_spend_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "routing.yaml"
     config.write_text(CONFIG.format(plugins="ledger, router"))
-    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(tmp_path / "l.db"))
+    path = tmp_path / "l.db"
+    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(path))
+    spend = ["spend", "--check", "--config", str(config)]
     # No ledger yet: nothing to check, and no file made.
-    assert main(["spend", "--check", "--config", str(config)]) == 0
-    assert "nothing to check" in capsys.readouterr().out
-    assert not (tmp_path / "l.db").exists()
+    assert main(spend) == 0
+    assert "ledger check: nothing to check" in capsys.readouterr().out
+    assert not path.exists()
 
     g = gateway_from_yaml(
         CONFIG.format(plugins="ledger, router, fake"),
-        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+        env={"LLM_GATEWAY_LEDGER_PATH": str(path)},
         providers=[fake()],
     )
     for _ in range(3):
         assert (await g.route(Request("quick", "hi"))).ok
     await g.aclose()
-    assert main(["spend", "--check", "--config", str(config)]) == 0
+    before = _digest(path)
+    assert main(spend) == 0
     out = capsys.readouterr().out
-    assert "ledger check: OK (3 entries in 1 month(s)" in out
+    assert "ledger check: OK (3 entries in 1 month(s)" in out and "fake/m1" in out
+    assert _digest(path) == before  # read-only: not a byte written
 
-    _tamper(tmp_path / "l.db", "UPDATE totals SET settled_micro = 0 WHERE scope = 'total'")
-    assert main(["spend", "--check", "--config", str(config)]) == 1
+    _tamper(path, "UPDATE totals SET settled_micro = 0 WHERE scope = 'total'")
+    assert main(spend) == 1
     out = capsys.readouterr().out
     assert "ledger check: 1 PROBLEM(S)" in out and "total: totals settled $0.000000" in out
+    assert "set each totals row named above" in out
     # Without --check the report is printed as before, and the exit code is 0.
     assert main(["spend", "--config", str(config)]) == 0
     assert "ledger check" not in capsys.readouterr().out
+
+
+def test_a_ledger_in_the_old_index_form_is_checked_as_it_is(tmp_path: Path) -> None:
+    """The check rebuilds nothing: an older file is read without being changed."""
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    db = sqlite3.connect(path)
+    db.execute("DROP INDEX entries_open")
+    db.execute("CREATE INDEX entries_open ON entries (state, lease_until)")
+    db.commit()
+    db.close()
+    before = _digest(path)
+    assert audit(path).ok
+    assert _digest(path) == before
+
+
+def test_a_file_that_cannot_be_read_is_not_called_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "routing.yaml"
+    config.write_text(CONFIG.format(plugins="ledger, router"))
+    path = tmp_path / "l.db"
+    path.write_bytes(b"not a ledger at all, " * 100)
+    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(path))
+    assert main(["spend", "--check", "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "ledger check: could not read the ledger (" in out
+    assert "PROBLEM" not in out and "set each totals row" not in out

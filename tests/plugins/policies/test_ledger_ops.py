@@ -22,6 +22,7 @@ from llmgw.plugins.policies.ledger_store import (
     Caps,
     Item,
     LedgerError,
+    LedgerReader,
     LedgerStore,
     month_of,
 )
@@ -209,7 +210,11 @@ def test_batches_leave_what_the_reference_model_leaves(
             assert nonzero(totals) == nonzero({k: list(v) for k, v in model.totals.items()})
         assert st.integrity_check() == "ok"
         # `llmgw spend --check` recomputes every total from the entries: it must agree.
-        assert st.audit(NOV).problems == []
+        reader = LedgerReader(st.path)
+        try:
+            assert reader.audit(NOV).problems == []
+        finally:
+            reader.close()
     finally:
         st.close()
 
