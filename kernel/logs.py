@@ -68,7 +68,10 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
             _scrub_rendered,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # One write per line (message and newline together): print() writes them apart,
+        # two system calls on a write-through stderr (PYTHONUNBUFFERED) and a line another
+        # writer to the same stream could split.
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
