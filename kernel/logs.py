@@ -91,6 +91,17 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
         logging.getLogger(name).setLevel(quiet)
 
 
+def reset_logging() -> None:
+    """Undo :func:`configure_logging`: its handler off the root logger, the root back at
+    WARNING, structlog's defaults (a program that embeds the gateway, tests)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_llmgw", False):
+            root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+    structlog.reset_defaults()
+
+
 #: Libraries that log one INFO line per HTTP request.
 _CHATTY = ("httpx2", "httpcore2", "httpx", "httpcore")
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from llmgw.kernel.logs import REDACTOR, configure_logging
+from llmgw.kernel.logs import REDACTOR, configure_logging, reset_logging
 
 
 class Writes:
@@ -31,12 +31,7 @@ def writes() -> Iterator[Writes]:
     stream = Writes()
     configure_logging(level="INFO", stream=stream)  # type: ignore[arg-type]
     yield stream
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_llmgw", False):
-            root.removeHandler(handler)
-    root.setLevel(logging.WARNING)
-    structlog.reset_defaults()
+    reset_logging()
 
 
 def test_each_event_is_one_write_of_one_whole_line(writes: Writes) -> None:

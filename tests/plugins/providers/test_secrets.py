@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import uuid
 from collections.abc import Iterator
 
 import pytest
-import structlog
 from provider_support import PROVIDERS, gateway_yaml
 
 from llmgw.kernel import Request
 from llmgw.kernel.fake_upstream import FakeUpstream
-from llmgw.kernel.logs import configure_logging
+from llmgw.kernel.logs import configure_logging, reset_logging
 from llmgw.kernel.testing import gateway_from_yaml
 
 PROMPTS = [
@@ -53,12 +51,7 @@ def debug_log() -> Iterator[io.StringIO]:
     buf = io.StringIO()
     configure_logging(level="DEBUG", stream=buf)
     yield buf
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_llmgw", False):
-            root.removeHandler(handler)
-    root.setLevel(logging.WARNING)
-    structlog.reset_defaults()
+    reset_logging()
 
 
 @pytest.mark.anyio
