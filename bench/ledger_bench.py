@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from llmgw.plugins.policies.ledger_store import (
@@ -25,9 +26,9 @@ from llmgw.plugins.policies.ledger_store import (
     CapExceeded,
     Caps,
     Item,
+    LedgerReader,
     LedgerStore,
     month_of,
-    provider_scope,
 )
 
 AMOUNT_MICRO = 1_000  # $0.001 worst case per reservation
@@ -83,50 +84,25 @@ def run(
 
 
 def check_invariant(path: str) -> dict[str, Any]:
-    """Per scope: used <= cap; totals equal the entries; nothing left reserved; integrity."""
-    store = LedgerStore(path)
-    store.open()
-    month = month_of(datetime.now(UTC))
-    problems: list[str] = []
-    scopes = store.scopes(month)
-    for name, use in scopes.items():
-        if use.cap_micro is not None and use.used_micro - use.overage_micro > use.cap_micro:
-            problems.append(f"{name}: used {use.used_micro} > cap {use.cap_micro}")
-    rows = store._read(
-        "SELECT state, COUNT(*), SUM(reserved_micro), SUM(COALESCE(cost_micro, 0)) "
-        "FROM entries WHERE month = ? GROUP BY state",
-        (month,),
-    )
-    by_state = {r[0]: (r[1], r[2] or 0, r[3] or 0) for r in rows}
-    settled = by_state.get("settled", (0, 0, 0))[2]
-    reserved = by_state.get("reserved", (0, 0, 0))[1]
-    for scope in (TOTAL, provider_scope(PROVIDER)):
-        row = scopes.get(scope)
-        if row is None:
-            problems.append(f"{scope}: no totals row")
-            continue
-        if row.settled_micro != settled or row.reserved_micro != reserved:
-            problems.append(
-                f"{scope}: totals settled {row.settled_micro}/reserved {row.reserved_micro} "
-                f"!= entries {settled}/{reserved}"
-            )
-    integrity = store.integrity_check()
-    if integrity != "ok":
-        problems.append(f"integrity_check: {integrity}")
-    total = scopes.get(TOTAL)
-    out = {
-        "ok": not problems,
-        "problems": problems,
-        "entries": sum(v[0] for v in by_state.values()),
-        "open_reservations": by_state.get("reserved", (0, 0, 0))[0],
-        "used_micro": total.used_micro if total else 0,
-        "cap_micro": total.cap_micro if total else None,
-        "overshoot_micro": max(0, (total.used_micro - total.overage_micro) - (total.cap_micro or 0))
-        if total and total.cap_micro is not None
-        else 0,
+    """The ledger's own check (:meth:`LedgerReader.audit`, as ``llmgw spend --check``:
+    integrity, every total against its entries, every scope within its recorded cap), the
+    number of entries, and how far the month's total went over its cap."""
+    now = datetime.now(UTC)
+    reader = LedgerReader(Path(path))
+    try:
+        found = reader.audit(now)
+        total = reader.scopes(month_of(now)).get(TOTAL)
+    finally:
+        reader.close()
+    overshoot = 0
+    if total is not None and total.cap_micro is not None:
+        overshoot = max(0, total.used_micro - total.overage_micro - total.cap_micro)
+    return {
+        "ok": found.ok,
+        "problems": list(found.problems),
+        "entries": found.entries,
+        "overshoot_micro": overshoot,
     }
-    store.close()
-    return out
 
 
 def prepare(path: str) -> None:

@@ -170,15 +170,9 @@ def _checked_report(
     at: datetime,
     enabled: bool,
 ) -> dict[str, Any]:
+    reader: LedgerReader | None = None
     try:
         reader = LedgerReader(path, busy_timeout_s=config.busy_timeout_s)
-    except LedgerError as exc:
-        report = build_report(
-            None, caps, origin, month=month, path=str(path), enabled=enabled, error=str(exc)
-        )
-        report["check"] = _check_dict(None, error=str(exc))
-        return report
-    try:
         found = reader.audit(at)
         report = build_report(reader, caps, origin, month=month, path=str(path), enabled=enabled)
         report["check"] = _check_dict(found)
@@ -188,7 +182,8 @@ def _checked_report(
         )
         report["check"] = _check_dict(None, error=str(exc))
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
     return report
 
 

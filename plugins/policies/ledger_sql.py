@@ -232,7 +232,8 @@ SELECT month, scope,
        SUM(CASE state WHEN 'settled' THEN cost_micro ELSE 0 END),
        SUM(CASE state WHEN 'settled' THEN MAX(0, cost_micro - reserved_micro) ELSE 0 END),
        SUM(CASE state WHEN 'reserved' THEN reserved_micro ELSE 0 END),
-       SUM(CASE state WHEN 'unknown' THEN reserved_micro ELSE 0 END)
+       SUM(CASE state WHEN 'unknown' THEN reserved_micro ELSE 0 END),
+       COUNT(*)
 FROM (SELECT month, 'total' AS scope, state, cost_micro, reserved_micro FROM entries
       UNION ALL
       SELECT month, 'provider:' || provider, state, cost_micro, reserved_micro FROM entries)
@@ -288,8 +289,11 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
         result.problems += [f"integrity_check: {line}" for line in integrity]
     for query in _NOT_INTEGERS:
         result.problems += [str(r[0]) for r in db.execute(query)]
-    result.entries = int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
-    expected = {(r[0], r[1]): tuple(v or 0 for v in r[2:]) for r in db.execute(_FROM_ENTRIES)}
+    expected: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for month, scope, *sums, count in db.execute(_FROM_ENTRIES):
+        expected[month, scope] = tuple(v or 0 for v in sums)
+        if scope == TOTAL:  # every entry is in its month's total once
+            result.entries += count
     stored = {
         (r[0], r[1]): (tuple(r[2:6]), r[6])
         for r in db.execute(
