@@ -104,10 +104,17 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "spend", parents=[common], help="month-to-date spend, reservations and caps"
     )
-    sp.add_argument(
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument(
         "--check",
         action="store_true",
         help="also check the whole ledger against itself (exit 1 if it is damaged)",
+    )
+    how.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild damaged totals from the entries, after a backup copy (exit 1 if the "
+        "ledger is still damaged)",
     )
     sub.add_parser("demo", parents=[common], help="offline demo against a local fake upstream")
     b = sub.add_parser(
@@ -310,6 +317,14 @@ def cmd_spend(args: argparse.Namespace) -> int:
     except ImportError:
         sys.stderr.write("llmgw: the ledger plugin is not installed\n")
         return EXIT_FAIL
+    if args.repair:
+        from llmgw.plugins.policies.ledger_repair import format_repair, repair_ledger, repaired_ok
+
+        result = repair_ledger(settings)
+        sys.stdout.write(format_repair(result) + "\n")
+        if not repaired_ok(result):
+            return EXIT_FAIL
+        sys.stdout.write("\n")
     report = spend_report(settings, check=args.check)
     sys.stdout.write(format_spend(report) + "\n")
     if args.check and not report["check"]["ok"]:

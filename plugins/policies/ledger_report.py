@@ -28,6 +28,9 @@ from .ledger_store import (
 )
 
 MICRO = 1_000_000
+#: Problems of :func:`.ledger_sql.audit` that rebuilding the totals cannot mend: the
+#: file's pages or indexes, or the entries the totals are rebuilt from.
+BELOW_TOTALS = ("integrity_check:", "entries:")
 
 
 def _usd(micro: int | None) -> float | None:
@@ -113,6 +116,22 @@ def build_report(
     }
 
 
+def ledger_of(settings: Settings) -> tuple[LedgerConfig, Caps, dict[str, str], Path]:
+    """The ``ledger`` section, the caps (with where each is set) and the file's path, as
+    the plugin would use them. Raises :class:`llmgw.kernel.ConfigError` for an invalid
+    section or cap variable."""
+    try:
+        config = LedgerConfig.model_validate(
+            settings.section("ledger") or {}, context={"settings": settings}
+        )
+    except ValidationError as exc:
+        raise pydantic_errors(
+            exc, file=settings.file_label, prefix="ledger", plugin="ledger"
+        ) from None
+    caps, origin = resolve_caps(settings, config)
+    return config, caps, origin, ledger_path(settings, config)
+
+
 def spend_report(
     settings: Settings, *, now: datetime | None = None, check: bool = False
 ) -> dict[str, Any]:
@@ -127,23 +146,14 @@ def spend_report(
     ``check``: also check the whole ledger against itself (``report["check"]``, see
     :func:`.ledger_sql.audit`): ``ok`` is False when it is damaged or cannot be read.
     """
-    try:
-        config = LedgerConfig.model_validate(
-            settings.section("ledger") or {}, context={"settings": settings}
-        )
-    except ValidationError as exc:
-        raise pydantic_errors(
-            exc, file=settings.file_label, prefix="ledger", plugin="ledger"
-        ) from None
-    caps, origin = resolve_caps(settings, config)
-    path = ledger_path(settings, config)
+    config, caps, origin, path = ledger_of(settings)
     at = now or datetime.now(UTC)
     month = month_of(at)
     enabled = ledger_enabled(settings.env)
     if not path.exists():
         report = build_report(None, caps, origin, month=month, path=str(path), enabled=enabled)
         if check:
-            report["check"] = _check_dict(None, note="no ledger file yet")
+            report["check"] = check_dict(None, note="no ledger file yet")
         return report
     if check:
         # Read-only from the start: no schema, no index rebuilt, nothing written.
@@ -175,19 +185,19 @@ def _checked_report(
         reader = LedgerReader(path, busy_timeout_s=config.busy_timeout_s)
         found = reader.audit(at)
         report = build_report(reader, caps, origin, month=month, path=str(path), enabled=enabled)
-        report["check"] = _check_dict(found)
+        report["check"] = check_dict(found)
     except LedgerError as exc:
         report = build_report(
             None, caps, origin, month=month, path=str(path), enabled=enabled, error=str(exc)
         )
-        report["check"] = _check_dict(None, error=str(exc))
+        report["check"] = check_dict(None, error=str(exc))
     finally:
         if reader is not None:
             reader.close()
     return report
 
 
-def _check_dict(
+def check_dict(
     found: Audit | None, *, note: str | None = None, error: str | None = None
 ) -> dict[str, Any]:
     """``checked``: the ledger was read whole; ``ok``: nothing wrong was found and, when it
@@ -278,9 +288,18 @@ def format_spend(report: dict[str, Any]) -> str:
             lines += [f"  {p}" for p in check["problems"]]
             lines.append(
                 "Caps are checked against the totals, so a wrong total lets spend through "
-                "or refuses it wrongly. Stop the gateways that use this file and keep a "
-                "copy of it; then restore a backup, or set each totals row named above to "
-                "what its entries add up to."
+                "or refuses it wrongly."
             )
+            if any(p.startswith(BELOW_TOTALS) for p in check["problems"]):
+                lines.append(
+                    "The damage is below the totals: stop the gateways that use this file, "
+                    "keep a copy of it, and restore a backup (or recover the file with "
+                    "sqlite3's .recover)."
+                )
+            else:
+                lines.append(
+                    "Run `llmgw spend --repair` to rebuild the totals from the entries (it "
+                    "copies the file aside first; gateways may keep running)."
+                )
         lines += [f"note: {n}" for n in check["notes"]]
     return "\n".join(lines)

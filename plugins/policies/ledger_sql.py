@@ -363,3 +363,85 @@ def _amounts(values: tuple[object, ...]) -> str:
     return ", ".join(
         f"{name} {_usd(v)}" for name, v in zip(_TOTALS_FIELDS, values, strict=True) if v
     )
+
+
+# --- repair ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TotalsChange:
+    """One totals row as :func:`rebuild_totals` found it and left it. ``before`` is None
+    when the row was missing; a cap is cleared (``cap_after`` None) when the row's entries
+    add up to more than it, or when it is not an integer."""
+
+    month: str
+    scope: str
+    before: tuple[Any, ...] | None
+    after: tuple[int, ...]
+    cap_before: Any
+    cap_after: int | None
+
+
+class RepairRefused(Exception):
+    """The ledger is damaged in a way rebuilding its totals cannot mend."""
+
+
+def _counted(values: tuple[int, ...]) -> int:
+    settled, overage, reserved, unknown = values
+    return settled - overage + reserved + unknown
+
+
+def rebuild_totals(db: sqlite3.Connection) -> list[TotalsChange]:
+    """Set every totals row to what its entries add up to, inside the caller's write
+    transaction; the rows changed, in (month, scope) order.
+
+    The entries are the record (one row per attempt, written once and moved through its
+    states); the totals are their running sums, kept by increments. So the totals are
+    rebuilt from the entries, never the other way round: a row that disagrees with its
+    entries takes their sums, a missing row is created (unless its entries count nothing),
+    a row with no entries left is set to zero (it keeps its cap). The cap recorded with a
+    row is kept unless the rebuilt sums are over it (real spend the damage hid): then it
+    is cleared, which the row's CHECK needs. Reservations are still checked against the
+    configured caps, and the next reservation in that scope writes its cap again.
+
+    Refuses (:class:`RepairRefused`, nothing changed) when an entry holds a money value
+    that is not an integer: sums of damaged entries would be damage too.
+    """
+    for (problem,) in db.execute(_NOT_INTEGERS[1]):
+        raise RepairRefused(str(problem))
+    expected = {
+        (month, scope): tuple(int(v or 0) for v in sums)
+        for month, scope, *sums, _count in db.execute(_FROM_ENTRIES)
+    }
+    stored = {
+        (r[0], r[1]): (tuple(r[2:6]), r[6])
+        for r in db.execute(
+            "SELECT month, scope, settled_micro, overage_micro, reserved_micro, "
+            "unknown_micro, cap_micro FROM totals"
+        )
+    }
+    changes: list[TotalsChange] = []
+    for key in sorted(expected.keys() | stored.keys()):
+        month, scope = key
+        want = expected.get(key, (0, 0, 0, 0))
+        have, cap = stored.get(key, (None, None))
+        kept_cap = cap if type(cap) is int and cap >= 0 and _counted(want) <= cap else None
+        if have is not None:
+            exact = all(type(v) is int for v in have) and tuple(have) == want
+            if exact and kept_cap == cap:
+                continue
+            db.execute(
+                "UPDATE totals SET settled_micro = ?, overage_micro = ?, reserved_micro = ?, "
+                "unknown_micro = ?, cap_micro = ? WHERE month = ? AND scope = ?",
+                (*want, kept_cap, month, scope),
+            )
+        elif any(want):  # no row and nothing to count (only released entries): none needed
+            db.execute(
+                "INSERT INTO totals (month, scope, settled_micro, overage_micro, "
+                "reserved_micro, unknown_micro, cap_micro) VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (month, scope, *want),
+            )
+        else:
+            continue
+        changes.append(TotalsChange(month, scope, have, want, cap, kept_cap))
+    return changes

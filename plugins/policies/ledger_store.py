@@ -396,6 +396,13 @@ class LedgerStore:
         """Nothing was sent: give the reservation back. Only a ``reserved`` entry."""
         return bool(self._one(ops_.Release(entry_id, now, error_class)))
 
+    def rebuild_totals(self) -> list[sql.TotalsChange]:
+        """Rebuild every totals row from the entries, in one write transaction
+        (:func:`.ledger_sql.rebuild_totals`); raises :class:`.ledger_sql.RepairRefused`,
+        nothing changed, when the entries themselves are damaged."""
+        with self.transaction() as db:
+            return sql.rebuild_totals(db)
+
     def expire_leases(self, now: datetime) -> int:
         """Turn expired reservations into ``unknown`` (:class:`.ledger_ops.ExpireLeases`)."""
         return int(self._one(ops_.ExpireLeases(now)))
@@ -473,6 +480,27 @@ class LedgerReader:
     def audit(self, now: datetime) -> sql.Audit:
         """The ledger checked against itself (:func:`.ledger_sql.audit`)."""
         return self._run(lambda db: sql.audit(db, now.timestamp()))
+
+    def backup(self, dest: Path) -> None:
+        """Copy the ledger as one consistent snapshot to ``dest``, a new file (SQLite's
+        online backup: safe while gateways write). A failed copy leaves no file behind."""
+        dest = Path(dest)
+        try:
+            dest.touch(exist_ok=False)  # claimed: an existing file is never written over
+        except OSError as exc:
+            raise LedgerError(f"cannot create {dest}: {exc}") from None
+        try:
+            target = sqlite3.connect(dest)
+        except sqlite3.Error as exc:
+            dest.unlink(missing_ok=True)
+            raise LedgerError(f"cannot create {dest}: {exc}") from None
+        try:
+            self._run(lambda db: db.backup(target))
+        except BaseException:
+            target.close()
+            dest.unlink(missing_ok=True)
+            raise
+        target.close()
 
     def close(self) -> None:
         self._db.close()

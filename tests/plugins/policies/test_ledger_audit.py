@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from _ledger_damage import (
+    ENTRY_DAMAGE,
+    NEXT_MONTH,
+    NOW,
+    TOTALS_DAMAGE,
+    audit,
+    busy_ledger,
+    item,
+    tamper,
+)
 from _money_helpers import fake
 
 from llmgw.kernel import Request
 from llmgw.kernel.cli import main
 from llmgw.kernel.testing import gateway_from_yaml
 from llmgw.plugins.policies import ledger_sql
-from llmgw.plugins.policies.ledger_sql import Audit
-from llmgw.plugins.policies.ledger_store import Caps, Item, LedgerReader, LedgerStore
+from llmgw.plugins.policies.ledger_store import Caps, LedgerStore
 
 CONFIG = """
 plugins: [{plugins}]
@@ -24,42 +33,6 @@ task_classes:
 ledger:
   caps: {{total_monthly_usd: 2}}
 """
-NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
-NEXT_MONTH = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
-
-
-def item(i: str, amount: int, provider: str = "a") -> Item:
-    return Item(i, provider, "m", "cls", f"req-{i}", amount)
-
-
-def busy_ledger(path: Path) -> None:
-    """Every kind of write, two providers, two months, a settle in the month after."""
-    st = LedgerStore(path)
-    st.open()
-    caps = Caps(total=10_000, providers={"a": 6_000})
-    st.reserve([item("s", 100), item("o", 100, "b")], caps, now=NOW, lease_s=60)
-    st.settle("s", cost_micro=40, now=NOW, input_tokens=3, output_tokens=4)
-    st.settle("o", cost_micro=130, now=NOW)  # above its reservation: overage 30
-    st.reserve([item("u", 200), item("r", 50, "b")], caps, now=NOW, lease_s=60)
-    st.mark_unknown("u", now=NOW, error_class="timeout")
-    st.release("r", now=NOW)
-    st.reserve([item("late", 70)], caps, now=NOW, lease_s=60)
-    st.mark_unknown("late", now=NOW)
-    st.settle("late", cost_micro=20, now=NOW)  # usage came back after all
-    st.reserve([item("old", 90)], caps, now=NOW, lease_s=60)
-    assert st.expire_leases(NOW + timedelta(seconds=61)) == 1
-    st.reserve([item("nov", 25)], caps, now=NOW, lease_s=60)
-    st.settle("nov", cost_micro=None, now=NEXT_MONTH)  # unpriced, settled in December
-    st.reserve([item("dec", 300, "b")], caps, now=NEXT_MONTH, lease_s=600)
-    st.close()
-
-
-def audit(path: Path, at: datetime = NEXT_MONTH) -> Audit:
-    reader = LedgerReader(path)
-    try:
-        return reader.audit(at)
-    finally:
-        reader.close()
 
 
 def test_every_kind_of_write_leaves_a_ledger_that_checks_clean(tmp_path: Path) -> None:
@@ -87,54 +60,13 @@ def test_a_scope_exactly_at_its_cap_with_an_overage_checks_clean(tmp_path: Path)
     assert found.ok, found.problems
 
 
-def _tamper(path: Path, statement: str) -> None:
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA ignore_check_constraints = ON")  # damage the CHECKs would refuse
-    db.execute(statement)
-    db.commit()
-    db.close()
-
-
-@pytest.mark.parametrize(
-    ("statement", "expected"),
-    [
-        (
-            "UPDATE totals SET settled_micro = settled_micro + 7 WHERE scope = 'provider:a' "
-            "AND month = '2026-11'",
-            "2026-11 provider:a: totals settled $0.000067, its entries add up to $0.000060",
-        ),
-        (
-            "UPDATE totals SET unknown_micro = 0 WHERE scope = 'total' AND month = '2026-11'",
-            "2026-11 total: totals unknown $0.000000, its entries add up to $0.000290",
-        ),
-        (
-            "DELETE FROM totals WHERE scope = 'provider:b' AND month = '2026-12'",
-            "2026-12 provider:b: no totals row, but its entries add up to reserved $0.000300",
-        ),
-        (
-            "UPDATE totals SET cap_micro = 100 WHERE scope = 'total' AND month = '2026-11'",
-            "2026-11 total: $0.000450 counted against a cap of $0.000100",
-        ),
-        (
-            "UPDATE entries SET cost_micro = 41 WHERE id = 's'",
-            "2026-11 total: totals settled $0.000190, its entries add up to $0.000191",
-        ),
-        (
-            "UPDATE totals SET reserved_micro = 'x' WHERE scope = 'total' AND month = '2026-12'",
-            "2026-12 total: a money column of its totals row holds a value that is not an integer",
-        ),
-        (
-            "UPDATE entries SET cost_micro = 40.5 WHERE id = 's'",
-            "entries: 1 hold a cost or a reservation that is not an integer",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("statement", "expected"), [*TOTALS_DAMAGE, ENTRY_DAMAGE])
 def test_damage_is_named_by_month_scope_and_amount(
     tmp_path: Path, statement: str, expected: str
 ) -> None:
     path = tmp_path / "l.db"
     busy_ledger(path)
-    _tamper(path, statement)
+    tamper(path, statement)
     found = audit(path)
     assert not found.ok
     assert expected in found.problems, found.problems
@@ -206,11 +138,11 @@ async def test_llmgw_spend_check(
     assert "ledger check: OK (3 entries in 1 month(s)" in out and "fake/m1" in out
     assert _digest(path) == before  # read-only: not a byte written
 
-    _tamper(path, "UPDATE totals SET settled_micro = 0 WHERE scope = 'total'")
+    tamper(path, "UPDATE totals SET settled_micro = 0 WHERE scope = 'total'")
     assert main(spend) == 1
     out = capsys.readouterr().out
     assert "ledger check: 1 PROBLEM(S)" in out and "total: totals settled $0.000000" in out
-    assert "set each totals row named above" in out
+    assert "llmgw spend --repair" in out
     # Without --check the report is printed as before, and the exit code is 0.
     assert main(["spend", "--config", str(config)]) == 0
     assert "ledger check" not in capsys.readouterr().out
@@ -241,4 +173,4 @@ def test_a_file_that_cannot_be_read_is_not_called_checked(
     assert main(["spend", "--check", "--config", str(config)]) == 1
     out = capsys.readouterr().out
     assert "ledger check: could not read the ledger (" in out
-    assert "PROBLEM" not in out and "set each totals row" not in out
+    assert "PROBLEM" not in out and "--repair" not in out

@@ -1,0 +1,268 @@
+"""``llmgw spend --repair``: damaged totals rebuilt from the entries, after a backup."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _ledger_damage import (
+    ENTRY_DAMAGE,
+    NEXT_MONTH,
+    NOW,
+    TOTALS_DAMAGE,
+    audit,
+    busy_ledger,
+    item,
+    tamper,
+)
+
+from llmgw.kernel.cli import main
+from llmgw.kernel.config import load_settings
+from llmgw.plugins.policies.ledger_repair import backup_path, repair_ledger, repaired_ok
+from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, LedgerStore
+
+CONFIG = "plugins: [ledger, router]\ntask_classes:\n  quick: {provider: openai, model: m1}\n"
+
+
+def repair(tmp_path: Path, path: Path, at: datetime = NEXT_MONTH) -> dict[str, Any]:
+    config = tmp_path / "routing.yaml"
+    config.write_text(CONFIG)
+    settings = load_settings(config, env={"LLM_GATEWAY_LEDGER_PATH": str(path)})
+    return repair_ledger(settings, now=at)
+
+
+def entries(path: Path) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT * FROM entries ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def backups(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}.bak-*"))
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(("statement", "named"), TOTALS_DAMAGE)
+def test_damaged_totals_are_rebuilt_from_the_entries(
+    tmp_path: Path, statement: str, named: str
+) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, statement)
+    records = entries(path)
+    result = repair(tmp_path, path)
+    assert result["state"] == "repaired" and repaired_ok(result)
+    assert result["check"]["ok"] and result["check"]["entries"] == 8
+    assert audit(path).ok
+    assert entries(path) == records  # the record is never rewritten, only summed
+    # The backup is the ledger as it was, damage included.
+    (backup,) = backups(path)
+    assert result["backup"] == str(backup)
+    assert named in audit(backup).problems
+    damaged = named.split(": ")[0]  # "2026-11 provider:a", "2026-12 total"
+    assert damaged in {f"{c['month']} {c['scope']}" for c in result["changes"]}
+
+
+def test_each_change_says_what_the_row_held_and_holds_now(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "DELETE FROM totals WHERE scope = 'provider:b' AND month = '2026-12'")
+    tamper(path, "UPDATE totals SET settled_micro = 5 WHERE scope = 'total' AND month = '2026-11'")
+    result = repair(tmp_path, path)
+    assert result["changes"] == [
+        {
+            "month": "2026-11",
+            "scope": "total",
+            "before": {"settled": 5, "overage": 30, "reserved": 0, "unknown": 290},
+            "after": {"settled": 190, "overage": 30, "reserved": 0, "unknown": 290},
+            "cap_before": 10_000,
+            "cap_after": 10_000,
+        },
+        {
+            "month": "2026-12",
+            "scope": "provider:b",
+            "before": None,
+            "after": {"settled": 0, "overage": 0, "reserved": 300, "unknown": 0},
+            "cap_before": None,
+            "cap_after": None,
+        },
+    ]
+
+
+def test_a_cap_the_entries_exceed_is_cleared_and_still_enforced(tmp_path: Path) -> None:
+    """Real spend the damage hid: the rebuilt row is over the cap recorded with it, which
+    its CHECK would refuse, so that cap is cleared; reservations are still checked
+    against the configured cap, and the next one that fits records it again."""
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET cap_micro = 100, settled_micro = 0 WHERE scope = 'total'")
+    result = repair(tmp_path, path)
+    assert result["state"] == "repaired" and result["check"]["ok"]
+    nov = next(c for c in result["changes"] if (c["month"], c["scope"]) == ("2026-11", "total"))
+    assert (nov["cap_before"], nov["cap_after"]) == (100, None)
+    assert nov["after"]["settled"] == 190
+    st = LedgerStore(path)
+    st.open()
+    try:
+        with pytest.raises(CapExceeded):
+            st.reserve([item("again", 1)], Caps(total=100), now=NOW, lease_s=60)
+        st.settle("u", cost_micro=10, now=NOW)  # settles go on
+        st.reserve([item("fits", 1)], Caps(total=10_000), now=NOW, lease_s=60)
+    finally:
+        st.close()
+    db = sqlite3.connect(path)
+    cap = db.execute(
+        "SELECT cap_micro FROM totals WHERE month = '2026-11' AND scope = 'total'"
+    ).fetchone()
+    db.close()
+    assert cap == (10_000,)
+    assert audit(path).ok
+
+
+def test_a_clean_ledger_is_not_touched(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    before = digest(path)
+    result = repair(tmp_path, path)
+    assert result["state"] == "clean" and repaired_ok(result)
+    assert digest(path) == before and backups(path) == []
+
+
+def test_no_ledger_file_is_not_created(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    result = repair(tmp_path, path)
+    assert result["state"] == "absent" and repaired_ok(result)
+    assert not path.exists()
+
+
+def _bad_index(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA writable_schema = ON")
+    db.execute(
+        "UPDATE sqlite_master SET sql = replace(sql, '(month)', '(provider)') "
+        "WHERE name = 'entries_month'"
+    )
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda p: tamper(p, ENTRY_DAMAGE[0]), ENTRY_DAMAGE[1]),
+        (_bad_index, "integrity_check: row 1 missing from index entries_month"),
+    ],
+    ids=["entry", "index"],
+)
+def test_damage_below_the_totals_is_refused_and_nothing_written(
+    tmp_path: Path, damage: Any, named: str
+) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET settled_micro = 0 WHERE scope = 'total'")
+    damage(path)
+    before = digest(path)
+    result = repair(tmp_path, path)
+    assert result["state"] == "refused" and not repaired_ok(result)
+    assert named in result["problems"]
+    assert digest(path) == before and backups(path) == []
+
+
+def test_the_repair_runs_beside_a_gateway_that_keeps_writing(tmp_path: Path) -> None:
+    """Online: the rebuild takes the write lock, and the writer's transactions read the
+    totals afresh, so neither loses the other's writes."""
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    caps = Caps(total=10**12, providers={"a": 10**12})
+    stop = threading.Event()
+    cycles = [0]
+
+    def write() -> None:
+        st = LedgerStore(path)
+        st.open()
+        try:
+            while not stop.is_set():
+                now = datetime.now(UTC)
+                i = uuid.uuid4().hex
+                st.reserve([item(i, 1_000)], caps, now=now, lease_s=600)
+                st.settle(i, cost_micro=300, now=now)
+                cycles[0] += 1
+        finally:
+            st.close()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        while cycles[0] < 20:
+            stop.wait(0.01)
+        tamper(path, "UPDATE totals SET settled_micro = 1 WHERE scope = 'provider:a'")
+        result = repair(tmp_path, path)
+        done_at_repair = cycles[0]
+        while cycles[0] < done_at_repair + 20:
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        writer.join()
+    assert result["state"] == "repaired" and result["check"]["ok"], result
+    assert audit(path).ok
+
+
+def test_backups_never_overwrite_each_other(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    at = datetime(2026, 12, 1, 22, 5, 9, tzinfo=UTC)
+    first = backup_path(path, at)
+    assert first.name == "l.db.bak-20261201T220509Z"
+    first.write_text("taken")
+    second = backup_path(path, at)
+    assert second.name == "l.db.bak-20261201T220509Z-1"
+
+
+def test_llmgw_spend_repair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "routing.yaml"
+    config.write_text(CONFIG)
+    path = tmp_path / "l.db"
+    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(path))
+    cmd = ["spend", "--repair", "--config", str(config)]
+    assert main(cmd) == 0
+    assert "no ledger file yet, nothing to repair" in capsys.readouterr().out
+    busy_ledger(path)
+    assert main(cmd) == 0
+    assert "nothing to repair" in capsys.readouterr().out
+
+    tamper(path, "UPDATE totals SET cap_micro = 100 WHERE scope = 'total' AND month = '2026-11'")
+    assert main(["spend", "--check", "--config", str(config)]) == 1
+    assert "Run `llmgw spend --repair`" in capsys.readouterr().out
+    assert main(cmd) == 0
+    out = capsys.readouterr().out
+    assert "1 totals row(s) rebuilt from the entries" in out
+    assert "backup of the ledger as it was: " + str(backups(path)[0]) in out
+    assert "2026-11 total: the cap recorded with it ($0.000100) is cleared" in out
+    assert "ledger check after the repair: OK (8 entries)" in out
+    assert "spend ledger: " in out  # then the usual report
+    assert main(["spend", "--check", "--config", str(config)]) == 0
+    capsys.readouterr()
+
+    tamper(path, ENTRY_DAMAGE[0])
+    assert main(cmd) == 1
+    out = capsys.readouterr().out
+    assert "REFUSED, nothing was written" in out and ENTRY_DAMAGE[1] in out
+    assert "spend ledger: " not in out
+    assert main(["spend", "--check", "--config", str(config)]) == 1
+    assert "The damage is below the totals" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exc:
+        main(["spend", "--check", "--repair", "--config", str(config)])
+    assert exc.value.code == 2
