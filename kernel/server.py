@@ -281,11 +281,69 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 DRAIN_S = 5.0
 
 
-class _PipeLines:
-    """stdin lines from an asyncio pipe reader: no worker thread per line."""
+#: A JSON-RPC id (a number or a string) as a key of the frame's own object: in a frame's
+#: head, before ``"params"``; in its tail, as the last key (the frame's closing brace
+#: follows it).
+_ID_VALUE = rb'(-?\d+|"(?:[^"\\]|\\.)*")'
+_HEAD_ID = re.compile(rb'"id"\s*:\s*' + _ID_VALUE)
+_TAIL_ID = re.compile(rb'"id"\s*:\s*' + _ID_VALUE + rb"\s*\}\s*$")
+#: How much of an over-long frame's head and tail is kept to find its id.
+_ID_WINDOW = 4096
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+
+def _frame_id(head: bytes, tail: bytes) -> int | str | None:
+    """The id of an over-long request frame, from the bytes kept of its head and tail
+    (the frame itself is never parsed); None if it is not found where clients put it."""
+    params = head.find(b'"params"')
+    before = head if params < 0 else head[:params]
+    found = _HEAD_ID.search(before)
+    if found is not None and before[: found.start()].count(b"{") != 1:
+        found = None  # inside a nested object, not the frame's own id
+    if found is None:
+        found = _TAIL_ID.search(tail)
+    if found is None:
+        return None
+    try:
+        value = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return value if isinstance(value, int | str) else None
+
+
+def too_long_reply(request_id: int | str) -> str:
+    """The JSON-RPC error answering a request frame over :data:`MAX_FRAME_BYTES`."""
+    limit = MAX_FRAME_BYTES / (1024 * 1024)
+    return (
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "error": {
+                    "code": -32600,  # Invalid Request
+                    "message": f"the request is larger than this server reads ({limit:g} MiB "
+                    "per message) and was dropped unread; prompts are limited to "
+                    "gateway.max_prompt_bytes",
+                },
+            }
+        )
+        + "\n"
+    )
+
+
+class _PipeLines:
+    """stdin lines from an asyncio pipe reader: no worker thread per line.
+
+    A line over :data:`MAX_FRAME_BYTES` is dropped unread; when its id can be found in
+    its head or tail, ``reply`` answers it with a JSON-RPC error, so the client is not
+    left waiting for an answer that never comes."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        reply: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._reader = reader
+        self._reply = reply
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._lines()
@@ -300,22 +358,32 @@ class _PipeLines:
     async def _frame(self) -> bytes | None:
         """The next line; a line over the limit is skipped to its end (its tail must not
         pass for a frame of its own). None at EOF."""
-        too_long = False
+        head: bytes | None = None  # the start of a line over the limit
+        tail = b""
         while True:
             try:
                 line = await self._reader.readuntil(b"\n")
             except asyncio.LimitOverrunError as exc:
-                await self._reader.readexactly(exc.consumed)  # drop what is buffered
-                too_long = True
+                dropped = await self._reader.readexactly(exc.consumed)  # what is buffered
+                if head is None:
+                    head = dropped[:_ID_WINDOW]
+                tail = (tail + dropped)[-_ID_WINDOW:]
                 continue
             except asyncio.IncompleteReadError as exc:
                 line = exc.partial  # EOF: a last line without its newline, or nothing
                 if not line:
                     return None
-            if not too_long:
+            if head is None:
                 return line
-            log.warning("stdio.frame_too_long", limit_bytes=MAX_FRAME_BYTES)
-            too_long = False
+            request_id = _frame_id(head, (tail + line)[-_ID_WINDOW:])
+            log.warning(
+                "stdio.frame_too_long",
+                limit_bytes=MAX_FRAME_BYTES,
+                answered=request_id is not None and self._reply is not None,
+            )
+            if request_id is not None and self._reply is not None:
+                await self._reply(too_long_reply(request_id))
+            head, tail = None, b""
             if not line.endswith(b"\n"):
                 return None  # EOF in the middle of the long line
 
@@ -440,7 +508,7 @@ async def _connect(wires: _Wires, out: _PipeOut) -> tuple[asyncio.BaseTransport,
     # No buffer of its own: flush() waits until the kernel took every byte, as the SDK's
     # blocking write did, so nothing is left queued when the server exits.
     out.transport.set_write_buffer_limits(high=0)
-    return read_transport, _PipeLines(reader)
+    return read_transport, _PipeLines(reader, reply=out.write)
 
 
 @asynccontextmanager

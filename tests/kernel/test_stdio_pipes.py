@@ -23,6 +23,8 @@ from typing import IO, Any
 import pytest
 from test_server import INIT
 
+from llmgw.kernel import server
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX pipes")
 
 YAML = """
@@ -356,16 +358,52 @@ def test_the_sdk_transport_restores_the_descriptors_too(tmp_path: Path, ended_by
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
-def test_a_frame_over_the_limit_is_dropped_whole_and_the_next_one_answered(
+def test_a_frame_over_the_limit_is_dropped_whole_answered_with_an_error_and_the_next_one_served(
     tmp_path: Path,
 ) -> None:
-    # Valid JSON-RPC, were it read its id 9 would be answered.
+    # A request over the limit, its id first (as the Python SDK writes it): dropped
+    # unread, and answered with an error so that the client does not wait forever.
     long_frame = json.dumps(call(9, "x" * 20_000)) + "\n"
-    # Over the limit before its newline arrives; its tail is a frame of its own (id 8).
+    # The same with its id last (as the TypeScript SDK writes it), a string id.
+    request = call(0, "y" * 20_000)
+    del request["id"]
+    id_last = json.dumps({**request, "id": "req-7"}) + "\n"
+    # Over the limit before its newline arrives; its tail is a frame of its own (id 8),
+    # which is part of the long line: dropped with it, and not taken for its id.
     head = "x" * 10_000
     tail = json.dumps({"jsonrpc": "2.0", "id": 8, "method": "ping"}) + "\n"
-    out, err = run_script(tmp_path, 4096, long_frame, head, tail, INIT)
-    ids = [json.loads(line).get("id") for line in out.splitlines()[:-1]]
-    assert ids == [1]
-    assert err.count("stdio.frame_too_long") == 2
+    out, err = run_script(tmp_path, 4096, long_frame, id_last, head, tail, INIT)
+    replies = [json.loads(line) for line in out.splitlines()[:-1]]
+    assert [r.get("id") for r in replies] == [9, "req-7", 1]
+    for r in replies[:2]:
+        assert r["error"]["code"] == -32600
+        assert "larger than this server reads" in r["error"]["message"]
+    assert err.count("stdio.frame_too_long") == 3
+    assert err.count('"answered": true') == 2
     assert out.endswith("after True 0\n")
+
+
+@pytest.mark.parametrize(
+    ("head", "tail", "expected"),
+    [
+        (b'{"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"a', b'a"}}\n', 9),
+        (b'{"id": -3, "params": {', b"}}", -3),
+        (b'{"method": "m", "params": {"x": "', b'x"}, "jsonrpc": "2.0", "id": "a\\"b"}\n', 'a"b'),
+        # An id inside the params is not the frame's, at either end.
+        (b'{"method": "m", "params": {"id": 3, "x": "', b'x"}}\n', None),
+        (b'{"method": "m", "params": {"x": "', b'x", "id": 4}}\n', None),
+        (b'{"meta": {"id": 5}, "method": "m", "params": {', b"}}\n", None),
+        # A notification has no id; a null id cannot be answered either.
+        (b'{"jsonrpc": "2.0", "method": "n", "params": {"x": "', b'x"}}\n', None),
+        (b'{"jsonrpc": "2.0", "id": null, "method": "m", "params": {', b"}}\n", None),
+        # An id inside a string is text, not a key.
+        (b'{"method": "m", "params": {"x": "', b'x \\"id\\": 6}"}}\n', None),
+    ],
+)
+def test_the_id_of_an_over_long_frame_is_found_only_where_clients_put_it(
+    head: bytes, tail: bytes, expected: int | str | None
+) -> None:
+    assert server._frame_id(head, tail) == expected
+    if expected is not None:
+        reply = json.loads(server.too_long_reply(expected))
+        assert reply["id"] == expected and reply["error"]["code"] == -32600
