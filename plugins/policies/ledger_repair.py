@@ -31,7 +31,7 @@ from typing import Any
 from llmgw.kernel import Settings
 
 from .ledger_report import BELOW_TOTALS, check_dict, ledger_of
-from .ledger_sql import RepairRefused, TotalsChange
+from .ledger_sql import RepairRefused, TotalsChange, usd_text
 from .ledger_store import LedgerError, LedgerReader, LedgerStore
 
 FIELDS = ("settled", "overage", "reserved", "unknown")
@@ -133,31 +133,25 @@ def _change_dict(change: TotalsChange) -> dict[str, Any]:
     }
 
 
-def _usd(value: object) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return f"${value / 1e6:.6f}"
-    return repr(value)
-
-
 def _change_lines(change: dict[str, Any]) -> list[str]:
     where = f"  {change['month']} {change['scope']}:"
     after = change["after"]
     before = change["before"]
     lines: list[str] = []
     if before is None:
-        sums = ", ".join(f"{k} {_usd(v)}" for k, v in after.items() if v)
+        sums = ", ".join(f"{k} {usd_text(v)}" for k, v in after.items() if v)
         lines.append(f"{where} totals row created ({sums})")
     else:
         lines += [
-            f"{where} {k} {_usd(before[k])} -> {_usd(after[k])}"
+            f"{where} {k} {usd_text(before[k])} -> {usd_text(after[k])}"
             for k in FIELDS
             if type(before[k]) is not int or before[k] != after[k]
         ]
     if change["cap_before"] is not None and change["cap_after"] is None:
         counted = after["settled"] - after["overage"] + after["reserved"] + after["unknown"]
         lines.append(
-            f"{where} the cap recorded with it ({_usd(change['cap_before'])}) is cleared: its "
-            f"entries count {_usd(counted)} against it. New reservations are still checked "
+            f"{where} the cap recorded with it ({usd_text(change['cap_before'])}) is cleared: its "
+            f"entries count {usd_text(counted)} against it. New reservations are still checked "
             "against the configured cap, and the next one in this scope records it again"
         )
     return lines

@@ -315,15 +315,16 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
         for name, h, w in zip(_TOTALS_FIELDS, have, want, strict=True):
             if h != w:
                 result.problems.append(
-                    f"{month} {scope}: totals {name} {_usd(h)}, its entries add up to {_usd(w)}"
+                    f"{month} {scope}: totals {name} {usd_text(h)}, "
+                    f"its entries add up to {usd_text(w)}"
                 )
         if not all(isinstance(v, int) for v in (*have, cap if cap is not None else 0)):
             continue  # named above; no cap arithmetic on text
         settled, overage, reserved, unknown = have
         if cap is not None and settled - overage + reserved + unknown > cap:
             result.problems.append(
-                f"{month} {scope}: {_usd(settled - overage + reserved + unknown)} "
-                f"counted against a cap of {_usd(cap)}"
+                f"{month} {scope}: {usd_text(settled - overage + reserved + unknown)} "
+                f"counted against a cap of {usd_text(cap)}"
             )
     stale = db.execute(
         "SELECT COUNT(*), COALESCE(SUM(reserved_micro), 0) FROM entries "
@@ -332,7 +333,7 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
     ).fetchone()
     if stale[0]:
         result.notes.append(
-            f"{stale[0]} reservation(s) ({_usd(stale[1])}) are past their lease: a "
+            f"{stale[0]} reservation(s) ({usd_text(stale[1])}) are past their lease: a "
             "gateway stopped before settling them. The next gateway start turns them "
             "unknown (still charged)"
         )
@@ -353,7 +354,8 @@ _NOT_INTEGERS = (
 )
 
 
-def _usd(value: object) -> str:
+def usd_text(value: object) -> str:
+    """Micro-dollars as ``$0.000123``; a value that is not a number (damage) as its repr."""
     if isinstance(value, int | float):
         return f"${value / 1e6:.6f}"
     return repr(value)
@@ -361,7 +363,7 @@ def _usd(value: object) -> str:
 
 def _amounts(values: tuple[object, ...]) -> str:
     return ", ".join(
-        f"{name} {_usd(v)}" for name, v in zip(_TOTALS_FIELDS, values, strict=True) if v
+        f"{name} {usd_text(v)}" for name, v in zip(_TOTALS_FIELDS, values, strict=True) if v
     )
 
 
