@@ -147,6 +147,12 @@ class LedgerStore:
                 db.execute("PRAGMA busy_timeout = 0")
             except sqlite3.Error as exc:
                 db.close()
+                if _busy(exc):
+                    raise LedgerError(
+                        f"cannot open {self.path}: database is locked: another connection "
+                        f"held the write lock for over {self.busy_timeout_s:g} s "
+                        "(ledger.busy_timeout_s)"
+                    ) from None
                 raise LedgerError(f"cannot open {self.path}: {exc}") from None
             except BaseException:
                 db.close()
@@ -396,12 +402,13 @@ class LedgerStore:
         """Nothing was sent: give the reservation back. Only a ``reserved`` entry."""
         return bool(self._one(ops_.Release(entry_id, now, error_class)))
 
-    def rebuild_totals(self) -> list[sql.TotalsChange]:
-        """Rebuild every totals row from the entries, in one write transaction
-        (:func:`.ledger_sql.rebuild_totals`); raises :class:`.ledger_sql.RepairRefused`,
-        nothing changed, when the entries themselves are damaged."""
+    def rebuild_totals(self, months: Sequence[str] | None = None) -> list[sql.TotalsChange]:
+        """Rebuild the totals rows of ``months`` (all: None) from the entries, in one write
+        transaction (:func:`.ledger_sql.rebuild_totals`); raises
+        :class:`.ledger_sql.RepairRefused`, nothing changed, when the entries themselves
+        are damaged."""
         with self.transaction() as db:
-            return sql.rebuild_totals(db)
+            return sql.rebuild_totals(db, months)
 
     def expire_leases(self, now: datetime) -> int:
         """Turn expired reservations into ``unknown`` (:class:`.ledger_ops.ExpireLeases`)."""
@@ -495,10 +502,12 @@ class LedgerReader:
             dest.unlink(missing_ok=True)
             raise LedgerError(f"cannot create {dest}: {exc}") from None
         try:
-            self._run(lambda db: db.backup(target))
-        except BaseException:
+            self._db.backup(target)
+        except BaseException as exc:
             target.close()
             dest.unlink(missing_ok=True)
+            if isinstance(exc, sqlite3.Error):
+                raise LedgerError(f"cannot copy {self.path} to {dest}: {exc}") from None
             raise
         target.close()
 

@@ -89,3 +89,20 @@ ENTRY_DAMAGE = (
     "UPDATE entries SET cost_micro = 40.5 WHERE id = 's'",
     "entries: 1 hold a cost or a reservation that is not an integer",
 )
+#: Entries that break their table's CHECKs (which a read-only integrity_check does not
+#: test): summed, each would undercount spend.
+ENTRY_RULE_DAMAGE = [
+    ENTRY_DAMAGE,
+    (
+        "UPDATE entries SET state = 'bogus' WHERE id = 'dec'",
+        "entries: 1 have a state other than reserved, settled, unknown or released",
+    ),
+    (
+        "UPDATE entries SET cost_micro = NULL WHERE id = 'o'",
+        "entries: 1 are settled without a cost",
+    ),
+    (
+        "UPDATE entries SET cost_micro = -10 WHERE id = 's'",
+        "entries: 1 hold a negative cost or reservation",
+    ),
+]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from _ledger_damage import (
-    ENTRY_DAMAGE,
+    ENTRY_RULE_DAMAGE,
     NEXT_MONTH,
     NOW,
     TOTALS_DAMAGE,
@@ -60,7 +60,7 @@ def test_a_scope_exactly_at_its_cap_with_an_overage_checks_clean(tmp_path: Path)
     assert found.ok, found.problems
 
 
-@pytest.mark.parametrize(("statement", "expected"), [*TOTALS_DAMAGE, ENTRY_DAMAGE])
+@pytest.mark.parametrize(("statement", "expected"), [*TOTALS_DAMAGE, *ENTRY_RULE_DAMAGE])
 def test_damage_is_named_by_month_scope_and_amount(
     tmp_path: Path, statement: str, expected: str
 ) -> None:

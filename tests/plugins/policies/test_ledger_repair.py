@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from _ledger_damage import (
     ENTRY_DAMAGE,
+    ENTRY_RULE_DAMAGE,
     NEXT_MONTH,
     NOW,
     TOTALS_DAMAGE,
@@ -24,7 +25,12 @@ from _ledger_damage import (
 
 from llmgw.kernel.cli import main
 from llmgw.kernel.config import load_settings
-from llmgw.plugins.policies.ledger_repair import backup_path, repair_ledger, repaired_ok
+from llmgw.plugins.policies.ledger_repair import (
+    backup_path,
+    format_repair,
+    repair_ledger,
+    repaired_ok,
+)
 from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, LedgerStore
 
 CONFIG = "plugins: [ledger, router]\ntask_classes:\n  quick: {provider: openai, model: m1}\n"
@@ -160,10 +166,10 @@ def _bad_index(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "named"),
     [
-        (lambda p: tamper(p, ENTRY_DAMAGE[0]), ENTRY_DAMAGE[1]),
+        *[(lambda p, st=st: tamper(p, st), named) for st, named in ENTRY_RULE_DAMAGE],
         (_bad_index, "integrity_check: row 1 missing from index entries_month"),
     ],
-    ids=["entry", "index"],
+    ids=["fraction", "state", "no-cost", "negative", "index"],
 )
 def test_damage_below_the_totals_is_refused_and_nothing_written(
     tmp_path: Path, damage: Any, named: str
@@ -258,7 +264,7 @@ def test_llmgw_spend_repair(
     tamper(path, ENTRY_DAMAGE[0])
     assert main(cmd) == 1
     out = capsys.readouterr().out
-    assert "REFUSED, nothing was written" in out and ENTRY_DAMAGE[1] in out
+    assert "REFUSED, the ledger was not changed" in out and ENTRY_DAMAGE[1] in out
     assert "spend ledger: " not in out
     assert main(["spend", "--check", "--config", str(config)]) == 1
     assert "The damage is below the totals" in capsys.readouterr().out
@@ -266,3 +272,60 @@ def test_llmgw_spend_repair(
     with pytest.raises(SystemExit) as exc:
         main(["spend", "--check", "--repair", "--config", str(config)])
     assert exc.value.code == 2
+
+
+def test_only_the_damaged_months_are_rebuilt(tmp_path: Path) -> None:
+    """The rebuild sums the entries of the months the check found damaged (the write
+    lock is held meanwhile), not the whole ledger."""
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET reserved_micro = 7 WHERE month = '2026-12'")
+    tamper(path, "UPDATE totals SET settled_micro = 1 WHERE month = '2026-11'")
+    st = LedgerStore(path)
+    st.open()
+    try:
+        changes = st.rebuild_totals(["2026-12"])
+        assert {c.month for c in changes} == {"2026-12"}
+        assert st.rebuild_totals([]) == []
+    finally:
+        st.close()
+    left = audit(path)
+    assert left.damaged_months == {"2026-11"}
+    result = repair(tmp_path, path)
+    assert {c["month"] for c in result["changes"]} == {"2026-11"}
+    assert result["check"]["ok"]
+
+
+def test_a_locked_ledger_fails_cleanly_and_names_its_unneeded_backup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET settled_micro = 1 WHERE scope = 'total'")
+    config = tmp_path / "routing.yaml"
+    config.write_text(CONFIG + "ledger: {busy_timeout_s: 0.2}\n")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another connection keeps the write lock
+    try:
+        before = entries(path)
+        settings = load_settings(config, env={"LLM_GATEWAY_LEDGER_PATH": str(path)})
+        result = repair_ledger(settings, now=NEXT_MONTH)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result["state"] == "failed" and not repaired_ok(result)
+    assert "held the write lock for over 0.2 s (ledger.busy_timeout_s)" in result["error"]
+    assert entries(path) == before and not audit(path).ok  # unchanged
+    out = format_repair(result)
+    assert "FAILED, the ledger was not changed" in out
+    assert f"not needed and can be deleted: {result['backup']}" in out
+
+
+def test_a_cap_that_is_not_an_amount_is_cleared_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET cap_micro = 'abc' WHERE scope = 'total' AND month = '2026-11'")
+    result = repair(tmp_path, path)
+    assert result["check"]["ok"]
+    text = format_repair(result)
+    assert "2026-11 total: the cap recorded with it ('abc') is cleared: it is not an amount" in text
