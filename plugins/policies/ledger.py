@@ -15,6 +15,10 @@ sharing the ledger file. How:
 - Reservations carry a lease; at start, expired ones (a crashed process) become
   ``unknown``, never released.
 - Fail closed: a ledger error, or an unknown price while a cap applies, refuses the call.
+- At start, the current month's totals are checked against its entries (one read of
+  that month). Damaged totals (a hand edit, a file restored from elsewhere) are logged
+  and shown in ``llm_routing_info``; while a cap is set, calls are refused until
+  ``llmgw spend --repair`` mends them (re-checked at most every ``DAMAGE_RECHECK_S``).
 
 Speed without weakening any of that (figures in docs/performance.md):
 
@@ -70,13 +74,17 @@ from .ledger_config import (
     ledger_path,
     resolve_caps,
 )
-from .ledger_messages import cap_message, ledger_failed, scope_label
+from .ledger_messages import cap_message, ledger_failed, scope_label, totals_damaged
 from .ledger_ops import MarkUnknown, Op, Release, Reserve, Settle
 from .ledger_report import build_report, format_spend, spend_report
 from .ledger_store import TOTAL, CapExceeded, Item, LedgerError, LedgerStore, month_of
 from .ledger_writer import LedgerWriter
 
 __all__ = ["LedgerPlugin", "format_spend", "spend_report"]
+
+#: While the totals are damaged and a cap is set, how often a call re-reads them (a repair
+#: made meanwhile lets calls through again without a restart).
+DAMAGE_RECHECK_S = 5.0
 
 
 class LedgerPlugin:
@@ -113,6 +121,9 @@ class LedgerPlugin:
         # Attempts of this gateway between their reservation and their after_call: while
         # another one is out, a reservation goes to the writer thread (group commit).
         self.in_flight = 0
+        #: The current month's totals that do not match its entries (found at open).
+        self.damage: list[str] = []
+        self._damage_checked = 0.0
         if self.enabled:
             self._open()
 
@@ -123,7 +134,10 @@ class LedgerPlugin:
             return
         try:
             self.store.open()
-            self.expired_at_start = self.store.expire_leases(self.ctx.clock.now())
+            now = self.ctx.clock.now()
+            self.expired_at_start = self.store.expire_leases(now)
+            self.damage = self.store.month_audit(month_of(now)).problems
+            self._damage_checked = self.ctx.clock.monotonic()
             self.open_error = None
             self.opened = True
         except LedgerError as exc:
@@ -131,6 +145,14 @@ class LedgerPlugin:
             self.open_error = str(exc)
             self.ctx.log.error("ledger.open_failed", path=str(self.path), error=str(exc))
             return
+        if self.damage:
+            self.ctx.log.error(
+                "ledger.totals_damaged",
+                path=str(self.path),
+                problems=self.damage,
+                calls_refused=self.caps.any,
+                fix="llmgw spend --repair",
+            )
         if self.expired_at_start:
             self.ctx.log.warning(
                 "ledger.leases_expired",
@@ -149,6 +171,10 @@ class LedgerPlugin:
             await self.writer.run_plain(self._open)
             if not self.opened:
                 raise ledger_failed(self.open_error or "not open", self.caps, self.cap_origin)
+        if self.damage and self.caps.any:
+            await self._recheck_damage()
+            if self.damage:
+                raise totals_damaged(self.damage, self.caps, self.cap_origin, DAMAGE_RECHECK_S)
         mine = call.stash.get(self.ctx.name)
         if mine is not None and mine.get("pre"):
             mine["used"] = True  # a panel member's first attempt: reserved with the panel
@@ -201,6 +227,22 @@ class LedgerPlugin:
             call.limit_cost(items[0].amount_micro)
         # Last: after_call runs (and counts it back) once before_call has completed.
         self.in_flight += 1
+
+    async def _recheck_damage(self) -> None:
+        """Read the current month's totals again, at most every ``DAMAGE_RECHECK_S``."""
+        at = self.ctx.clock.monotonic()
+        if at - self._damage_checked < DAMAGE_RECHECK_S:
+            return
+        self._damage_checked = at
+        month = month_of(self.ctx.clock.now())
+        try:
+            found = await self.writer.run_plain(lambda: self.store.month_audit(month))
+        except LedgerError as exc:
+            self.ctx.log.error("ledger.recheck_failed", error=str(exc))
+            return  # still damaged as far as is known: keep refusing
+        self.damage = found.problems
+        if not self.damage:
+            self.ctx.log.info("ledger.totals_repaired", path=str(self.path))
 
     def _item(self, call: Call) -> Item:
         assert call.target is not None
@@ -333,6 +375,7 @@ class LedgerPlugin:
             )
         report["lease_s"] = self.config.lease_s
         report["expired_at_start"] = self.expired_at_start
+        report["totals_damage"] = list(self.damage)
         return report
 
     @hookimpl

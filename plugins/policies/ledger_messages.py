@@ -71,3 +71,20 @@ def ledger_failed(error: str, caps: Caps, origin: dict[str, str]) -> CallRefused
         f"spend (fail closed); {tail}",
         fallback=False,
     )
+
+
+def totals_damaged(
+    problems: list[str], caps: Caps, origin: dict[str, str], recheck_s: float
+) -> CallRefused:
+    """Fail closed: the totals the caps are checked against are not what the entries add
+    up to (a hand edit, a restored file), so a cap could let spend through."""
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    held = ", ".join(scope_label(s, caps, origin) for s in sorted(origin))
+    return CallRefused(
+        ErrorClass.BUDGET_EXCEEDED,
+        f"the spend ledger's totals do not match its entries ({problems[0]}{more}), so the "
+        f"caps in force ({held}) cannot be enforced against them; calls are refused until "
+        "it is repaired (fail closed). Fix: run `llmgw spend --repair`; calls resume "
+        f"within {recheck_s:g} s of it",
+        fallback=False,
+    )

@@ -241,7 +241,6 @@ FROM (SELECT month, 'total' AS scope, state, cost_micro, reserved_micro FROM ent
       {where})
 GROUP BY month, scope
 """
-_FROM_ENTRIES = _FROM_ENTRIES_OF.format(where="")
 
 _TOTALS_FIELDS = ("settled", "overage", "reserved", "unknown")
 
@@ -300,19 +299,74 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
         result.damaged_months.add(str(month))
     for query in ENTRY_RULES:
         result.problems += [str(r[0]) for r in db.execute(query)]
-    expected: dict[tuple[str, str], tuple[Any, ...]] = {}
-    for month, scope, *sums, count in db.execute(_FROM_ENTRIES):
-        expected[month, scope] = tuple(v or 0 for v in sums)
+    expected, result.entries = _expected(db)
+    stored = _stored(db)
+    result.months = sorted({month for month, _ in expected} | {month for month, _ in stored})
+    _compare(expected, stored, result)
+    stale = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(reserved_micro), 0) FROM entries "
+        "WHERE state = 'reserved' AND lease_until < ?",
+        (now,),
+    ).fetchone()
+    if stale[0]:
+        result.notes.append(
+            f"{stale[0]} reservation(s) ({usd_text(stale[1])}) are past their lease: a "
+            "gateway stopped before settling them. The next gateway start turns them "
+            "unknown (still charged)"
+        )
+    return result
+
+
+def month_audit(db: sqlite3.Connection, month: str) -> Audit:
+    """One month's totals against its entries, inside the caller's transaction: what a
+    gateway checks as it opens the ledger (the sums of that month only, through its
+    index)."""
+    result = Audit()
+    expected, result.entries = _expected(db, [month])
+    result.months = [month]
+    _compare(expected, _stored(db, [month]), result)
+    return result
+
+
+Sums = dict[tuple[str, str], tuple[Any, ...]]
+Stored = dict[tuple[str, str], tuple[tuple[Any, ...], Any]]
+
+
+def _month_filter(months: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+    if months is None:
+        return "", ()
+    return f"WHERE month IN ({', '.join('?' * len(months))})", tuple(months)
+
+
+def _expected(db: sqlite3.Connection, months: Sequence[str] | None = None) -> tuple[Sums, int]:
+    """What each (month, scope) row of totals must hold, from the entries; and how many
+    entries there are (in ``months``, every month: None)."""
+    where, params = _month_filter(months)
+    sums: Sums = {}
+    count = 0
+    for month, scope, *values, n in db.execute(_FROM_ENTRIES_OF.format(where=where), params * 2):
+        sums[month, scope] = tuple(v or 0 for v in values)
         if scope == TOTAL:  # every entry is in its month's total once
-            result.entries += count
-    stored = {
+            count += n
+    return sums, count
+
+
+def _stored(db: sqlite3.Connection, months: Sequence[str] | None = None) -> Stored:
+    """Each totals row (in ``months``): its four sums and its cap."""
+    where, params = _month_filter(months)
+    return {
         (r[0], r[1]): (tuple(r[2:6]), r[6])
         for r in db.execute(
-            "SELECT month, scope, settled_micro, overage_micro, reserved_micro, "
-            "unknown_micro, cap_micro FROM totals"
+            "SELECT month, scope, settled_micro, overage_micro, reserved_micro, "  # noqa: S608
+            f"unknown_micro, cap_micro FROM totals {where}",
+            params,
         )
     }
-    result.months = sorted({month for month, _ in expected} | {month for month, _ in stored})
+
+
+def _compare(expected: Sums, stored: Stored, result: Audit) -> None:
+    """Name, in ``result``, every totals row that is not what its entries add up to, and
+    every scope over the cap recorded with it."""
     for key in sorted(expected.keys() | stored.keys()):
         month, scope = key
         want = expected.get(key, (0, 0, 0, 0))
@@ -340,18 +394,6 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
                 f"{month} {scope}: {usd_text(settled - overage + reserved + unknown)} "
                 f"counted against a cap of {usd_text(cap)}"
             )
-    stale = db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(reserved_micro), 0) FROM entries "
-        "WHERE state = 'reserved' AND lease_until < ?",
-        (now,),
-    ).fetchone()
-    if stale[0]:
-        result.notes.append(
-            f"{stale[0]} reservation(s) ({usd_text(stale[1])}) are past their lease: a "
-            "gateway stopped before settling them. The next gateway start turns them "
-            "unknown (still charged)"
-        )
-    return result
 
 
 #: Money columns must hold integers (micro-dollars); a CHECK does not refuse text or a
@@ -444,27 +486,10 @@ def rebuild_totals(
     broken = [str(r[0]) for query in ENTRY_RULES for r in db.execute(query)]
     if broken:
         raise RepairRefused("; ".join(broken))
-    where = ""
-    params: tuple[str, ...] = ()
-    if months is not None:
-        if not months:
-            return []
-        where = f"WHERE month IN ({', '.join('?' * len(months))})"
-        params = tuple(months)
-    expected = {
-        (month, scope): tuple(int(v or 0) for v in sums)
-        for month, scope, *sums, _count in db.execute(
-            _FROM_ENTRIES_OF.format(where=where), params * 2
-        )
-    }
-    stored = {
-        (r[0], r[1]): (tuple(r[2:6]), r[6])
-        for r in db.execute(
-            "SELECT month, scope, settled_micro, overage_micro, reserved_micro, "  # noqa: S608
-            f"unknown_micro, cap_micro FROM totals {where}",
-            params,
-        )
-    }
+    if months is not None and not months:
+        return []
+    expected = {key: tuple(int(v) for v in sums) for key, sums in _expected(db, months)[0].items()}
+    stored = _stored(db, months)
     changes: list[TotalsChange] = []
     for key in sorted(expected.keys() | stored.keys()):
         month, scope = key

@@ -424,6 +424,19 @@ class LedgerStore:
     def _read(self, query: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._reading(lambda db: db.execute(query, params).fetchall())
 
+    def month_audit(self, month: str) -> sql.Audit:
+        """``month``'s totals against its entries, read in one snapshot
+        (:func:`.ledger_sql.month_audit`)."""
+
+        def read(db: sqlite3.Connection) -> sql.Audit:
+            db.execute("BEGIN")
+            try:
+                return sql.month_audit(db, month)
+            finally:
+                self._rollback(db)
+
+        return self._reading(read)
+
     def scopes(self, month: str) -> dict[str, ScopeUse]:
         """Every scope with activity in ``month``."""
         return self._reading(lambda db: sql.scopes(db, month))

@@ -22,9 +22,13 @@ from _ledger_damage import (
     item,
     tamper,
 )
+from _money_helpers import fake
 
+from llmgw.kernel import Gateway, Request
 from llmgw.kernel.cli import main
 from llmgw.kernel.config import load_settings
+from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
+from llmgw.plugins.policies.ledger import DAMAGE_RECHECK_S
 from llmgw.plugins.policies.ledger_repair import (
     backup_path,
     format_repair,
@@ -329,3 +333,93 @@ def test_a_cap_that_is_not_an_amount_is_cleared_as_such(tmp_path: Path) -> None:
     assert result["check"]["ok"]
     text = format_repair(result)
     assert "2026-11 total: the cap recorded with it ('abc') is cleared: it is not an amount" in text
+
+
+# --- a gateway opening a damaged ledger ----------------------------------------------
+
+GATEWAY = """
+plugins: [ledger, router, fake]
+task_classes:
+  quick: {{provider: fake, model: m1, max_tokens: 100}}
+{caps}
+"""
+CAPS = "ledger:\n  caps: {total_monthly_usd: 2}\n"
+
+
+def damaged_gateway(path: Path, caps: str, clock: FakeClock) -> tuple[Gateway, FakeProvider]:
+    provider = fake()
+    g = gateway_from_yaml(
+        GATEWAY.format(caps=caps),
+        env={"LLM_GATEWAY_LEDGER_PATH": str(path)},
+        providers=[provider],
+        clock=clock,
+    )
+    return g, provider
+
+
+@pytest.mark.anyio
+async def test_damaged_totals_refuse_calls_while_a_cap_is_set_until_repaired(
+    tmp_path: Path,
+) -> None:
+    """Caps are checked against the totals: a gateway that opens a ledger whose totals
+    for this month do not match its entries fails closed, names the damage and the fix,
+    and lets calls through again once a repair has mended it (no restart)."""
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET unknown_micro = 0 WHERE scope = 'total' AND month = '2026-11'")
+    clock = FakeClock(wall=NOW)
+    g, provider = damaged_gateway(path, CAPS, clock)
+    try:
+        env = await g.route(Request("quick", "hi"))
+        assert env.status == "error" and env.error_class == "budget_exceeded"
+        assert env.error is not None
+        assert "totals do not match its entries (2026-11 total: totals unknown" in env.error
+        assert "total monthly cap ($2.0000" in env.error
+        assert "llmgw spend --repair" in env.error
+        assert provider.received == []  # nothing sent
+        info = g.hooks.report_info()["ledger"]
+        assert info["totals_damage"] == [
+            "2026-11 total: totals unknown $0.000000, its entries add up to $0.000290"
+        ]
+        st = LedgerStore(path)
+        st.open()
+        try:
+            assert [c.scope for c in st.rebuild_totals(["2026-11"])] == ["total"]
+        finally:
+            st.close()
+        # Re-read at most every DAMAGE_RECHECK_S: still refused until then.
+        assert (await g.route(Request("quick", "hi"))).status == "error"
+        clock.advance(DAMAGE_RECHECK_S)
+        assert (await g.route(Request("quick", "hi"))).ok
+        assert g.hooks.report_info()["ledger"]["totals_damage"] == []
+    finally:
+        await g.aclose()
+    assert audit(path, NOW).ok
+
+
+@pytest.mark.anyio
+async def test_damaged_totals_without_a_cap_are_reported_not_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET settled_micro = 1 WHERE scope = 'provider:a'")
+    g, provider = damaged_gateway(path, "", FakeClock(wall=NOW))
+    try:
+        assert (await g.route(Request("quick", "hi"))).ok
+        assert len(provider.received) == 1
+        (problem,) = g.hooks.report_info()["ledger"]["totals_damage"]
+        assert problem.startswith("2026-11 provider:a: totals settled $0.000001")
+    finally:
+        await g.aclose()
+
+
+@pytest.mark.anyio
+async def test_damage_in_another_month_does_not_stop_this_one(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET reserved_micro = 1 WHERE month = '2026-12'")
+    g, _ = damaged_gateway(path, CAPS, FakeClock(wall=NOW))
+    try:
+        assert (await g.route(Request("quick", "hi"))).ok
+        assert g.hooks.report_info()["ledger"]["totals_damage"] == []
+    finally:
+        await g.aclose()
