@@ -161,7 +161,10 @@ def spend_report(
     store = LedgerStore(path, busy_timeout_s=config.busy_timeout_s)
     try:
         store.open()
-        return build_report(store, caps, origin, month=month, path=str(path), enabled=enabled)
+        report = build_report(store, caps, origin, month=month, path=str(path), enabled=enabled)
+        # The check a gateway makes as it opens the ledger (this month only).
+        report["totals_damage"] = store.month_audit(month).problems
+        return report
     except LedgerError as exc:
         return build_report(
             None, caps, origin, month=month, path=str(path), enabled=enabled, error=str(exc)
@@ -269,6 +272,14 @@ def format_spend(report: dict[str, Any]) -> str:
         "\nunknown = sent but no usage came back (timeout, reset, crash): "
         "charged at the reserved worst case"
     )
+    damage = report.get("totals_damage")
+    if damage and report.get("check") is None:
+        lines.append(f"\nWARNING: this month's totals do not match its entries ({len(damage)}):")
+        lines += [f"  {p}" for p in damage]
+        lines.append(
+            "A gateway refuses calls while a cap is set and they are damaged. Run `llmgw "
+            "spend --repair` to rebuild them from the entries (`--check` checks every month)."
+        )
     check = report.get("check")
     if check is not None:
         lines.append("")

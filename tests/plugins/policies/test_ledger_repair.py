@@ -28,7 +28,7 @@ from llmgw.kernel import Gateway, Request
 from llmgw.kernel.cli import main
 from llmgw.kernel.config import load_settings
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
-from llmgw.plugins.policies.ledger import DAMAGE_RECHECK_S
+from llmgw.plugins.policies.ledger import DAMAGE_RECHECK_S, format_spend, spend_report
 from llmgw.plugins.policies.ledger_repair import (
     backup_path,
     format_repair,
@@ -253,6 +253,10 @@ def test_llmgw_spend_repair(
     assert "nothing to repair" in capsys.readouterr().out
 
     tamper(path, "UPDATE totals SET cap_micro = 100 WHERE scope = 'total' AND month = '2026-11'")
+    # The plain report warns when this month's totals are damaged (a later month here:
+    # the damage is in November, the report's month is now).
+    assert main(["spend", "--config", str(config)]) == 0
+    assert "WARNING" not in capsys.readouterr().out
     assert main(["spend", "--check", "--config", str(config)]) == 1
     assert "Run `llmgw spend --repair`" in capsys.readouterr().out
     assert main(cmd) == 0
@@ -423,3 +427,24 @@ async def test_damage_in_another_month_does_not_stop_this_one(tmp_path: Path) ->
         assert g.hooks.report_info()["ledger"]["totals_damage"] == []
     finally:
         await g.aclose()
+
+
+def test_the_spend_report_warns_of_this_months_damaged_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET reserved_micro = 1 WHERE scope = 'total' AND month = '2026-12'")
+    config = tmp_path / "routing.yaml"
+    config.write_text(CONFIG)
+    settings = load_settings(config, env={"LLM_GATEWAY_LEDGER_PATH": str(path)})
+    report = spend_report(settings, now=NEXT_MONTH)
+    assert report["totals_damage"] == [
+        "2026-12 total: totals reserved $0.000001, its entries add up to $0.000300"
+    ]
+    text = format_spend(report)
+    assert "WARNING: this month's totals do not match its entries (1):" in text
+    assert "llmgw spend --repair" in text
+    clean = spend_report(settings, now=NOW)  # November: not damaged
+    assert clean["totals_damage"] == []
+    assert "WARNING" not in format_spend(clean)
