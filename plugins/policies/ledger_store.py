@@ -123,7 +123,11 @@ class LedgerStore:
                 if str(mode).lower() != "wal":
                     raise LedgerError(f"{self.path}: cannot switch to WAL mode (got {mode})")
                 db.execute("PRAGMA synchronous = FULL")
-                db.execute("BEGIN IMMEDIATE")
+                # The schema transaction waits for the write lock as every write does (our
+                # short jittered retries): SQLite's handler sleeps in growing steps, and
+                # beside busy writers it can miss every free moment until the timeout.
+                db.execute("PRAGMA busy_timeout = 0")
+                self._retrying(lambda: db.execute("BEGIN IMMEDIATE"))
                 try:
                     version = db.execute("PRAGMA user_version").fetchone()[0]
                     if version > SCHEMA_VERSION:
@@ -144,7 +148,6 @@ class LedgerStore:
                     # while the index is rebuilt): a second ROLLBACK would hide why.
                     self._rollback(db)
                     raise
-                db.execute("PRAGMA busy_timeout = 0")
             except sqlite3.Error as exc:
                 db.close()
                 if _busy(exc):

@@ -4,6 +4,8 @@ UTC months, and the CHECK constraint behind the application's cap check."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -136,6 +138,42 @@ def test_locked_past_the_busy_timeout_is_a_ledger_error(tmp_path: Path) -> None:
         other.close()
     s.reserve([item("1", 1)], Caps(), now=NOW, lease_s=60)
     s.close()
+
+
+WRITER = """
+import sys, time, uuid
+from datetime import UTC, datetime
+from llmgw.plugins.policies.ledger_store import Caps, Item, LedgerStore
+st = LedgerStore(sys.argv[1])
+st.open()
+print("writing", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:  # one write transaction after another, no pause
+    i = uuid.uuid4().hex
+    st.reserve([Item(i, "a", "m", "c", "r", 1)], Caps(), now=datetime.now(UTC), lease_s=60)
+    st.settle(i, cost_micro=1, now=datetime.now(UTC))
+st.close()
+"""
+
+
+def test_opening_beside_a_process_that_writes_without_pause(tmp_path: Path) -> None:
+    """The schema transaction at open waits for the write lock with the store's short
+    jittered retries: SQLite's own handler sleeps in growing steps and, beside a writer
+    that frees the lock only for moments, could miss every one until the timeout."""
+    path = tmp_path / "l.db"
+    LedgerStore(path).open()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), "20"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        for _ in range(10):
+            s = LedgerStore(path, busy_timeout_s=1.0)
+            s.open()  # raised "database is locked" now and then before
+            s.close()
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_cannot_open_is_a_ledger_error(tmp_path: Path) -> None:
