@@ -284,7 +284,7 @@ DRAIN_S = 5.0
 #: A JSON-RPC id (a number or a string) as a key of the frame's own object: in a frame's
 #: head, before ``"params"``; in its tail, as the last key (the frame's closing brace
 #: follows it).
-_ID_VALUE = rb'(-?\d+|"(?:[^"\\]|\\.)*")'
+_ID_VALUE = rb'(-?\d+(?![\d.eE])|"(?:[^"\\]|\\.)*")'
 _HEAD_ID = re.compile(rb'"id"\s*:\s*' + _ID_VALUE)
 _TAIL_ID = re.compile(rb'"id"\s*:\s*' + _ID_VALUE + rb"\s*\}\s*$")
 #: How much of an over-long frame's head and tail is kept to find its id.
@@ -293,7 +293,10 @@ _ID_WINDOW = 4096
 
 def _frame_id(head: bytes, tail: bytes) -> int | str | None:
     """The id of an over-long request frame, from the bytes kept of its head and tail
-    (the frame itself is never parsed); None if it is not found where clients put it."""
+    (the frame itself is never parsed); None if it is not found where clients put it, or
+    if the frame is not one request (a batch, or a response: no ``"method"`` key first)."""
+    if not head.lstrip().startswith(b"{") or b'"method"' not in head:
+        return None
     params = head.find(b'"params"')
     before = head if params < 0 else head[:params]
     found = _HEAD_ID.search(before)

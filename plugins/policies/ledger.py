@@ -17,8 +17,8 @@ sharing the ledger file. How:
 - Fail closed: a ledger error, or an unknown price while a cap applies, refuses the call.
 - At start, the current month's totals are checked against its entries (one read of
   that month). Damaged totals (a hand edit, a file restored from elsewhere) are logged
-  and shown in ``llm_routing_info``; while a cap is set, calls are refused until
-  ``llmgw spend --repair`` mends them (re-checked at most every ``DAMAGE_RECHECK_S``).
+  and shown in ``llm_routing_info``; while a damaged scope has a cap, calls are refused
+  until ``llmgw spend --repair`` mends it (re-read at most every ``DAMAGE_RECHECK_S``).
 
 Speed without weakening any of that (figures in docs/performance.md):
 
@@ -121,23 +121,24 @@ class LedgerPlugin:
         # Attempts of this gateway between their reservation and their after_call: while
         # another one is out, a reservation goes to the writer thread (group commit).
         self.in_flight = 0
-        #: The current month's totals that do not match its entries (found at open).
+        #: This month's totals rows that do not match its entries (read at open, again
+        #: at most every DAMAGE_RECHECK_S while there are any), and those of them in a
+        #: scope with a cap (they refuse calls).
         self.damage: list[str] = []
+        self.damage_capped: list[str] = []
         self._damage_checked = 0.0
         if self.enabled:
             self._open()
 
     def _open(self) -> None:
-        """Open (at start; again before a call if that failed), then turn the expired
-        reservations of a process that stopped into ``unknown``."""
+        """Open (at start; again before a call if that failed), turn the expired
+        reservations of a process that stopped into ``unknown``, then check this month's
+        totals against its entries."""
         if self.opened:
             return
         try:
             self.store.open()
-            now = self.ctx.clock.now()
-            self.expired_at_start = self.store.expire_leases(now)
-            self.damage = self.store.month_audit(month_of(now)).problems
-            self._damage_checked = self.ctx.clock.monotonic()
+            self.expired_at_start = self.store.expire_leases(self.ctx.clock.now())
             self.open_error = None
             self.opened = True
         except LedgerError as exc:
@@ -145,20 +146,50 @@ class LedgerPlugin:
             self.open_error = str(exc)
             self.ctx.log.error("ledger.open_failed", path=str(self.path), error=str(exc))
             return
-        if self.damage:
-            self.ctx.log.error(
-                "ledger.totals_damaged",
-                path=str(self.path),
-                problems=self.damage,
-                calls_refused=self.caps.any,
-                fix="llmgw spend --repair",
-            )
         if self.expired_at_start:
             self.ctx.log.warning(
                 "ledger.leases_expired",
                 count=self.expired_at_start,
                 note="reservations of a process that stopped are kept charged as unknown",
             )
+        self._check_totals()
+        if self.damage:
+            self.ctx.log.error(
+                "ledger.totals_damaged",
+                path=str(self.path),
+                problems=self.damage,
+                calls_refused=bool(self.damage_capped),
+                fix="llmgw spend --repair",
+            )
+
+    def _check_totals(self) -> None:
+        """Read this month's totals against its entries (blocking: at open, on the writer
+        thread, or in ``report_info``'s worker thread). Damage matters to calls only in a
+        scope with a cap (``damage_capped``); the rest is reported. A failed read changes
+        nothing: a reservation reads the totals itself, and fails closed if it cannot."""
+        self._damage_checked = self.ctx.clock.monotonic()
+        month = month_of(self.ctx.clock.now())
+        try:
+            found = self.store.month_audit(month)
+        except LedgerError as exc:
+            self.ctx.log.warning("ledger.check_failed", path=str(self.path), error=str(exc))
+            return
+        was = bool(self.damage)
+        self.damage = found.problems
+        self.damage_capped = [
+            problem
+            for (_, scope), problems in sorted(found.damaged.items())
+            if self.caps.for_scope(scope) is not None
+            for problem in problems
+        ]
+        if was and not self.damage:
+            self.ctx.log.info("ledger.totals_match", path=str(self.path), month=month)
+
+    def _damage_due(self) -> bool:
+        """Damage known, and not re-read for ``DAMAGE_RECHECK_S``."""
+        return bool(self.damage) and (
+            self.ctx.clock.monotonic() - self._damage_checked >= DAMAGE_RECHECK_S
+        )
 
     # --- before_call: reserve --------------------------------------------------------
 
@@ -171,10 +202,14 @@ class LedgerPlugin:
             await self.writer.run_plain(self._open)
             if not self.opened:
                 raise ledger_failed(self.open_error or "not open", self.caps, self.cap_origin)
-        if self.damage and self.caps.any:
-            await self._recheck_damage()
-            if self.damage:
-                raise totals_damaged(self.damage, self.caps, self.cap_origin, DAMAGE_RECHECK_S)
+        if self.damage_capped:
+            if self._damage_due():
+                # Every call waits for it anyway: none goes out while the damage stands.
+                await self.writer.run_plain(self._check_totals)
+            if self.damage_capped:
+                raise totals_damaged(
+                    self.damage_capped, self.caps, self.cap_origin, DAMAGE_RECHECK_S
+                )
         mine = call.stash.get(self.ctx.name)
         if mine is not None and mine.get("pre"):
             mine["used"] = True  # a panel member's first attempt: reserved with the panel
@@ -227,22 +262,6 @@ class LedgerPlugin:
             call.limit_cost(items[0].amount_micro)
         # Last: after_call runs (and counts it back) once before_call has completed.
         self.in_flight += 1
-
-    async def _recheck_damage(self) -> None:
-        """Read the current month's totals again, at most every ``DAMAGE_RECHECK_S``."""
-        at = self.ctx.clock.monotonic()
-        if at - self._damage_checked < DAMAGE_RECHECK_S:
-            return
-        self._damage_checked = at
-        month = month_of(self.ctx.clock.now())
-        try:
-            found = await self.writer.run_plain(lambda: self.store.month_audit(month))
-        except LedgerError as exc:
-            self.ctx.log.error("ledger.recheck_failed", error=str(exc))
-            return  # still damaged as far as is known: keep refusing
-        self.damage = found.problems
-        if not self.damage:
-            self.ctx.log.info("ledger.totals_repaired", path=str(self.path))
 
     def _item(self, call: Call) -> Item:
         assert call.target is not None
@@ -375,6 +394,8 @@ class LedgerPlugin:
             )
         report["lease_s"] = self.config.lease_s
         report["expired_at_start"] = self.expired_at_start
+        if self.opened and self._damage_due():
+            self._check_totals()  # in llm_routing_info's worker thread
         report["totals_damage"] = list(self.damage)
         return report
 

@@ -84,7 +84,7 @@ def totals_damaged(
         ErrorClass.BUDGET_EXCEEDED,
         f"the spend ledger's totals do not match its entries ({problems[0]}{more}), so the "
         f"caps in force ({held}) cannot be enforced against them; calls are refused until "
-        "it is repaired (fail closed). Fix: run `llmgw spend --repair`; calls resume "
-        f"within {recheck_s:g} s of it",
+        "it is repaired (fail closed). Fix: run `llmgw spend --repair` (it says so if the "
+        f"damage is in the entries themselves); calls resume within {recheck_s:g} s of it",
         fallback=False,
     )

@@ -229,17 +229,14 @@ def breakdown(db: sqlite3.Connection, month: str) -> list[dict[str, Any]]:
 #: What each scope's totals must be, recomputed from the entries (see :func:`audit`);
 #: ``{where}``: nothing, or a filter on the month.
 _FROM_ENTRIES_OF = """
-SELECT month, scope,
+SELECT month, provider,
        SUM(CASE state WHEN 'settled' THEN cost_micro ELSE 0 END),
        SUM(CASE state WHEN 'settled' THEN MAX(0, cost_micro - reserved_micro) ELSE 0 END),
        SUM(CASE state WHEN 'reserved' THEN reserved_micro ELSE 0 END),
        SUM(CASE state WHEN 'unknown' THEN reserved_micro ELSE 0 END),
        COUNT(*)
-FROM (SELECT month, 'total' AS scope, state, cost_micro, reserved_micro FROM entries {where}
-      UNION ALL
-      SELECT month, 'provider:' || provider, state, cost_micro, reserved_micro FROM entries
-      {where})
-GROUP BY month, scope
+FROM entries {where}
+GROUP BY month, provider
 """
 
 _TOTALS_FIELDS = ("settled", "overage", "reserved", "unknown")
@@ -256,6 +253,13 @@ class Audit:
     #: The months with a totals row that does not match its entries (what a repair
     #: rebuilds).
     damaged_months: set[str] = field(default_factory=set)
+    #: Those rows, as (month, scope), each with its problems.
+    damaged: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def add_damage(self, month: str, scope: str, problem: str) -> None:
+        self.problems.append(problem)
+        self.damaged_months.add(month)
+        self.damaged.setdefault((month, scope), []).append(problem)
 
     @property
     def ok(self) -> bool:
@@ -294,9 +298,8 @@ def _audit(db: sqlite3.Connection, now: float) -> Audit:
     integrity = [str(r[0]) for r in db.execute("PRAGMA integrity_check").fetchall()]
     if integrity != ["ok"]:
         result.problems += [f"integrity_check: {line}" for line in integrity]
-    for month, problem in db.execute(_TOTALS_NOT_INTEGERS):
-        result.problems.append(str(problem))
-        result.damaged_months.add(str(month))
+    for month, scope, problem in db.execute(_TOTALS_NOT_INTEGERS):
+        result.add_damage(str(month), str(scope), str(problem))
     for query in ENTRY_RULES:
         result.problems += [str(r[0]) for r in db.execute(query)]
     expected, result.entries = _expected(db)
@@ -344,10 +347,14 @@ def _expected(db: sqlite3.Connection, months: Sequence[str] | None = None) -> tu
     where, params = _month_filter(months)
     sums: Sums = {}
     count = 0
-    for month, scope, *values, n in db.execute(_FROM_ENTRIES_OF.format(where=where), params * 2):
-        sums[month, scope] = tuple(v or 0 for v in values)
-        if scope == TOTAL:  # every entry is in its month's total once
-            count += n
+    # One pass over the entries by (month, provider); each month's total is the sum of its
+    # providers' (every entry is in one provider scope and in its month's total once).
+    for month, provider, *values, n in db.execute(_FROM_ENTRIES_OF.format(where=where), params):
+        mine = tuple(v or 0 for v in values)
+        sums[month, provider_scope(provider)] = mine
+        total = sums.get((month, TOTAL), (0, 0, 0, 0))
+        sums[month, TOTAL] = tuple(a + b for a, b in zip(total, mine, strict=True))
+        count += n
     return sums, count
 
 
@@ -373,33 +380,36 @@ def _compare(expected: Sums, stored: Stored, result: Audit) -> None:
         have, cap = stored.get(key, (None, None))
         if have is None:
             if any(want):
-                result.problems.append(
-                    f"{month} {scope}: no totals row, but its entries add up to " + _amounts(want)
+                result.add_damage(
+                    month,
+                    scope,
+                    f"{month} {scope}: no totals row, but its entries add up to " + _amounts(want),
                 )
-                result.damaged_months.add(month)
             continue
         for name, h, w in zip(_TOTALS_FIELDS, have, want, strict=True):
             if h != w:
-                result.damaged_months.add(month)
-                result.problems.append(
+                result.add_damage(
+                    month,
+                    scope,
                     f"{month} {scope}: totals {name} {usd_text(h)}, "
-                    f"its entries add up to {usd_text(w)}"
+                    f"its entries add up to {usd_text(w)}",
                 )
         if not all(isinstance(v, int) for v in (*have, cap if cap is not None else 0)):
             continue  # named above; no cap arithmetic on text
         settled, overage, reserved, unknown = have
         if cap is not None and settled - overage + reserved + unknown > cap:
-            result.damaged_months.add(month)
-            result.problems.append(
+            result.add_damage(
+                month,
+                scope,
                 f"{month} {scope}: {usd_text(settled - overage + reserved + unknown)} "
-                f"counted against a cap of {usd_text(cap)}"
+                f"counted against a cap of {usd_text(cap)}",
             )
 
 
 #: Money columns must hold integers (micro-dollars); a CHECK does not refuse text or a
 #: fraction (text sorts above every number), and ``integrity_check`` does not name them.
 _TOTALS_NOT_INTEGERS = (
-    "SELECT month, month || ' ' || scope || ': a money column of its totals row holds a "
+    "SELECT month, scope, month || ' ' || scope || ': a money column of its totals row holds a "
     "value that is not an integer' FROM totals WHERE typeof(settled_micro) <> 'integer' "
     "OR typeof(overage_micro) <> 'integer' OR typeof(reserved_micro) <> 'integer' "
     "OR typeof(unknown_micro) <> 'integer' "

@@ -387,7 +387,7 @@ def test_a_frame_over_the_limit_is_dropped_whole_answered_with_an_error_and_the_
     ("head", "tail", "expected"),
     [
         (b'{"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"a', b'a"}}\n', 9),
-        (b'{"id": -3, "params": {', b"}}", -3),
+        (b'{"id": -3, "method": "m", "params": {', b"}}", -3),
         (b'{"method": "m", "params": {"x": "', b'x"}, "jsonrpc": "2.0", "id": "a\\"b"}\n', 'a"b'),
         # An id inside the params is not the frame's, at either end.
         (b'{"method": "m", "params": {"id": 3, "x": "', b'x"}}\n', None),
@@ -407,3 +407,21 @@ def test_the_id_of_an_over_long_frame_is_found_only_where_clients_put_it(
     if expected is not None:
         reply = json.loads(server.too_long_reply(expected))
         assert reply["id"] == expected and reply["error"]["code"] == -32600
+
+
+@pytest.mark.parametrize(
+    ("head", "tail"),
+    [
+        # Not integers: JSON-RPC ids of MCP are strings or integers.
+        (b'{"jsonrpc": "2.0", "id": 1.5, "method": "m", "params": {', b"}}\n"),
+        (b'{"jsonrpc": "2.0", "id": 2e3, "method": "m", "params": {', b"}}\n"),
+        # A client's response to a request of the server: its id is the server's.
+        (b'{"jsonrpc": "2.0", "id": 4, "result": {"x": "', b'x"}}\n'),
+        # A batch: one id would answer for all of them.
+        (b'[{"jsonrpc": "2.0", "id": 5, "method": "m", "params": {', b"}}]\n"),
+    ],
+)
+def test_an_over_long_frame_that_is_not_one_request_gets_no_answer(
+    head: bytes, tail: bytes
+) -> None:
+    assert server._frame_id(head, tail) is None

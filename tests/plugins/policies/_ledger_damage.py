@@ -49,7 +49,7 @@ def audit(path: Path, at: datetime = NEXT_MONTH) -> Audit:
 
 def tamper(path: Path, statement: str) -> None:
     """Change the file behind the ledger's back, CHECKs off (as a hand edit could)."""
-    db = sqlite3.connect(path)
+    db = sqlite3.connect(path, timeout=60)  # beside a busy writer in some tests
     db.execute("PRAGMA ignore_check_constraints = ON")  # damage the CHECKs would refuse
     db.execute(statement)
     db.commit()

@@ -91,7 +91,7 @@ def test_the_check_reads_one_snapshot_while_a_gateway_writes(tmp_path: Path) -> 
 
         def execute(self, query: str, *params: object) -> object:
             cursor = reading.execute(query, *params)
-            if "UNION ALL" in query and not wrote:
+            if "GROUP BY month, provider" in query and not wrote:
                 rows = cursor.fetchall()
                 writer.reserve([item("new", 500)], Caps(), now=NOW, lease_s=60)
                 wrote.append(True)

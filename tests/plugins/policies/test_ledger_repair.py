@@ -35,7 +35,7 @@ from llmgw.plugins.policies.ledger_repair import (
     repair_ledger,
     repaired_ok,
 )
-from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, LedgerStore
+from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, LedgerError, LedgerStore
 
 CONFIG = "plugins: [ledger, router]\ntask_classes:\n  quick: {provider: openai, model: m1}\n"
 
@@ -448,3 +448,76 @@ def test_the_spend_report_warns_of_this_months_damaged_totals(
     clean = spend_report(settings, now=NOW)  # November: not damaged
     assert clean["totals_damage"] == []
     assert "WARNING" not in format_spend(clean)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("caps", "damage"),
+    [
+        # A total cap only: a provider's row is not what any cap is checked against.
+        (CAPS, "UPDATE totals SET settled_micro = 1 WHERE scope = 'provider:a'"),
+        # A cap on provider fake only: the damage is in another provider's row.
+        (
+            "ledger:\n  caps: {providers: {fake: 2}}\n",
+            "UPDATE totals SET settled_micro = 1 WHERE scope = 'provider:b' AND month = '2026-11'",
+        ),
+    ],
+    ids=["total-cap", "provider-cap"],
+)
+async def test_damage_where_no_cap_is_checked_is_reported_not_refused(
+    tmp_path: Path, caps: str, damage: str
+) -> None:
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, damage)
+    g, provider = damaged_gateway(path, caps, FakeClock(wall=NOW))
+    try:
+        assert (await g.route(Request("quick", "hi"))).ok
+        assert len(provider.received) == 1
+        assert len(g.hooks.report_info()["ledger"]["totals_damage"]) == 1
+    finally:
+        await g.aclose()
+
+
+@pytest.mark.anyio
+async def test_reported_damage_is_read_again_after_a_repair(tmp_path: Path) -> None:
+    """No cap: nothing is refused, and llm_routing_info re-reads the totals (at most
+    every DAMAGE_RECHECK_S) rather than show damage a repair has mended."""
+    path = tmp_path / "l.db"
+    busy_ledger(path)
+    tamper(path, "UPDATE totals SET settled_micro = 1 WHERE scope = 'provider:a'")
+    clock = FakeClock(wall=NOW)
+    g, _ = damaged_gateway(path, "", clock)
+    try:
+        assert g.hooks.report_info()["ledger"]["totals_damage"]
+        assert repair(tmp_path, path, NOW)["state"] == "repaired"
+        assert g.hooks.report_info()["ledger"]["totals_damage"]  # not re-read yet
+        clock.advance(DAMAGE_RECHECK_S)
+        assert g.hooks.report_info()["ledger"]["totals_damage"] == []
+    finally:
+        await g.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_failed_check_at_open_neither_refuses_nor_loses_the_expired_leases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "l.db"
+    st = LedgerStore(path)
+    st.open()
+    st.reserve([item("crashed", 500, "fake")], Caps(), now=NOW, lease_s=60)
+    st.close()
+
+    def unreadable(self: LedgerStore, month: str) -> None:
+        raise LedgerError(f"cannot read {self.path}: disk I/O error")
+
+    monkeypatch.setattr(LedgerStore, "month_audit", unreadable)
+    clock = FakeClock(wall=NOW)
+    clock.advance(61)
+    g, _ = damaged_gateway(path, CAPS, clock)
+    try:
+        info = g.hooks.report_info()["ledger"]
+        assert info["expired_at_start"] == 1 and info["totals_damage"] == []
+        assert (await g.route(Request("quick", "hi"))).ok
+    finally:
+        await g.aclose()
