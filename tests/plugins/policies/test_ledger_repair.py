@@ -24,7 +24,7 @@ from _ledger_damage import (
 )
 from _money_helpers import fake
 
-from llmgw.kernel import Gateway, Request
+from llmgw.kernel import Gateway, Request, Settings
 from llmgw.kernel.cli import main
 from llmgw.kernel.config import load_settings
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
@@ -40,11 +40,15 @@ from llmgw.plugins.policies.ledger_store import CapExceeded, Caps, LedgerError, 
 CONFIG = "plugins: [ledger, router]\ntask_classes:\n  quick: {provider: openai, model: m1}\n"
 
 
-def repair(tmp_path: Path, path: Path, at: datetime = NEXT_MONTH) -> dict[str, Any]:
+def settings_for(tmp_path: Path, path: Path, extra: str = "") -> Settings:
+    """Settings of a routing.yaml with the ledger at ``path`` (``extra``: more YAML)."""
     config = tmp_path / "routing.yaml"
-    config.write_text(CONFIG)
-    settings = load_settings(config, env={"LLM_GATEWAY_LEDGER_PATH": str(path)})
-    return repair_ledger(settings, now=at)
+    config.write_text(CONFIG + extra)
+    return load_settings(config, env={"LLM_GATEWAY_LEDGER_PATH": str(path)})
+
+
+def repair(tmp_path: Path, path: Path, at: datetime = NEXT_MONTH) -> dict[str, Any]:
+    return repair_ledger(settings_for(tmp_path, path), now=at)
 
 
 def entries(path: Path) -> list[tuple[Any, ...]]:
@@ -304,19 +308,15 @@ def test_only_the_damaged_months_are_rebuilt(tmp_path: Path) -> None:
     assert result["check"]["ok"]
 
 
-def test_a_locked_ledger_fails_cleanly_and_names_its_unneeded_backup(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_locked_ledger_fails_cleanly_and_names_its_unneeded_backup(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     busy_ledger(path)
     tamper(path, "UPDATE totals SET settled_micro = 1 WHERE scope = 'total'")
-    config = tmp_path / "routing.yaml"
-    config.write_text(CONFIG + "ledger: {busy_timeout_s: 0.2}\n")
+    settings = settings_for(tmp_path, path, "ledger: {busy_timeout_s: 0.2}\n")
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another connection keeps the write lock
     try:
         before = entries(path)
-        settings = load_settings(config, env={"LLM_GATEWAY_LEDGER_PATH": str(path)})
         result = repair_ledger(settings, now=NEXT_MONTH)
     finally:
         holder.execute("ROLLBACK")
@@ -429,15 +429,11 @@ async def test_damage_in_another_month_does_not_stop_this_one(tmp_path: Path) ->
         await g.aclose()
 
 
-def test_the_spend_report_warns_of_this_months_damaged_totals(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_spend_report_warns_of_this_months_damaged_totals(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
     busy_ledger(path)
     tamper(path, "UPDATE totals SET reserved_micro = 1 WHERE scope = 'total' AND month = '2026-12'")
-    config = tmp_path / "routing.yaml"
-    config.write_text(CONFIG)
-    settings = load_settings(config, env={"LLM_GATEWAY_LEDGER_PATH": str(path)})
+    settings = settings_for(tmp_path, path)
     report = spend_report(settings, now=NEXT_MONTH)
     assert report["totals_damage"] == [
         "2026-12 total: totals reserved $0.000001, its entries add up to $0.000300"
