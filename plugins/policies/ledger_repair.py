@@ -17,7 +17,7 @@ such damage; this mends it:
    ``BEGIN IMMEDIATE`` transaction (:func:`.ledger_sql.rebuild_totals`). Gateways
    sharing the file may go on running: they read the totals afresh in every transaction
    and wait for the lock meanwhile, up to ``ledger.busy_timeout_s`` (5 s by default; the
-   sums take about 2.4 s per million entries of those months on two cores, so for a
+   sums take about 1.5 s per million entries of those months on two cores, so for a
    ledger that large stop the gateways first);
 5. check again, and report each row changed.
 
@@ -37,10 +37,8 @@ from typing import Any
 from llmgw.kernel import Settings
 
 from .ledger_report import BELOW_TOTALS, check_dict, ledger_of
-from .ledger_sql import RepairRefused, TotalsChange, usd_text
+from .ledger_sql import TOTALS_FIELDS, RepairRefused, TotalsChange, counted, usd_text
 from .ledger_store import LedgerError, LedgerReader, LedgerStore
-
-FIELDS = ("settled", "overage", "reserved", "unknown")
 
 
 def backup_path(path: Path, at: datetime) -> Path:
@@ -135,8 +133,8 @@ def _change_dict(change: TotalsChange) -> dict[str, Any]:
     return {
         "month": change.month,
         "scope": change.scope,
-        "before": None if before is None else dict(zip(FIELDS, before, strict=True)),
-        "after": dict(zip(FIELDS, change.after, strict=True)),
+        "before": None if before is None else dict(zip(TOTALS_FIELDS, before, strict=True)),
+        "after": dict(zip(TOTALS_FIELDS, change.after, strict=True)),
         "cap_before": change.cap_before,
         "cap_after": change.cap_after,
     }
@@ -153,14 +151,13 @@ def _change_lines(change: dict[str, Any]) -> list[str]:
     else:
         lines += [
             f"{where} {k} {usd_text(before[k])} -> {usd_text(after[k])}"
-            for k in FIELDS
+            for k in TOTALS_FIELDS
             if type(before[k]) is not int or before[k] != after[k]
         ]
     cap = change["cap_before"]
     if cap is not None and change["cap_after"] is None:
-        counted = after["settled"] - after["overage"] + after["reserved"] + after["unknown"]
         why = (
-            f"its entries count {usd_text(counted)} against it"
+            f"its entries count {usd_text(counted(list(after.values())))} against it"
             if type(cap) is int and cap >= 0
             else "it is not an amount"
         )

@@ -277,8 +277,9 @@ def format_spend(report: dict[str, Any]) -> str:
         lines.append(f"\nWARNING: this month's totals do not match its entries ({len(damage)}):")
         lines += [f"  {p}" for p in damage]
         lines.append(
-            "A gateway refuses calls while a cap is set and they are damaged. Run `llmgw "
-            "spend --repair` to rebuild them from the entries (`--check` checks every month)."
+            "A gateway refuses calls while a damaged row is one a cap is checked against. Run "
+            "`llmgw spend --repair` to rebuild them from the entries (`--check` checks every "
+            "month)."
         )
     check = report.get("check")
     if check is not None:

@@ -151,11 +151,7 @@ class LedgerStore:
             except sqlite3.Error as exc:
                 db.close()
                 if _busy(exc):
-                    raise LedgerError(
-                        f"cannot open {self.path}: database is locked: another connection "
-                        f"held the write lock for over {self.busy_timeout_s:g} s "
-                        "(ledger.busy_timeout_s)"
-                    ) from None
+                    raise LedgerError(f"cannot open {self._locked()}") from None
                 raise LedgerError(f"cannot open {self.path}: {exc}") from None
             except BaseException:
                 db.close()
@@ -175,6 +171,12 @@ class LedgerStore:
 
     # --- transactions ----------------------------------------------------------------
 
+    def _locked(self) -> str:
+        return (
+            f"{self.path}: database is locked: another connection held the write lock for "
+            f"over {self.busy_timeout_s:g} s (ledger.busy_timeout_s)"
+        )
+
     def _retrying(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` until it does not meet a busy database, for ``busy_timeout_s`` at
         most, sleeping a short jittered while between tries (see the module docstring)."""
@@ -189,10 +191,7 @@ class LedgerStore:
                 if deadline is None:
                     deadline = now + self.busy_timeout_s
                 elif now >= deadline:
-                    raise LedgerError(
-                        f"{self.path}: database is locked: another connection held the write "
-                        f"lock for over {self.busy_timeout_s:g} s (ledger.busy_timeout_s)"
-                    ) from None
+                    raise LedgerError(self._locked()) from None
                 self.busy_retries += 1
                 time.sleep(min(self._rng.uniform(*RETRY_S), max(0.0, deadline - now)))
 
