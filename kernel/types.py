@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
@@ -129,7 +129,7 @@ def canonical_request(
     provider: str,
     model: str,
     system: str | None,
-    messages: tuple[Message, ...] | list[Message],
+    messages: Sequence[Message],
     max_tokens: int,
 ) -> dict[str, Any]:
     """The canonical request form: a client can rebuild it from what it sent."""

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from llmgw.kernel import Call, Message, Request
 from llmgw.kernel.config import Model, Settings
 
-from .visibility import CANONICAL_FORM, CONTENT_FORM, REQUEST_FORM
+from .visibility import CANONICAL_FORM, CONTENT_FORM, REQUEST_FORM, Digests
 
 CLAIM = (
     "every request sent to every member (retries and fallbacks included) had the original "
@@ -69,6 +69,7 @@ class Certificate:
     min_distinct_providers: int
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    digests: Digests = field(default_factory=Digests, repr=False, compare=False)
 
     @property
     def certified(self) -> bool:

@@ -64,14 +64,7 @@ from llmgw.kernel import (
 from llmgw.kernel.config import Model, Settings
 
 from .certificate import CLAIM, Certificate, MemberRecord, PanelContract, original_system, who
-from .visibility import (
-    CANONICAL_FORM,
-    CONTENT_FORM,
-    REQUEST_FORM,
-    call_content_sha256,
-    call_request_sha256,
-    content_sha256,
-)
+from .visibility import CANONICAL_FORM, CONTENT_FORM, REQUEST_FORM, Digests
 
 __all__ = ["IndependencePlugin", "PanelContract"]
 
@@ -125,6 +118,7 @@ class IndependencePlugin:
     def _start(self, panel: Call, contract: PanelContract) -> Certificate:
         request = panel.request
         system, source = original_system(request, self.ctx.settings)
+        digests = Digests()  # members share their content: each digest is computed once
         members = []
         for m in panel.members:
             assert m.target is not None
@@ -134,8 +128,8 @@ class IndependencePlugin:
                     provider=m.target.provider,
                     model=m.target.model,
                     max_tokens=m.max_tokens,
-                    request_sha256=call_request_sha256(m),
-                    content_sha256=call_content_sha256(m),
+                    request_sha256=digests.of_call(m),
+                    content_sha256=digests.content(m.system, m.messages),
                     access=list(m.access),
                 )
             )
@@ -144,9 +138,10 @@ class IndependencePlugin:
             system=system,
             system_source=source,
             prompt=request.prompt,
-            original_sha256=content_sha256(system, [Message("user", request.prompt)]),
+            original_sha256=digests.content(system, [Message("user", request.prompt)]),
             members=members,
             min_distinct_providers=panel.route.min_distinct_providers,
+            digests=digests,
         )
 
     # --- hooks -----------------------------------------------------------------------
@@ -209,7 +204,7 @@ class IndependencePlugin:
             )
         problems = cert.problems(call, who(call))
         # Remember exactly what was checked, to compare with what the kernel sends.
-        call.stash[self.ctx.name] = call_request_sha256(call)
+        call.stash[self.ctx.name] = cert.digests.of_call(call)
         if problems:
             cert.void(problems)
             self._publish(panel, cert)
@@ -243,14 +238,17 @@ class IndependencePlugin:
         if not isinstance(sent, ProviderRequest) or panel is None:
             return
         record = cert.members[call.member_index or 0]
-        sent_sha = sent.sha256()
+        digests = cert.digests
+        sent_sha = digests.request(
+            sent.provider, sent.model, sent.system, sent.messages, sent.max_tokens
+        )
         record.sent.append(
             {
                 "provider": sent.provider,
                 "model": sent.model,
                 "max_tokens": sent.max_tokens,
                 "request_sha256": sent_sha,
-                "content_sha256": content_sha256(sent.system, sent.messages),
+                "content_sha256": digests.content(sent.system, sent.messages),
                 "attempt": call.attempt,
                 "ok": outcome.ok,
             }

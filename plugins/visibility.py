@@ -31,6 +31,7 @@ __all__ = [
     "CANONICAL_FORM",
     "CONTENT_FORM",
     "REQUEST_FORM",
+    "Digests",
     "call_content_sha256",
     "call_request_sha256",
     "content",
@@ -64,3 +65,55 @@ def call_request_sha256(call: Call) -> str:
             call.target.provider, call.target.model, call.system, call.messages, call.max_tokens
         )
     )
+
+
+class Digests:
+    """The digests of one panel, each computed once.
+
+    A blind panel hashes the same content for every member, and each member's request
+    again where it is checked before sending and where the kernel's record of what was
+    sent is certified. Keyed by exactly what the canonical forms hold (a request that a
+    plugin rewrote is a new key, so it is hashed anew), and kept no longer than the
+    certificate that holds them.
+    """
+
+    __slots__ = ("_memo",)
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, ...], str] = {}
+
+    def content(self, system: str | None, messages: Sequence[Message]) -> str:
+        key = ("content", system, *((m.role, m.content) for m in messages))
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = content_sha256(system, messages)
+        return found
+
+    def request(
+        self,
+        provider: str,
+        model: str,
+        system: str | None,
+        messages: Sequence[Message],
+        max_tokens: int,
+    ) -> str:
+        key = (
+            "request",
+            provider,
+            model,
+            max_tokens,
+            system,
+            *((m.role, m.content) for m in messages),
+        )
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = digest(
+                canonical_request(provider, model, system, messages, max_tokens)
+            )
+        return found
+
+    def of_call(self, call: Call) -> str:
+        """:func:`call_request_sha256`, memoised."""
+        assert call.target is not None
+        t = call.target
+        return self.request(t.provider, t.model, call.system, call.messages, call.max_tokens)

@@ -5,6 +5,11 @@ switch turned on while a call is retrying or falling back stops the next attempt
 whatever else ``plugins:`` enables or omits: the plugin is essential, the loader adds it
 back when the list leaves it out.
 
+A panel is one call: it is checked as a whole (the expensive threshold against its
+members' worst cases summed), and its members' first attempts, dispatched right after
+those two checks passed, go out under them. Every later attempt of a member (a retry, a
+fallback) is checked on its own, as any attempt.
+
 Where a switch is read, on every call (nothing is cached):
 
 1. the environment the gateway was started with (``settings.env``: the process
@@ -169,9 +174,21 @@ class KillSwitchPlugin:
             )
         return None
 
+    def _covered(self, call: Call) -> bool:
+        """A member's first attempt of a panel that passed both checks (see the module
+        docstring)."""
+        panel = call.panel
+        return (
+            panel is not None
+            and panel.stash.get(self.ctx.name) is True
+            and any(call is m for m in panel.members)
+        )
+
     @hookimpl
     def preflight(self, call: Call) -> Rejection | None:
         """Refuse before anything is sent or reserved."""
+        if self._covered(call):
+            return None
         found = self._check(call)
         if found is None:
             return None
@@ -181,10 +198,13 @@ class KillSwitchPlugin:
     @hookimpl
     def before_call(self, call: Call) -> None:
         """Check again before every attempt: a switch flipped mid-call stops retries."""
-        found = self._check(call)
-        if found is not None:
-            message, fallback = found
-            raise CallRefused(ErrorClass.KILL_SWITCH, message, fallback=fallback)
+        if not self._covered(call):
+            found = self._check(call)
+            if found is not None:
+                message, fallback = found
+                raise CallRefused(ErrorClass.KILL_SWITCH, message, fallback=fallback)
+            if call.is_panel:
+                call.stash[self.ctx.name] = True  # its members' first attempts: covered
         if not call.is_panel and self._expensive_on:
             # Approved as not expensive: a later plugin may not push it over the threshold.
             call.limit_cost(self.threshold_micro)

@@ -457,3 +457,31 @@ async def test_report_info_lists_visibility_contracts() -> None:
     }
     assert info["canonical_form"] == CANONICAL_FORM
     assert "before_call_after_independence" not in info
+
+
+def test_memoised_digests_equal_the_plain_ones_for_every_field_changed() -> None:
+    """A panel computes each digest once; a request that differs in any hashed field
+    (a plugin's rewrite) is hashed anew, never answered from the memo."""
+    from llmgw.kernel.types import canonical_request, digest
+    from llmgw.plugins.visibility import Digests, content_sha256
+
+    base = ("openai", "gpt-4o", SYSTEM, (Message("user", PROMPT),), 512)
+    variants = [
+        base,
+        ("deepseek", *base[1:]),
+        (base[0], "gpt-4o-mini", *base[2:]),
+        (*base[:2], None, *base[3:]),
+        (*base[:2], "", *base[3:]),
+        (*base[:3], (Message("user", PROMPT + " "),), 512),
+        (*base[:3], (Message("assistant", PROMPT),), 512),
+        (*base[:3], (Message("user", PROMPT), Message("user", PROMPT)), 512),
+        (*base[:4], 513),
+    ]
+    memo = Digests()
+    for _ in range(2):  # the second pass answers from the memo
+        for provider, model, system, messages, max_tokens in variants:
+            plain = digest(canonical_request(provider, model, system, messages, max_tokens))
+            assert memo.request(provider, model, system, list(messages), max_tokens) == plain
+            assert memo.content(system, messages) == content_sha256(system, messages)
+    requests = {memo.request(*v) for v in variants}
+    assert len(requests) == len(variants)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from _money_helpers import Advise, Chain, fake
 
-from llmgw.kernel import ErrorClass, Outcome, Request, Target, Usage
+from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Request, Target, Usage
 from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
 
 BASE = """
@@ -141,6 +141,41 @@ async def test_switch_flipped_mid_call_stops_the_retry(monkeypatch: pytest.Monke
     # refused by the preflight the kernel runs again before the retry (nothing sent)
     assert [a["stage"] for a in env.meta["attempts"]] == ["sent", "rejected"]
     assert len(p.received) == 1
+
+
+@pytest.mark.anyio
+async def test_a_panel_is_one_call_and_a_member_retry_is_checked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The panel passes both checks as a whole, and its members' first attempts go out
+    under them; a member's retry is an attempt of its own and is checked again."""
+    provider = fake()
+
+    def answer(request: ProviderRequest) -> Outcome:
+        if request.model == "m1":
+            # The operator flips the switch while the panel's first attempts are out.
+            monkeypatch.setenv("LLM_GATEWAY_DISABLED", "1")
+            return Outcome.failure(ErrorClass.SERVER_ERROR, "boom", sent=True)
+        return Outcome.success("ok", Usage(1, 1))
+
+    provider.then(answer, answer, answer)
+    g, p = gw(
+        {},
+        plugins="kill_switch, retry_always, router, fake",
+        provider=provider,
+        extra_plugins={"retry_always": Advise("retry")},
+    )
+    env = await g.route(Request("duo", "hi", max_tokens=100))
+    # Both first attempts were sent, whichever went first; m1's retry was not.
+    assert sorted(r.model for r in p.received) == ["m1", "m2"]
+    first, second = env.data["members"]
+    assert first["meta"]["error_class"] == "kill_switch"
+    assert [a["stage"] for a in first["meta"]["attempts"]] == ["sent", "rejected"]
+    assert second["status"] == "success"
+    # The next call is refused whole, before anything is sent.
+    again = await g.route(Request("duo", "hi", max_tokens=100))
+    assert again.error_class == "kill_switch"
+    assert len(p.received) == 2
 
 
 @pytest.mark.anyio
