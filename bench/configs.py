@@ -22,6 +22,8 @@ PROMPT = "Name the capital of France in one word."
 
 #: Panel members (all Chat Completions over httpx2) and the upstream latency of each.
 PANEL_CLASS = "bench_panel"
+#: The slowest member alone, through the same gateway: what the panel adds to one call.
+PANEL_SLOWEST_CLASS = "bench_panel_slowest"
 PANEL_MEMBERS: tuple[tuple[str, str, float], ...] = (
     ("openai", "gpt-4o", 0.010),
     ("deepseek", "deepseek-chat", 0.025),
@@ -95,6 +97,13 @@ def gateway_config(
             "max_tokens": 256,
             "quorum": 3,
             "min_distinct_providers": 3,
+        }
+        provider, model, _ = max(PANEL_MEMBERS, key=lambda m: m[2])
+        cfg["task_classes"][PANEL_SLOWEST_CLASS] = {
+            "description": "Benchmark: the panel's slowest member alone.",
+            "provider": provider,
+            "model": model,
+            "max_tokens": 256,
         }
         cfg.setdefault("independence", {}).setdefault("panels", {})[PANEL_CLASS] = {
             "mode": "blind",

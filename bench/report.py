@@ -265,6 +265,12 @@ def render(doc: dict[str, Any]) -> str:
         f"Panel ({members}): wall p50 {_spread(pn['wall_p50_ms'])} ms, slowest member direct "
         f"p50 {_spread(pn['slowest_direct_p50_ms'])} ms, ratio {_spread(pn['ratio'], 3)}",
     ]
+    if "ratio_over_alone" in pn:
+        lines.append(
+            f"  (no goal) the slowest member alone through the gateway: p50 "
+            f"{_spread(pn['slowest_alone_p50_ms'])} ms, {_spread(pn['slowest_alone_ratio'], 3)} x "
+            f"its direct call; the panel over it {_spread(pn['ratio_over_alone'], 3)} x"
+        )
     cold = doc["cold_start"]
     if cold:
         lines += ["", "Cold start to the first tools/list answer, RSS after it"]

@@ -281,6 +281,7 @@ class Run:
                     "kind": "panel",
                     "config": self.config("panel", panel=True),
                     "task_class": configs.PANEL_CLASS,
+                    "slowest_class": configs.PANEL_SLOWEST_CLASS,
                     "base_url": base,
                     "slowest_model": slowest[1],
                 },
@@ -368,14 +369,21 @@ class Run:
         col = self.columns["panel"]
         assert col.proc is not None
         ratios, walls, slowest = [], [], []
+        alone, alone_direct, alone_ratios, over_alone = [], [], [], []
         for r in range(p.rounds):
             self.say(f"  panel round {r + 1}/{p.rounds}")
             reply = col.proc.ask({"op": "panel", "n": p.panel_n}, 300)
             self._note(col, reply, 0)
             w, s = summary(reply["wall_ms"])["p50"], summary(reply["slowest_ms"])["p50"]
+            a = summary(reply["alone_ms"])["p50"]
+            ad = summary(reply["alone_direct_ms"])["p50"]
             walls.append(w)
             slowest.append(s)
             ratios.append(w / s)
+            alone.append(a)
+            alone_direct.append(ad)
+            alone_ratios.append(a / ad)
+            over_alone.append(w / a)
         return {
             "members": [
                 {"provider": pr, "model": m, "upstream_latency_ms": sec * 1000}
@@ -384,6 +392,12 @@ class Run:
             "wall_p50_ms": over_rounds(walls),
             "slowest_direct_p50_ms": over_rounds(slowest),
             "ratio": over_rounds(ratios),
+            # No goal: the slowest member alone through the same gateway (its own pairs
+            # with a direct call, after the panel's), and the panel over it.
+            "slowest_alone_p50_ms": over_rounds(alone),
+            "slowest_alone_direct_p50_ms": over_rounds(alone_direct),
+            "slowest_alone_ratio": over_rounds(alone_ratios),
+            "ratio_over_alone": over_rounds(over_alone),
             "errors": col.errors,
             "first_error": col.first_error,
         }

@@ -22,7 +22,8 @@ import sys
 import time
 from typing import Any
 
-from .clients import KINDS, Direct, InProcessGateway
+from .clients import KINDS, BenchError, Direct, InProcessGateway, _expect
+from .configs import PROMPT
 
 _PROTO: list[Any] = []  # the protocol stream (the original stdout), set by main()
 
@@ -78,7 +79,9 @@ class Panel(InProcessGateway):
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
-        self.direct = Direct({"base_url": spec["base_url"], "model": spec["slowest_model"]})
+        self.slowest_model = spec["slowest_model"]
+        self.slowest_class = spec["slowest_class"]
+        self.direct = Direct({"base_url": spec["base_url"], "model": self.slowest_model})
 
     async def setup(self) -> None:
         await super().setup()
@@ -106,7 +109,36 @@ class Panel(InProcessGateway):
             t0 = time.perf_counter()
             await self.direct.call()
             slowest.append((time.perf_counter() - t0) * 1000)
-        return {"wall_ms": walls, "slowest_ms": slowest, "errors": len(errors), "error": errors[:1]}
+        # The slowest member alone through this gateway, paired with the same direct call:
+        # apart from the loop above, so the panel's pairs are measured as they always were.
+        alone: list[float] = []
+        alone_direct: list[float] = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                await self.alone()
+                alone.append((time.perf_counter() - t0) * 1000)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            t0 = time.perf_counter()
+            await self.direct.call()
+            alone_direct.append((time.perf_counter() - t0) * 1000)
+        return {
+            "wall_ms": walls,
+            "slowest_ms": slowest,
+            "alone_ms": alone,
+            "alone_direct_ms": alone_direct,
+            "errors": len(errors),
+            "error": errors[:1],
+        }
+
+    async def alone(self) -> None:
+        envelope = await self.gateway.route(
+            self.Request(task_class=self.slowest_class, prompt=PROMPT)
+        )
+        if envelope.status != "success":
+            raise BenchError(f"{envelope.status}: {envelope.error}")
+        _expect(envelope.text, self.slowest_model)
 
     async def aclose(self) -> None:
         await self.direct.aclose()

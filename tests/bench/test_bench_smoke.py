@@ -36,6 +36,10 @@ def test_smoke_run_measures_every_column_correctly(tmp_path: Path) -> None:
 
     assert doc["panel"]["errors"] == 0
     assert doc["panel"]["ratio"]["median"] >= 1.0  # a panel cannot beat its slowest member
+    # The slowest member alone through the gateway (answers checked: errors stays 0) does
+    # more than its direct call; the panel is timed over it too.
+    assert doc["panel"]["slowest_alone_ratio"]["median"] >= 1.0
+    assert doc["panel"]["ratio_over_alone"]["median"] > 0
 
     cold = doc["cold_start"]
     assert {"llm_route", "llm_routing_info"} <= set(cold["llmgw"]["tools"])
