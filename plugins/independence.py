@@ -183,7 +183,8 @@ class IndependencePlugin:
             new: list[str] = []
             for m in call.members:
                 new += cert.void(cert.problems(m, who(m)))
-            self._publish(call, cert)
+            if new:  # unchanged since preflight published it otherwise
+                self._publish(call, cert)
             if new and cert.hard:
                 # Refused here, so neither verify() nor our after_call will see this panel.
                 self._voided_hard.pop(call.request.request_id, None)
