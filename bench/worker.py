@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .clients import KINDS, BenchError, Direct, InProcessGateway, _expect
@@ -94,35 +95,13 @@ class Panel(InProcessGateway):
             raise AssertionError(f"expected 3 panel members, got {len(members)}")
 
     async def panel(self, n: int) -> dict[str, Any]:
-        walls: list[float] = []
-        slowest: list[float] = []
         errors: list[str] = []
         await self.call()
         await self.direct.call()
-        for _ in range(n):
-            t0 = time.perf_counter()
-            try:
-                await self.call()
-                walls.append((time.perf_counter() - t0) * 1000)
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-            t0 = time.perf_counter()
-            await self.direct.call()
-            slowest.append((time.perf_counter() - t0) * 1000)
+        walls, slowest = await self._pairs(self.call, n, errors)
         # The slowest member alone through this gateway, paired with the same direct call:
         # apart from the loop above, so the panel's pairs are measured as they always were.
-        alone: list[float] = []
-        alone_direct: list[float] = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            try:
-                await self.alone()
-                alone.append((time.perf_counter() - t0) * 1000)
-            except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {exc}")
-            t0 = time.perf_counter()
-            await self.direct.call()
-            alone_direct.append((time.perf_counter() - t0) * 1000)
+        alone, alone_direct = await self._pairs(self.alone, n, errors)
         return {
             "wall_ms": walls,
             "slowest_ms": slowest,
@@ -131,6 +110,25 @@ class Panel(InProcessGateway):
             "errors": len(errors),
             "error": errors[:1],
         }
+
+    async def _pairs(
+        self, call: Callable[[], Awaitable[None]], n: int, errors: list[str]
+    ) -> tuple[list[float], list[float]]:
+        """``n`` times ``call`` then the direct call, each timed (ms); a failed ``call`` is
+        counted in ``errors``, never timed."""
+        timed: list[float] = []
+        direct: list[float] = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                await call()
+                timed.append((time.perf_counter() - t0) * 1000)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            t0 = time.perf_counter()
+            await self.direct.call()
+            direct.append((time.perf_counter() - t0) * 1000)
+        return timed, direct
 
     async def alone(self) -> None:
         envelope = await self.gateway.route(
