@@ -72,9 +72,9 @@ class Digests:
 
     A blind panel hashes the same content for every member, and each member's request
     again where it is checked before sending and where the kernel's record of what was
-    sent is certified. Keyed by exactly what the canonical forms hold (a request that a
-    plugin rewrote is a new key, so it is hashed anew), and kept no longer than the
-    certificate that holds them.
+    sent is certified. Keyed by exactly what the canonical forms hold, with the type of
+    ``max_tokens`` (a request that a plugin rewrote is a new key, so it is hashed anew),
+    and kept no longer than the certificate that holds them.
     """
 
     __slots__ = ("_memo",)
@@ -83,6 +83,7 @@ class Digests:
         self._memo: dict[tuple[Any, ...], str] = {}
 
     def content(self, system: str | None, messages: Sequence[Message]) -> str:
+        messages = tuple(messages)
         key = ("content", system, *((m.role, m.content) for m in messages))
         found = self._memo.get(key)
         if found is None:
@@ -97,10 +98,14 @@ class Digests:
         messages: Sequence[Message],
         max_tokens: int,
     ) -> str:
+        messages = tuple(messages)
         key = (
             "request",
             provider,
             model,
+            # Equal in Python, written apart in JSON (256 and 256.0, 1 and True): a plugin
+            # that changed only the type still changed what is sent.
+            type(max_tokens),
             max_tokens,
             system,
             *((m.role, m.content) for m in messages),

@@ -6,9 +6,11 @@ whatever else ``plugins:`` enables or omits: the plugin is essential, the loader
 back when the list leaves it out.
 
 A panel is one call: it is checked as a whole (the expensive threshold against its
-members' worst cases summed), and its members' first attempts, dispatched right after
-those two checks passed, go out under them. Every later attempt of a member (a retry, a
-fallback) is checked on its own, as any attempt.
+members' worst cases summed) in preflight and in before_call. Its members' first attempts
+are not preflighted again (the panel's preflight covered them), but each is checked in
+its own before_call, the kill switch's being the first there, right before it is sent:
+a switch turned on while the panel waited (for the ledger's lock, say) stops them. Every
+later attempt of a member (a retry, a fallback) is checked in both, as any attempt.
 
 Where a switch is read, on every call (nothing is cached):
 
@@ -175,8 +177,8 @@ class KillSwitchPlugin:
         return None
 
     def _covered(self, call: Call) -> bool:
-        """A member's first attempt of a panel that passed both checks (see the module
-        docstring)."""
+        """A member's first attempt of a panel that passed both checks: its preflight is
+        the panel's (see the module docstring)."""
         panel = call.panel
         return (
             panel is not None
@@ -198,13 +200,12 @@ class KillSwitchPlugin:
     @hookimpl
     def before_call(self, call: Call) -> None:
         """Check again before every attempt: a switch flipped mid-call stops retries."""
-        if not self._covered(call):
-            found = self._check(call)
-            if found is not None:
-                message, fallback = found
-                raise CallRefused(ErrorClass.KILL_SWITCH, message, fallback=fallback)
-            if call.is_panel:
-                call.stash[self.ctx.name] = True  # its members' first attempts: covered
+        found = self._check(call)
+        if found is not None:
+            message, fallback = found
+            raise CallRefused(ErrorClass.KILL_SWITCH, message, fallback=fallback)
+        if call.is_panel:
+            call.stash[self.ctx.name] = True  # its members' first preflights: covered
         if not call.is_panel and self._expensive_on:
             # Approved as not expensive: a later plugin may not push it over the threshold.
             call.limit_cost(self.threshold_micro)

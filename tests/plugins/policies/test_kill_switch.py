@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import anyio
 import pytest
 from _money_helpers import Advise, Chain, fake
 
-from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Request, Target, Usage
+from llmgw.kernel import (
+    Call,
+    ErrorClass,
+    Outcome,
+    ProviderRequest,
+    Request,
+    Target,
+    Usage,
+    hookimpl,
+)
 from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
 
 BASE = """
@@ -144,14 +155,46 @@ async def test_switch_flipped_mid_call_stops_the_retry(monkeypatch: pytest.Monke
 
 
 @pytest.mark.anyio
-async def test_a_panel_is_one_call_and_a_member_retry_is_checked_again(
+async def test_a_switch_flipped_while_a_panel_waits_stops_every_member(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The panel passes both checks as a whole, and its members' first attempts go out
-    under them; a member's retry is an attempt of its own and is checked again."""
+    """The panel's own checks pass; then, while it waits in a later before_call (as for
+    the ledger's lock), the switch is turned on: no member goes out. Each member is
+    checked in its own before_call, right before it would be sent."""
+    monkeypatch.delenv("LLM_GATEWAY_DISABLED", raising=False)
+
+    class SlowPanelStep:
+        @hookimpl
+        async def before_call(self, call: Call) -> None:
+            if call.is_panel:
+                await anyio.sleep(0.01)
+                monkeypatch.setenv("LLM_GATEWAY_DISABLED", "1")  # the operator, meanwhile
+
+    g, p = gw(
+        {},
+        plugins="kill_switch, slow_step, router, fake",
+        extra_plugins={"slow_step": SlowPanelStep()},
+    )
+    env = await g.route(Request("duo", "hi", max_tokens=100))
+    assert p.received == []
+    for member in env.data["members"]:
+        assert member["meta"]["error_class"] == "kill_switch"
+        assert [a["stage"] for a in member["meta"]["attempts"]] == ["refused"]
+
+
+@pytest.mark.anyio
+async def test_a_member_retry_after_a_switch_is_turned_on_is_not_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member's retry is an attempt of its own: checked in preflight and before_call.
+    Whichever member goes first, nothing is sent once the switch is on."""
+    monkeypatch.delenv("LLM_GATEWAY_DISABLED", raising=False)
     provider = fake()
+    after_flip: list[str] = []
 
     def answer(request: ProviderRequest) -> Outcome:
+        if os.environ.get("LLM_GATEWAY_DISABLED"):
+            after_flip.append(request.model)
         if request.model == "m1":
             # The operator flips the switch while the panel's first attempts are out.
             monkeypatch.setenv("LLM_GATEWAY_DISABLED", "1")
@@ -166,16 +209,15 @@ async def test_a_panel_is_one_call_and_a_member_retry_is_checked_again(
         extra_plugins={"retry_always": Advise("retry")},
     )
     env = await g.route(Request("duo", "hi", max_tokens=100))
-    # Both first attempts were sent, whichever went first; m1's retry was not.
-    assert sorted(r.model for r in p.received) == ["m1", "m2"]
-    first, second = env.data["members"]
+    assert after_flip == []
+    first = env.data["members"][0]
     assert first["meta"]["error_class"] == "kill_switch"
     assert [a["stage"] for a in first["meta"]["attempts"]] == ["sent", "rejected"]
-    assert second["status"] == "success"
+    assert [r.model for r in p.received].count("m1") == 1
     # The next call is refused whole, before anything is sent.
-    again = await g.route(Request("duo", "hi", max_tokens=100))
-    assert again.error_class == "kill_switch"
-    assert len(p.received) == 2
+    sent = len(p.received)
+    assert (await g.route(Request("duo", "hi", max_tokens=100))).error_class == "kill_switch"
+    assert len(p.received) == sent
 
 
 @pytest.mark.anyio
