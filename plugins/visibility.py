@@ -15,7 +15,7 @@ Forms a client can rebuild from what it sent (all hashed as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llmgw.kernel import Call, Message
@@ -85,10 +85,7 @@ class Digests:
     def content(self, system: str | None, messages: Sequence[Message]) -> str:
         messages = tuple(messages)
         key = ("content", system, *((m.role, m.content) for m in messages))
-        found = self._memo.get(key)
-        if found is None:
-            found = self._memo[key] = content_sha256(system, messages)
-        return found
+        return self._get(key, lambda: content_sha256(system, messages))
 
     def request(
         self,
@@ -110,11 +107,17 @@ class Digests:
             system,
             *((m.role, m.content) for m in messages),
         )
-        found = self._memo.get(key)
+        return self._get(
+            key, lambda: digest(canonical_request(provider, model, system, messages, max_tokens))
+        )
+
+    def _get(self, key: tuple[Any, ...], compute: Callable[[], str]) -> str:
+        try:
+            found = self._memo.get(key)
+        except TypeError:  # a value that cannot be a key (a plugin's list as content)
+            return compute()
         if found is None:
-            found = self._memo[key] = digest(
-                canonical_request(provider, model, system, messages, max_tokens)
-            )
+            found = self._memo[key] = compute()
         return found
 
     def of_call(self, call: Call) -> str:

@@ -490,3 +490,15 @@ def test_memoised_digests_equal_the_plain_ones_for_every_field_changed() -> None
             assert memo.content(system, iter(messages)) == content_sha256(system, messages)  # type: ignore[arg-type]
     requests = {memo.request(*v) for v in variants}
     assert len(requests) == len(variants)
+
+
+def test_memoised_digests_hash_what_cannot_be_a_key_without_the_memo() -> None:
+    from llmgw.kernel.types import canonical_request, digest
+    from llmgw.plugins.visibility import Digests
+
+    # A plugin may put a JSON-able but unhashable value where a string is expected.
+    odd = (Message("user", ["part one", "part two"]),)  # type: ignore[arg-type]
+    memo = Digests()
+    plain = digest(canonical_request("openai", "gpt-4o", SYSTEM, odd, 512))
+    assert memo.request("openai", "gpt-4o", SYSTEM, odd, 512) == plain
+    assert memo.content(SYSTEM, odd) == memo.content(SYSTEM, list(odd))
