@@ -55,6 +55,21 @@ ProgressFn = Callable[[float, float, str], Awaitable[None]]
 
 log = structlog.get_logger("llmgw.gateway")
 
+#: Longest task class or model name taken: a longer one is refused, not echoed back.
+_NAME_MAX = 200
+#: Characters that show nothing, beyond what str.strip() removes.
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+
+
+def _blank(text: str) -> bool:
+    """Empty, or only whitespace and zero-width characters: nothing to send. Strips from
+    the ends only, so a prompt with text costs a few characters of work, not its length."""
+    while True:
+        stripped = text.strip().strip(_INVISIBLE)
+        if stripped == text:
+            return not stripped
+        text = stripped
+
 
 class Gateway:
     """One configured gateway: settings, plugins, providers and the request loop.
@@ -110,9 +125,11 @@ class Gateway:
         started = self.clock.monotonic()
         problem = self._check_request(request)
         if problem is not None:
-            return Envelope.failure(
-                ErrorClass.BAD_ARGUMENT, problem, {"task_class": request.task_class}
-            )
+            # The caller's own value, cut short: a bad argument is not echoed back whole.
+            named = request.task_class
+            if isinstance(named, str) and len(named) > _NAME_MAX:
+                named = named[:_NAME_MAX] + "..."
+            return Envelope.failure(ErrorClass.BAD_ARGUMENT, problem, {"task_class": named})
         try:
             route = self.hooks.resolve_route(request, self.settings)
         except RouteError as exc:
@@ -159,7 +176,24 @@ class Gateway:
 
     def _check_request(self, request: Request) -> str | None:
         g = self.settings.gateway
-        if not isinstance(request.prompt, str) or not request.prompt.strip():
+        if not isinstance(request.task_class, str) or len(request.task_class) > _NAME_MAX:
+            return (
+                "task_class must be the name of a task class in routing.yaml "
+                f"(at most {_NAME_MAX} characters; llm_routing_info lists them)"
+            )
+        override = request.override_model
+        if override is not None:
+            if not isinstance(override, str) or not override.strip():
+                return (
+                    "override_model is empty; omit it to use the task class's model, or name "
+                    "a model declared in routing.yaml ('model' or 'provider/model')"
+                )
+            if len(override) > _NAME_MAX:
+                return (
+                    f"override_model is longer than {_NAME_MAX} characters; name a model "
+                    "declared in routing.yaml ('model' or 'provider/model')"
+                )
+        if not isinstance(request.prompt, str) or _blank(request.prompt):
             return "prompt is empty; pass the text to send"
         if len(request.prompt.encode("utf-8", "surrogatepass")) > g.max_prompt_bytes:
             return f"prompt is larger than {g.max_prompt_bytes} bytes (gateway.max_prompt_bytes)"

@@ -29,9 +29,10 @@ import structlog
 from mcp.server.auth.provider import AccessToken, TokenVerifier
 from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp_types import CallToolResult, TextContent
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from . import __version__
 from .envelope import Envelope
@@ -108,6 +109,60 @@ def _enum(values: list[str], description: str) -> Any:
     return Field(description=description, json_schema_extra={"enum": enum})
 
 
+class GatewayServer(MCPServer):
+    """An MCPServer whose tools answer bad arguments with an envelope, as every other error.
+
+    The SDK checks arguments against a tool's signature before the tool runs, ignores
+    names it does not know and answers a mismatch with a bare error text. Here an unknown
+    argument (a misspelled ``override_model`` would otherwise send and bill the call with
+    the defaults) and every mismatch are a ``bad_argument`` envelope naming the field and
+    the fix; nothing is sent. Values are never echoed back.
+    """
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> Any:
+        tool = self._tool_manager.get_tool(name)
+        if tool is not None:
+            known = list((tool.parameters or {}).get("properties", {}))
+            unknown = [a for a in arguments if a not in known]
+            if unknown:
+                return to_result(_unknown_arguments(name, unknown, known))
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            cause = exc.__cause__
+            if isinstance(exc, UnexpectedToolError) or not isinstance(cause, ValidationError):
+                raise
+            problems = [
+                f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}"
+                for err in cause.errors(include_url=False, include_input=False)
+            ]
+            log.info("tool.bad_arguments", tool=name, problems=problems)
+            return to_result(
+                Envelope.failure(
+                    ErrorClass.BAD_ARGUMENT,
+                    f"invalid arguments for {name}: {'; '.join(problems)}; nothing was sent "
+                    "(tools/list shows each argument's type and bounds)",
+                )
+            )
+
+
+def _unknown_arguments(tool: str, unknown: list[str], known: list[str]) -> Envelope:
+    import difflib  # only here: not on every start
+
+    parts = []
+    for arg in unknown[:5]:
+        shown = arg if len(arg) <= 40 else arg[:40] + "..."
+        close = difflib.get_close_matches(arg, known, n=1)
+        parts.append(f"{shown!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return Envelope.failure(
+        ErrorClass.BAD_ARGUMENT,
+        f"unknown argument{'s' if len(unknown) > 1 else ''} for {tool}: {', '.join(parts)}; "
+        f"its arguments are {', '.join(known) or 'none'}; nothing was sent",
+    )
+
+
 def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs: Any) -> MCPServer:
     """An MCP server exposing ``gateway``; it closes the gateway when it stops if it owns it."""
 
@@ -119,7 +174,7 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
             if own_gateway:
                 await gateway.aclose()
 
-    server = MCPServer(
+    server = GatewayServer(
         "llm-gateway-mcp",
         version=__version__,
         instructions=(
@@ -141,6 +196,7 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
             description="Output token bound (defaults to the task class's).",
             ge=1,
             le=gateway.settings.gateway.max_output_tokens,
+            strict=True,  # an integer: not true, 10.0 or "10"
         ),
     ]
     Override = Annotated[

@@ -58,7 +58,8 @@ def test_generated_arguments_never_crash_or_hang(calls: list[tuple[str, dict[str
             for name, args in calls:
                 with anyio.fail_after(10):
                     r = await client.call_tool(name, args)
-                if r.is_error and r.structured_content:
+                if r.is_error:  # every error is an envelope, argument errors included
+                    assert r.structured_content is not None, r.content
                     assert r.structured_content["status"] == "error"
                     assert r.structured_content["meta"]["error_class"]
             with anyio.fail_after(10):
@@ -170,4 +171,40 @@ async def test_huge_and_odd_prompts_are_handled() -> None:
                 "llm_route", {"task_class": "quick_answer", "prompt": prompt}
             )
             assert r.structured_content["status"] in {"success", "error"}
+    await gw.aclose()
+
+
+@pytest.mark.anyio
+async def test_bad_arguments_get_an_envelope_that_names_the_fix_and_send_nothing() -> None:
+    """Typed, missing, misspelled, empty and oversized arguments: each a bad_argument
+    envelope saying what was wrong, the value never echoed back, nothing sent or billed
+    (a misspelled override_model used to be ignored and the call sent with the default)."""
+    fake = FakeProvider()
+    gw = gateway_from_yaml(YAML, providers=[fake, FakeProvider(name="fake2")])
+    base = {"task_class": "quick_answer", "prompt": "hi"}
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("llm_route", {"task_class": "quick_answer", "prompt": 5}, "prompt: Input should be"),
+        ("llm_route", {"task_class": "quick_answer"}, "prompt: Field required"),
+        ("llm_route", {**base, "max_tokens": True}, "max_tokens: Input should be a valid int"),
+        ("llm_route", {**base, "max_tokens": "10"}, "max_tokens: Input should be a valid int"),
+        ("llm_route", {**base, "max_tokens": 10.0}, "max_tokens: Input should be a valid int"),
+        ("llm_route", {**base, "overide_model": "m1"}, "did you mean 'override_model'?"),
+        ("llm_route", {**base, "max_token": 5}, "did you mean 'max_tokens'?"),
+        ("llm_route", {**base, "override_model": " "}, "override_model is empty"),
+        ("llm_route", {**base, "override_model": "m" * 5000}, "override_model is longer"),
+        ("llm_route", {"task_class": "q" * 5_000_000, "prompt": "hi"}, "at most 200 char"),
+        ("llm_route", {"task_class": "quick_answer", "prompt": "\u200b \ufeff"}, "prompt is empty"),
+        ("llm_routing_info", {"verbose": True}, "unknown argument for llm_routing_info"),
+    ]
+    async with mcp_session(gw) as client:
+        for tool, args, needle in cases:
+            r = await client.call_tool(tool, args)
+            body = r.structured_content
+            assert r.is_error and body is not None, (args, r.content)
+            assert body["status"] == "error" and body["meta"]["error_class"] == "bad_argument"
+            assert needle in body["error"], (args, body["error"])
+            assert len(r.content[0].text) < 2_000  # nothing long echoed back
+        ok = await client.call_tool("llm_route", {**base, "max_tokens": 10})
+        assert ok.structured_content["status"] == "success"
+    assert len(fake.received) == 1  # the last call only
     await gw.aclose()
