@@ -210,8 +210,16 @@ class HookFacade:
                     result.dispositions = await self._after_call(call, result.outcome, ran)
 
     async def _after_call(self, call: Call, outcome: Outcome, ran: list[str]) -> list[Disposition]:
+        """Every layer's after_call, innermost last, whatever one of them does.
+
+        The caller shields this from anyio's cancellation, but a native ``Task.cancel()``
+        (``asyncio.wait_for`` around a route) still lands in whichever after_call is
+        awaiting. It ends that one only: the layers inside it (the ledger's settle or
+        release among them) still run, and the cancellation is raised once all have.
+        """
         done = set(ran)
         advice: list[Disposition] = []
+        cancelled: BaseException | None = None
         for impl in reversed(self.impls("after_call")):
             if impl.plugin_name not in done:
                 continue
@@ -219,6 +227,10 @@ class HookFacade:
                 value = impl.function(**_bind(impl, call=call, outcome=outcome))
                 if _is_awaitable(value):
                     value = await value
+            except anyio.get_cancelled_exc_class() as exc:
+                log.warning("hook.cancelled", hook="after_call", plugin=impl.plugin_name)
+                cancelled = cancelled or exc
+                continue
             except Exception:
                 log.exception("hook.failed", hook="after_call", plugin=impl.plugin_name)
                 continue
@@ -226,6 +238,8 @@ class HookFacade:
                 advice.append(value)
             elif value is not None:
                 log.error("hook.bad_result", hook="after_call", plugin=impl.plugin_name)
+        if cancelled is not None:
+            raise cancelled
         return advice
 
     async def verify(self, request: Request, result: Envelope) -> list[Verdict]:

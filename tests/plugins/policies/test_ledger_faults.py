@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,44 @@ async def test_many_cancellations_at_random_points_leak_nothing(tmp_path: Path) 
     )
     assert got["reserved"] == 0, got
     assert sum(got.values()) >= 100  # every call reserved at least once
+
+
+class SlowAfter:
+    """An async ``after_call`` that awaits (an audit record shipped somewhere), listed after
+    the ledger: its after_call runs before the ledger's."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    @hookimpl
+    async def after_call(self, call: Any, outcome: Outcome) -> None:
+        self.entered.set()
+        await asyncio.sleep(5)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("task", ["quick", "duo"])
+async def test_a_native_cancel_in_an_after_call_still_settles(tmp_path: Path, task: str) -> None:
+    """``asyncio.wait_for`` around a route cancels the task natively, which anyio's shield
+    around after_call does not stop: the after_call awaiting at that moment ends, and every
+    layer inside it (the ledger's settle) still runs before the cancellation goes on."""
+    p = fake()
+    slow = SlowAfter()
+    g = gw(tmp_path, p, plugins="ledger, slow, router, fake", extra_plugins={"slow": slow})
+    task_ = asyncio.ensure_future(g.route(Request(task, "hi")))
+    await asyncio.wait_for(slow.entered.wait(), 5)
+    task_.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task_
+    await flush(g)
+    ledger = next(pl.obj for pl in g.plugins if pl.name == "ledger")
+    assert ledger.in_flight == 0
+    await g.aclose()
+    got = [(r["model"], r["state"]) for r in rows(tmp_path / "l.db")]
+    # Each sent attempt settled from its usage; a panel member the cancel stopped before
+    # it started was released; nothing left reserved (it would become unknown at the next
+    # start, charged at its worst case).
+    assert got and {state for _, state in got} <= {"settled", "released"}, got
+    assert sorted(m for m, state in got if state == "settled") == sorted(
+        r.model for r in p.received
+    )
