@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from datetime import datetime
 from typing import Any
 
 from llmgw.kernel import (
@@ -218,6 +219,7 @@ class LedgerPlugin:
         calls = call.members if call.is_panel else (call,)
         items = [self._item(c) for c in calls]
         now = self.ctx.clock.now()
+        self._free_unsent_first(call, now)
 
         def release_all(_: None) -> None:
             for item in items:
@@ -263,6 +265,22 @@ class LedgerPlugin:
         # Last: after_call runs (and counts it back) once before_call has completed.
         self.in_flight += 1
 
+    def _free_unsent_first(self, call: Call, now: datetime) -> None:
+        """A panel member attempting past its first attempt, which never reached this
+        plugin (refused in preflight, its target claimed by another member, skipped at the
+        deadline), no longer needs what the panel reserved for it: released now, queued
+        ahead of this attempt's reservation so it joins the same transaction first. Held
+        until the panel's end, it could make the cap refuse this very fallback."""
+        panel = call.panel
+        if panel is None or call.member_index is None or call.member_index >= len(panel.members):
+            return
+        first = panel.members[call.member_index]
+        pre = first.stash.get(self.ctx.name) if first is not call else None
+        if pre and pre.get("pre") and not pre.get("used") and not pre.get("freed"):
+            pre["freed"] = True
+            rid = str(pre["reservation"])
+            self._later(Release(rid, now), rid)
+
     def _item(self, call: Call) -> Item:
         assert call.target is not None
         worst = call.worst_case_micro_usd()
@@ -306,7 +324,10 @@ class LedgerPlugin:
             unused = [
                 s["reservation"]
                 for m in call.members
-                if (s := m.stash.get(self.ctx.name)) and s.get("pre") and not s.get("used")
+                if (s := m.stash.get(self.ctx.name))
+                and s.get("pre")
+                and not s.get("used")
+                and not s.get("freed")
             ]
             for rid in unused:
                 self._later(Release(rid, now), rid)

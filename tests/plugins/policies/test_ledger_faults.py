@@ -9,7 +9,17 @@ from typing import Any
 
 import anyio
 import pytest
-from _money_helpers import PRICE, Advise, Chain, GatedProvider, fake, flush, rows, states
+from _money_helpers import (
+    PRICE,
+    Advise,
+    Chain,
+    GatedProvider,
+    fake,
+    flush,
+    rows,
+    states,
+    worst_micro,
+)
 
 from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Request, Target, Usage, hookimpl
 from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
@@ -220,3 +230,53 @@ async def test_a_native_cancel_in_an_after_call_still_settles(tmp_path: Path, ta
     assert sorted(m for m, state in got if state == "settled") == sorted(
         r.model for r in p.received
     )
+
+
+@pytest.mark.anyio
+async def test_a_member_falling_back_is_not_refused_for_its_own_unsent_reservation(
+    tmp_path: Path,
+) -> None:
+    """The cap fits the panel (2 members) and a fallback, not all three at once. A member
+    behind an open breaker falls back while the other is still out: what the panel
+    reserved for its refused first attempt is released ahead of the fallback's
+    reservation, in the same transaction, so the fallback fits."""
+    w = worst_micro("hi", 100)
+    yaml = f"""
+plugins: [breaker, ledger, fallback, router, fake]
+task_classes:
+  solo_alt: {{provider: alt, model: m1, max_tokens: 100}}
+  duo:
+    members: [{{provider: fake, model: m1}}, {{provider: alt, model: m1}}]
+    max_tokens: 100
+    quorum: 2
+fallback:
+  chains:
+    duo: [{{provider: fb, model: m1}}]
+breaker: {{consecutive_failures: 1, open_s: 200}}
+ledger:
+  caps:
+    total_monthly_usd: {round(2.5 * w / 1e6, 6)}
+"""
+    slow = GatedProvider(name="fake", prices={"m1": PRICE}, delay=lambda: 0.2)
+    alt, fb = fake("alt"), fake("fb")
+    # A billed error (usage reported): it settles at its cost, not at its worst case.
+    alt.then(Outcome.failure(ErrorClass.SERVER_ERROR, "boom", sent=True, usage=Usage(1, 0)))
+    g = gateway_from_yaml(
+        yaml,
+        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+        providers=[slow, alt, fb],
+    )
+    assert (await g.route(Request("solo_alt", "hi"))).error_class == "server_error"  # opens it
+    env = await g.route(Request("duo", "hi"))
+    assert env.status == "success", env.error
+    stages = [(a["provider"], a["stage"]) for a in env.data["members"][1]["meta"]["attempts"]]
+    assert stages == [("alt", "rejected"), ("fb", "sent")]
+    await flush(g)
+    await g.aclose()
+    got = sorted((r["provider"], r["state"]) for r in rows(tmp_path / "l.db"))
+    assert got == [
+        ("alt", "released"),  # the panel's reservation for the refused first attempt
+        ("alt", "settled"),  # the earlier call that opened the breaker
+        ("fake", "settled"),
+        ("fb", "settled"),
+    ]
