@@ -314,17 +314,61 @@ def sanitize_frame(line: str) -> str:
     return json.dumps(_clean(data)) + "\n"
 
 
-class _SanitizedLines:
-    """The stdin lines of the stdio transport, passed through :func:`sanitize_frame`."""
+#: The deepest nesting of a stdin frame passed on. The SDK's JSON parser drops a frame
+#: nested ~200 deep without answering its id; no MCP message nests anywhere near this.
+MAX_FRAME_DEPTH = 128
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
 
-    def __init__(self, inner: Any) -> None:
+
+def too_deep(line: str, limit: int = MAX_FRAME_DEPTH) -> bool:
+    """Whether a JSON frame nests arrays and objects deeper than ``limit`` (brackets
+    inside strings do not count). A frame with fewer brackets than that is not scanned."""
+    if line.count("[") + line.count("{") <= limit:
+        return False
+    depth = 0
+    for bracket in _BRACKET.finditer(_JSON_STRING.sub("", line)):
+        if bracket.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+class _SanitizedLines:
+    """The stdin lines of the stdio transport, passed through :func:`sanitize_frame`.
+
+    A frame nested deeper than :data:`MAX_FRAME_DEPTH` is dropped, and answered through
+    ``reply`` (when there is one: the pipe transport) with a JSON-RPC error for its id:
+    the SDK would drop it unanswered and leave the client waiting."""
+
+    def __init__(self, inner: Any, reply: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._inner = inner
+        self._reply = reply
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._lines()
 
     async def _lines(self) -> AsyncIterator[str]:
         async for line in self._inner:
+            if too_deep(line):
+                head = line[:_ID_WINDOW].encode("utf-8", "replace")
+                tail = line[-_ID_WINDOW:].encode("utf-8", "replace")
+                request_id = _frame_id(head, tail)
+                answered = request_id is not None and self._reply is not None
+                log.warning("stdio.frame_too_deep", limit=MAX_FRAME_DEPTH, answered=answered)
+                if answered:
+                    assert self._reply is not None and request_id is not None
+                    await self._reply(
+                        _error_reply(
+                            request_id,
+                            f"the request nests arrays or objects deeper than {MAX_FRAME_DEPTH} "
+                            "levels and was dropped; send the prompt as text",
+                        )
+                    )
+                continue
             yield sanitize_frame(line)
 
 
@@ -372,21 +416,17 @@ def _frame_id(head: bytes, tail: bytes) -> int | str | None:
 def too_long_reply(request_id: int | str) -> str:
     """The JSON-RPC error answering a request frame over :data:`MAX_FRAME_BYTES`."""
     limit = MAX_FRAME_BYTES / (1024 * 1024)
-    return (
-        json.dumps(
-            {
-                "jsonrpc": "2.0",
-                "id": request_id,
-                "error": {
-                    "code": -32600,  # Invalid Request
-                    "message": f"the request is larger than this server reads ({limit:g} MiB "
-                    "per message) and was dropped unread; prompts are limited to "
-                    "gateway.max_prompt_bytes",
-                },
-            }
-        )
-        + "\n"
+    return _error_reply(
+        request_id,
+        f"the request is larger than this server reads ({limit:g} MiB per message) and was "
+        "dropped unread; prompts are limited to gateway.max_prompt_bytes",
     )
+
+
+def _error_reply(request_id: int | str, message: str) -> str:
+    """A JSON-RPC Invalid Request error for a frame the server dropped, as one line."""
+    body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": message}}
+    return json.dumps(body) + "\n"
 
 
 class _PipeLines:
@@ -635,7 +675,7 @@ async def run_stdio(server: MCPServer) -> None:
         with contextlib.ExitStack() as stack:
             if pipes is not None:
                 lines, out = pipes
-                streams = stdio_server(stdin=_SanitizedLines(lines), stdout=out)  # type: ignore[arg-type]
+                streams = stdio_server(stdin=_SanitizedLines(lines, out.write), stdout=out)  # type: ignore[arg-type]
             else:
                 stdin, stdout = stack.enter_context(_sdk_files())
                 streams = stdio_server(stdin=_SanitizedLines(stdin), stdout=stdout)  # type: ignore[arg-type]

@@ -425,3 +425,28 @@ def test_an_over_long_frame_that_is_not_one_request_gets_no_answer(
     head: bytes, tail: bytes
 ) -> None:
     assert server._frame_id(head, tail) is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_frame_nested_too_deep_is_answered_with_an_error_and_the_next_one_served(
+    tmp_path: Path,
+) -> None:
+    """The SDK's parser drops a frame nested ~200 deep without a word, and the client
+    would wait forever for its id: the server answers it with an error instead."""
+    deep = call(11, "x")
+    deep["params"]["arguments"]["prompt"] = json.loads("[" * 300 + "]" * 300)
+    out, err = run_script(tmp_path, 1 << 20, deep, INIT)
+    replies = [json.loads(line) for line in out.splitlines()[:-1]]
+    assert [r.get("id") for r in replies] == [11, 1]
+    assert replies[0]["error"]["code"] == -32600
+    assert "deeper than 128 levels" in replies[0]["error"]["message"]
+    assert err.count("stdio.frame_too_deep") == 1
+
+
+def test_nesting_is_counted_outside_strings_only() -> None:
+    assert server.too_deep("[" * 129 + "]" * 129)
+    assert not server.too_deep("[" * 128 + "]" * 128)
+    # Brackets in a string (a code prompt), escaped quotes included, are text.
+    text = json.dumps({"id": 1, "params": {"prompt": '["\\"' + "[{" * 500 + '"'}})
+    assert not server.too_deep(text)
+    assert server.too_deep(json.dumps({"p": json.loads("[" * 200 + '"]]"' + "]" * 200)}))
