@@ -158,6 +158,14 @@ class AnthropicProvider(BaseProvider):
         )
 
     def parse(self, model: str, data: Any) -> Outcome:
+        if isinstance(data, dict) and data.get("type") == "error":
+            # An error event in a 200 body (an overload met after the status was sent):
+            # classed by its type, as the same error with its own status would be.
+            err = data.get("error")
+            kind = str(err.get("type") or "") if isinstance(err, dict) else ""
+            cls = _TYPES.get(kind)
+            if cls is not None:
+                return failure(self.name, model, cls, sent=True, status=200, reason=kind)
         if not isinstance(data, dict) or not isinstance(data.get("content"), list):
             return failure(
                 self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True, reason="no_content"

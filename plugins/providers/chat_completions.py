@@ -143,6 +143,12 @@ class ChatCompletionsProvider(BaseProvider):
                 cls, reason = ErrorClass.MODEL_NOT_FOUND, "model_not_found"
             else:
                 cls, reason = refine_invalid(cls, message)
+        elif isinstance(body, dict):
+            # Servers that speak the wire but not its error shape: vLLM puts the message at
+            # the top level ({"object": "error", "message": ...}), Ollama the error as text.
+            text = body.get("message") if err is None else err
+            if isinstance(text, str):
+                cls, reason = refine_invalid(cls, text)
         if status == 402:
             reason = "payment_required"
         hint = retry_hint(resp.headers) if cls != ErrorClass.QUOTA_EXHAUSTED else None

@@ -78,8 +78,8 @@ def retry_hint(headers: Mapping[str, str] | None, now: float | None = None) -> f
             value = float(ms) / 1000.0
         except ValueError:
             value = -1.0
-        if 0 <= value <= _MAX_HINT_S:
-            return value
+        if value >= 0:  # clamped like Retry-After below (NaN is not >= 0: ignored)
+            return min(value, _MAX_HINT_S)
     ra = headers.get("retry-after")
     if not ra:
         return None

@@ -36,6 +36,11 @@ NOW = 1_800_000_000.0
         ({"retry-after": "soon"}, None),
         ({"retry-after": "-3"}, None),
         ({"retry-after": "999999999"}, 86400.0),  # clamped: still longer than any retry
+        # The millisecond form is clamped alike, not dropped (dropped, a 250-hour hint was
+        # retried at once instead of falling back).
+        ({"retry-after-ms": "900000000"}, 86400.0),
+        ({"retry-after-ms": "inf", "retry-after": "9"}, 86400.0),
+        ({"retry-after-ms": "nan", "retry-after": "9"}, 9.0),
     ],
 )
 def test_retry_hint(headers: dict[str, str], expected: float | None) -> None:
@@ -144,3 +149,40 @@ def test_truncation_policy() -> None:
     assert cut.ok and cut.finish_reason == "length" and cut.details == {"truncated": True}
     empty = finish_outcome("p", "m", "  ", None, "length", truncated=True)
     assert not empty.ok and empty.error_class == E.TRUNCATED_OUTPUT and empty.sent
+
+
+@pytest.mark.anyio
+async def test_an_anthropic_error_event_in_a_200_body_is_classed_by_its_type(stack) -> None:  # type: ignore[no-untyped-def]
+    """An overload met after the status line was sent arrives as an error object in a 200
+    body: overloaded (retried with backoff), not an unreadable answer (retried once)."""
+    anthropic = stack.provider("anthropic")
+    body = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    out = anthropic.parse("claude-sonnet-4-6", body)
+    assert (out.error_class, out.sent) == (E.OVERLOADED, True)
+    assert "Overloaded" not in (out.message or "")  # never the upstream's text
+    odd = anthropic.parse("claude-sonnet-4-6", {"type": "error", "error": {"type": "new_kind"}})
+    assert odd.error_class == E.MALFORMED_RESPONSE  # an unknown type stays unread
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "body",
+    [
+        # vLLM: the message at the top level, no "error" object.
+        {
+            "object": "error",
+            "message": "This model's maximum context length is 4096 tokens. However, you "
+            "requested 9000 tokens.",
+            "type": "BadRequestError",
+            "code": 400,
+        },
+        # Ollama: the error as a string.
+        {"error": "prompt too long; exceeded max context length by 812 tokens"},
+    ],
+)
+async def test_context_overflow_from_servers_with_their_own_error_shape(stack, body) -> None:  # type: ignore[no-untyped-def]
+    local = stack.provider("local")
+    out = local.http_error("llama3.2", httpx2.Response(400, json=body))
+    assert out.error_class == E.CONTEXT_LENGTH_EXCEEDED
+    plain = local.http_error("llama3.2", httpx2.Response(400, json={"message": "bad field"}))
+    assert plain.error_class == E.INVALID_REQUEST
