@@ -37,6 +37,15 @@ KERNEL_SECTIONS = frozenset(
 _NAME = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 
 
+#: Bounds that keep every amount the ledger stores in range (integer micro-dollars in a
+#: SQLite INTEGER): no real cap, price or output bound comes near them.
+MAX_USD = Decimal(1_000_000_000)
+MAX_PRICE_PER_MTOK = Decimal(1_000_000)
+MAX_TOKENS_BOUND = 10_000_000
+#: The most values a config file may expand to (its aliases counted as often as used).
+MAX_YAML_VALUES = 200_000
+
+
 class Model(BaseModel):
     """Base of every config model: frozen, unknown keys refused."""
 
@@ -53,7 +62,7 @@ class TargetSpec(Model):
     """Provider name, as registered by a provider plugin."""
     model: str = Field(min_length=1)
     """Model name, as the provider spells it."""
-    max_tokens: PositiveInt | None = None
+    max_tokens: PositiveInt | None = Field(default=None, le=MAX_TOKENS_BOUND)
     """Output bound for this target; default: the task class's max_tokens."""
 
 
@@ -66,7 +75,7 @@ class TaskClassSpec(Model):
     """Provider of a single-target class."""
     model: str | None = Field(default=None, min_length=1)
     """Model of a single-target class."""
-    max_tokens: PositiveInt = 1024
+    max_tokens: PositiveInt = Field(default=1024, le=MAX_TOKENS_BOUND)
     """Output bound sent with every request of this class (callers may lower or raise it)."""
     system: str | None = None
     """Default system prompt when the caller gives none."""
@@ -136,11 +145,11 @@ class ProviderSpec(Model):
 class PriceSpec(Model):
     """A price override in USD per million tokens."""
 
-    input_per_mtok: Decimal = Field(ge=0)
+    input_per_mtok: Decimal = Field(ge=0, le=MAX_PRICE_PER_MTOK)
     """USD per million input tokens."""
-    output_per_mtok: Decimal = Field(ge=0)
+    output_per_mtok: Decimal = Field(ge=0, le=MAX_PRICE_PER_MTOK)
     """USD per million output tokens (reasoning tokens are billed as output)."""
-    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cached_input_per_mtok: Decimal | None = Field(default=None, ge=0, le=MAX_PRICE_PER_MTOK)
     """USD per million cached input tokens; default: the input price."""
 
 
@@ -153,7 +162,7 @@ class GatewaySpec(Model):
     """Hard ceiling on attempts per target, whatever the retry plugin advises."""
     max_prompt_bytes: PositiveInt = Field(default=1_048_576)
     """Largest prompt (and system prompt) accepted, in UTF-8 bytes."""
-    max_output_tokens: PositiveInt = Field(default=65_536)
+    max_output_tokens: PositiveInt = Field(default=65_536, le=MAX_TOKENS_BOUND)
     """Largest max_tokens a caller may ask for."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of `llmgw serve` (LLM_GATEWAY_LOG_LEVEL wins)."""
@@ -273,7 +282,15 @@ def config_path(cli_path: str | None, env: Mapping[str, str]) -> Path:
 def read_dotenv(path: Path) -> dict[str, str]:
     """Parse a ``.env`` file: ``KEY=value`` lines, ``export`` and quotes allowed."""
     values: dict[str, str] = {}
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not a name
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read the .env file ({type(exc).__name__})",
+            file=str(path),
+            fix="make it a UTF-8 text file the gateway's user can read, or remove it",
+        ) from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -381,10 +398,67 @@ def interpolate(node: Any, env: Mapping[str, str], path: str, file: str) -> Any:
     return node
 
 
+def _check_expansion(data: Any, file: str) -> None:
+    """Refuse YAML aliases that refer to themselves or expand past :data:`MAX_YAML_VALUES`
+    values (aliases nested in aliases, "billion laughs"): everything that walks the
+    config would recurse forever or take hours. Counts every value as often as it is
+    reached, without recursion."""
+    seen = 0
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"the file expands to more than {MAX_YAML_VALUES:,} values (YAML aliases "
+                "repeated inside aliases)",
+                file=file,
+                fix="write the repeated parts out, or use fewer nested aliases",
+            )
+        if isinstance(node, dict | list):
+            if id(node) in on_path:
+                raise ConfigError(
+                    "a YAML alias refers to itself (an anchor used inside its own value)",
+                    file=file,
+                    fix="remove the alias from inside the anchored value",
+                )
+            on_path.add(id(node))
+            stack.append((node, True))
+            stack.extend(
+                (child, False) for child in (node.values() if isinstance(node, dict) else node)
+            )
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (libyaml's when present: ~10x faster) refusing a key given twice
+    in one mapping: YAML keeps the last silently, so a second ``task_classes:`` dropped
+    the first one's classes without a word."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *base``: keys given beside it override the merged ones
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # not hashable: the constructor itself refuses it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(text: str, file: str) -> dict[str, Any]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x faster
     try:
-        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -397,6 +471,7 @@ def parse_yaml(text: str, file: str) -> dict[str, Any]:
         ) from None
     if data is None:
         raise ConfigError("the file is empty", file=file, fix="start from `llmgw init`")
+    _check_expansion(data, file)
     if not isinstance(data, dict):
         raise ConfigError(
             f"the top level must be a mapping of sections, not {type(data).__name__}", file=file

@@ -150,7 +150,7 @@ def _load_file(name: str, base: Path) -> tuple[str, ModuleType]:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a sys.exit() at import ends nothing but this
         sys.modules.pop(mod_name, None)
         raise PluginError(name, f"importing it failed: {type(exc).__name__}: {exc}") from None
     return stem, module

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import Field, ValidationInfo, field_validator
 
 from llmgw.kernel import ConfigError, Settings
-from llmgw.kernel.config import Model
+from llmgw.kernel.config import MAX_USD, Model
 
 from .ledger_store import Caps
 
@@ -49,7 +49,7 @@ def known_providers(settings: Settings) -> set[str]:
 class CapsConfig(Model):
     """``ledger.caps``: monthly caps in USD (UTC months)."""
 
-    total_monthly_usd: Decimal | None = Field(default=None, ge=0)
+    total_monthly_usd: Decimal | None = Field(default=None, ge=0, le=MAX_USD)
     """Cap in USD on everything spent in a UTC month; LLM_GATEWAY_CAP_TOTAL_MONTHLY wins."""
     providers: dict[str, Decimal] = Field(default_factory=dict)
     """Cap in USD per provider and UTC month, e.g. {openai: 20};
@@ -59,8 +59,8 @@ class CapsConfig(Model):
     @classmethod
     def _providers(cls, caps: dict[str, Decimal], info: ValidationInfo) -> dict[str, Decimal]:
         for name, cap in caps.items():
-            if cap < 0:
-                raise ValueError(f"providers.{name} must be >= 0, got {cap}")
+            if not cap.is_finite() or not 0 <= cap <= MAX_USD:
+                raise ValueError(f"providers.{name} must be between 0 and {MAX_USD:,}, got {cap}")
         settings = (info.context or {}).get("settings")
         if settings is not None:
             known = known_providers(settings)
@@ -135,9 +135,9 @@ def _usd_env(env: Mapping[str, str], var: str) -> int | None:
         value = Decimal(raw.removeprefix("$"))
     except InvalidOperation:
         value = Decimal("NaN")
-    if not value.is_finite() or value < 0:
+    if not value.is_finite() or value < 0 or value > MAX_USD:
         raise ConfigError(
-            f"{var}={raw!r} is not a dollar amount",
+            f"{var}={raw!r} is not a dollar amount between 0 and {MAX_USD:,}",
             file="environment",
             path=var,
             fix=f"set {var} to a number of US dollars >= 0 (e.g. 25 or 12.50), or unset it",

@@ -19,6 +19,12 @@ task_classes:
   quick_answer: {provider: fake, model: m1, max_tokens: 100}
 """
 
+#: Nine levels of ten aliases each: a billion values once expanded.
+LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n"
+    for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
 # (name, yaml, expected path fragment, expected words in the message)
 INVALID = [
     ("missing task_classes", "plugins: [router]\n", "task_classes", "Field required"),
@@ -133,6 +139,40 @@ INVALID = [
         "no enabled plugin registers",
     ),
     ("empty file", "", "", "the file is empty"),
+    ("alias inside itself", "plugins: &x [router, *x]\n", "", "refers to itself"),
+    (
+        "aliases expanding a billion times",
+        LAUGHS,
+        "",
+        "expands to more than 200,000 values",
+    ),
+    (
+        "section given twice",
+        "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m}\n"
+        "task_classes:\n  r: {provider: fake, model: m}\n",
+        "line 4",
+        "the key 'task_classes' is given twice",
+    ),
+    (
+        "key given twice in a class",
+        "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m, model: n}\n",
+        "line 3",
+        "the key 'model' is given twice",
+    ),
+    (
+        "price beyond any real one",
+        "plugins: [router, fake]\nprices:\n  fake/m: {input_per_mtok: 1e300, output_per_mtok: 1}\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
+        "prices",
+        "less than or equal to 1000000",
+    ),
+    (
+        "max_tokens beyond any real one",
+        "plugins: [router, fake]\ntask_classes:\n"
+        "  q: {provider: fake, model: m, max_tokens: 99999999999999999999}\n",
+        "task_classes.q.max_tokens",
+        "less than or equal to 10000000",
+    ),
 ]
 
 
@@ -253,3 +293,31 @@ def test_check_config_fails_when_a_plugin_cannot_work(
     )
     assert main(["check-config", "--config", str(cfg)]) == 2
     assert "plugin 'ledger' cannot work" in capsys.readouterr().err
+
+
+def test_merge_keys_still_override_and_work(tmp_path: Path) -> None:
+    cfg = tmp_path / "routing.yaml"
+    text = textwrap.dedent(
+        """
+        plugins: [router, fake]
+        task_classes:
+          q: &q {provider: fake, model: m, max_tokens: 10}
+          r: {<<: *q, max_tokens: 20}
+        """
+    )
+    cfg.write_text(text)
+    settings = load_settings(cfg, env={})
+    assert settings.task_classes["r"].max_tokens == 20
+    assert settings.task_classes["r"].model == "m"
+
+
+def test_an_unreadable_or_odd_dotenv_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text("plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m}\n")
+    dotenv = tmp_path / ".env"
+    dotenv.write_bytes(b"\xef\xbb\xbfLLM_GATEWAY_X=1\n")  # a byte-order mark first
+    assert load_settings(cfg, env={}).env["LLM_GATEWAY_X"] == "1"
+    dotenv.write_bytes(b"KEY=\xff\xfe\x00binary\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, env={})
+    assert "cannot read the .env file" in str(err.value) and "UTF-8" in str(err.value)

@@ -168,6 +168,17 @@ def test_missing_local_file_is_reported(tmp_path: Path) -> None:
     assert "not found" in str(err.value)
 
 
+def test_a_local_file_that_exits_at_import_is_a_plugin_error(tmp_path: Path) -> None:
+    """``sys.exit()`` in a hook file's import ended check-config with its exit code and no
+    message; it is a plugin error like any other failure at import."""
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(BASE.format(names="exits.py, router"))
+    with pytest.raises(PluginError) as err:
+        build_gateway(load_settings(cfg, env={}))
+    assert "importing it failed: SystemExit: 3" in str(err.value)
+
+
 def test_a_plugin_section_is_validated_by_the_plugin(tmp_path: Path) -> None:
     from llmgw.kernel import ConfigError
 

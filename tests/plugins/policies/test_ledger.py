@@ -154,6 +154,10 @@ async def test_env_caps_override_config_and_are_enforced_without_max_tokens(
         ({"LLM_GATEWAY_CAP_TOTAL_MONTHLY": "ten"}, "LLM_GATEWAY_CAP_TOTAL_MONTHLY='ten' is not"),
         ({"LLM_GATEWAY_CAP_TOTAL_MONTHLY": "-1"}, "LLM_GATEWAY_CAP_TOTAL_MONTHLY='-1' is not"),
         ({"LLM_GATEWAY_CAP_FAKE_MONTHLY": "nan"}, "LLM_GATEWAY_CAP_FAKE_MONTHLY='nan' is not"),
+        # Beyond what the ledger can count (it overflowed later, as a traceback or as a
+        # ledger error on every call).
+        ({"LLM_GATEWAY_CAP_TOTAL_MONTHLY": "1e400"}, "'1e400' is not a dollar amount between"),
+        ({"LLM_GATEWAY_CAP_TOTAL_MONTHLY": "1e13"}, "'1e13' is not a dollar amount between"),
         ({"LLM_GATEWAY_CAP_OPENIA_MONTHLY": "5"}, "provider 'openia', which routing.yaml"),
         ({"LLM_GATEWAY_LEDGER": "maybe"}, "LLM_GATEWAY_LEDGER='maybe' is not understood"),
         (
