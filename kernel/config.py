@@ -304,8 +304,12 @@ def read_dotenv(path: Path) -> dict[str, str]:
             )
         key, _, value = line.partition("=")
         key, value = key.strip(), value.strip()
+        quote = value[:1]
+        end = value.find(quote, 1) if quote in {"'", '"'} else -1
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
+        elif end > 0 and value[end + 1 :].lstrip().startswith("#"):
+            value = value[1:end]  # quoted, then a comment
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):

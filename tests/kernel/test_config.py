@@ -321,3 +321,19 @@ def test_an_unreadable_or_odd_dotenv_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(cfg, env={})
     assert "cannot read the .env file" in str(err.value) and "UTF-8" in str(err.value)
+
+
+def test_a_quoted_dotenv_value_may_be_followed_by_a_comment(tmp_path: Path) -> None:
+    from llmgw.kernel.config import read_dotenv
+
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        "CAP='5' # the monthly cap\nNAME=\"a b\"\nPLAIN=x # note\nHASH=\"a#b\"\nBARE='v'#c\n"
+    )
+    assert read_dotenv(dotenv) == {
+        "CAP": "5",  # kept its quotes before, and was then refused as not a dollar amount
+        "NAME": "a b",
+        "PLAIN": "x",
+        "HASH": "a#b",
+        "BARE": "v",
+    }
