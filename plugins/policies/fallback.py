@@ -14,6 +14,10 @@ ranks ``retry`` over ``fallback``, so the retry plugin wins while attempts remai
 
 Within one request, after a provider answered ``quota_exhausted`` or ``auth_error``,
 later targets of the same provider are skipped: they share the account and the key.
+Across requests the provider is then marked (exhausted, or misconfigured) for
+``provider_hold_s``: while a later target of the route can take the call, a target of
+that provider is skipped without sending; as the last target left it is still tried (the
+only chance, and the probe that clears the mark). ``llm_routing_info`` shows the marks.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ class FallbackPlugin:
         """Fall back when a model refuses or a provider filters the content."""
         larger_context: list[str] = Field(default_factory=list)
         """`provider/model` keys worth trying after `context_length_exceeded` (default: none)."""
+        provider_hold_s: float = Field(default=60.0, ge=0, le=86_400)
+        """After a provider answered quota_exhausted or auth_error, seconds during which its
+        targets are skipped for a later target of the route (0: only within one request)."""
 
         @model_validator(mode="after")
         def _check(self, info: ValidationInfo) -> FallbackPlugin.Config:
@@ -88,6 +95,8 @@ class FallbackPlugin:
         self.cfg: FallbackPlugin.Config = ctx.config or FallbackPlugin.Config()
         self.larger_context = frozenset(self.cfg.larger_context)
         self._warned: set[str] = set()
+        #: Provider -> (monotonic time the mark ends, the class that set it).
+        self._held: dict[str, tuple[float, ErrorClass]] = {}
 
     # --- routes -------------------------------------------------------------------------
 
@@ -156,10 +165,37 @@ class FallbackPlugin:
 
     # --- per attempt --------------------------------------------------------------------
 
+    def _hold(self, call: Call) -> Rejection | None:
+        """A target of a provider marked by an earlier request, while a later target of
+        the route can take the call."""
+        target = call.target
+        held = self._held.get(target.provider) if target is not None else None
+        if held is None or target is None:
+            return None
+        until, cls = held
+        left = until - self.ctx.clock.monotonic()
+        if left <= 0:
+            self._held.pop(target.provider, None)
+            return None
+        later = call.route.targets[call.target_index + 1 :]
+        if not any(t.provider != target.provider for t in later):
+            return None  # the last chance: tried, and its answer renews or clears the mark
+        return Rejection(
+            cls,
+            f"skipped {target.key}: provider {target.provider} {_PROVIDER_WIDE[cls]} (an "
+            f"earlier request; skipped {left:.0f} s more, fallback.provider_hold_s)",
+            fallback=True,
+        )
+
     @hookimpl
     def preflight(self, call: Call) -> Rejection | None:
         target = call.target
-        if target is None or not call.history:
+        if target is None:
+            return None
+        held = self._hold(call)
+        if held is not None:
+            return held
+        if not call.history:
             return None
         for earlier, outcome in call.history:
             why = _PROVIDER_WIDE.get(outcome.error_class) if outcome.error_class else None
@@ -183,9 +219,16 @@ class FallbackPlugin:
 
     @hookimpl
     def after_call(self, call: Call, outcome: Outcome) -> Disposition | None:
-        if call.target is None or outcome.ok or outcome.error_class is None:
+        if call.target is None:
+            return None
+        if outcome.ok:
+            self._held.pop(call.target.provider, None)  # it answered: the account works
+        if outcome.ok or outcome.error_class is None:
             return None
         cls = outcome.error_class
+        if cls in _PROVIDER_WIDE and self.cfg.provider_hold_s > 0:
+            until = self.ctx.clock.monotonic() + self.cfg.provider_hold_s
+            self._held[call.target.provider] = (until, cls)
         if cls in FALLBACK_OK:
             return Disposition("fallback", reason=cls.value)
         if cls is ErrorClass.CONTENT_REFUSED and self.cfg.on_content_refused:
@@ -214,10 +257,18 @@ class FallbackPlugin:
             ]
             for name, chain in sorted(self.cfg.chains.items())
         }
+        now = self.ctx.clock.monotonic()
+        held = {
+            provider: {"reason": cls.value, "skipped_for_s": round(until - now, 1)}
+            for provider, (until, cls) in sorted(self._held.items())
+            if until > now
+        }
         return {
             "chains": chains,
             "on_content_refused": self.cfg.on_content_refused,
             "larger_context": sorted(self.larger_context),
+            "provider_hold_s": self.cfg.provider_hold_s,
+            "held_providers": held,
         }
 
 

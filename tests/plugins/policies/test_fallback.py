@@ -298,3 +298,43 @@ async def test_with_the_ledger_each_attempt_is_recorded_once(tmp_path: Path) -> 
         ]
     )
     assert env.meta["cost_usd_approx"] == pytest.approx(sum(r[3] for r in rows) / 1_000_000)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("error", [ErrorClass.QUOTA_EXHAUSTED, ErrorClass.AUTH_ERROR])
+async def test_a_provider_out_of_quota_is_skipped_by_later_requests_for_a_while(
+    error: ErrorClass,
+) -> None:
+    """The account has no quota (or its key is rejected): the next requests go straight to
+    the fallback for fallback.provider_hold_s, without sending to it again; once the hold
+    is over it is tried again, and an answer clears the mark."""
+    clock = FakeClock()
+    a = Failing("a", broken={"m1": error})
+    b, c = FakeProvider("b"), FakeProvider("c")
+    gw = _gw(BASE, a, b, c, clock=clock)
+    first = await gw.route(Request("qa", "hi"))
+    assert first.ok and len(a.received) == 1
+    second = await gw.route(Request("qa", "hi"))
+    assert second.ok and len(a.received) == 1  # skipped, not sent
+    skipped = second.meta["attempts"][0]
+    assert (skipped["stage"], skipped["error_class"]) == ("rejected", error.value)
+    held = gw.routing_info()["fallback"]["held_providers"]
+    assert held["a"]["reason"] == error.value and 0 < held["a"]["skipped_for_s"] <= 60
+    clock.advance(61)
+    a.broken = {}  # the account works again
+    third = await gw.route(Request("qa", "hi"))
+    assert third.meta["provider"] == "a" and len(a.received) == 2
+    assert gw.routing_info()["fallback"]["held_providers"] == {}
+    await gw.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_held_provider_is_still_tried_as_the_last_target_left() -> None:
+    """No later target can take the call: the held provider is the only chance."""
+    text = "plugins: [fallback, router, fake]\ntask_classes:\n  qa: {provider: a, model: m1}\n"
+    a = Failing("a", broken={"m1": ErrorClass.QUOTA_EXHAUSTED})
+    gw = _gw(text, a)
+    for n in (1, 2):
+        env = await gw.route(Request("qa", "hi"))
+        assert env.error_class == "quota_exhausted" and len(a.received) == n
+    await gw.aclose()
