@@ -179,8 +179,9 @@ class InProcessGateway:
             self.gateway.pm.unregister(name=self.unregister)
             self.gateway.hooks.plugin_order.remove(self.unregister)
 
-    async def route(self) -> Any:
-        envelope = await self.gateway.route(self.Request(task_class=self.task_class, prompt=PROMPT))
+    async def route(self, task_class: str | None = None) -> Any:
+        request = self.Request(task_class=task_class or self.task_class, prompt=PROMPT)
+        envelope = await self.gateway.route(request)
         if envelope.status != "success":
             raise BenchError(f"{envelope.status}: {envelope.error} {envelope.meta}")
         return envelope

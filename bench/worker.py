@@ -23,8 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .clients import KINDS, BenchError, Direct, InProcessGateway, _expect
-from .configs import PROMPT
+from .clients import KINDS, Direct, InProcessGateway, _expect
 
 _PROTO: list[Any] = []  # the protocol stream (the original stdout), set by main()
 
@@ -131,12 +130,7 @@ class Panel(InProcessGateway):
         return timed, direct
 
     async def alone(self) -> None:
-        envelope = await self.gateway.route(
-            self.Request(task_class=self.slowest_class, prompt=PROMPT)
-        )
-        if envelope.status != "success":
-            raise BenchError(f"{envelope.status}: {envelope.error}")
-        _expect(envelope.text, self.slowest_model)
+        _expect((await self.route(self.slowest_class)).text, self.slowest_model)
 
     async def aclose(self) -> None:
         await self.direct.aclose()

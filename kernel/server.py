@@ -124,10 +124,10 @@ class GatewayServer(MCPServer):
     ) -> Any:
         tool = self._tool_manager.get_tool(name)
         if tool is not None:
-            known = list((tool.parameters or {}).get("properties", {}))
+            known = (tool.parameters or {}).get("properties", {})
             unknown = [a for a in arguments if a not in known]
             if unknown:
-                return to_result(_unknown_arguments(name, unknown, known))
+                return to_result(_unknown_arguments(name, unknown, list(known)))
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -354,20 +354,14 @@ class _SanitizedLines:
     async def _lines(self) -> AsyncIterator[str]:
         async for line in self._inner:
             if too_deep(line):
-                head = line[:_ID_WINDOW].encode("utf-8", "replace")
-                tail = line[-_ID_WINDOW:].encode("utf-8", "replace")
-                request_id = _frame_id(head, tail)
-                answered = request_id is not None and self._reply is not None
-                log.warning("stdio.frame_too_deep", limit=MAX_FRAME_DEPTH, answered=answered)
-                if answered:
-                    assert self._reply is not None and request_id is not None
-                    await self._reply(
-                        _error_reply(
-                            request_id,
-                            f"the request nests arrays or objects deeper than {MAX_FRAME_DEPTH} "
-                            "levels and was dropped; send the prompt as text",
-                        )
-                    )
+                await _answer_dropped(
+                    self._reply,
+                    line[:_ID_WINDOW].encode("utf-8", "replace"),
+                    line[-_ID_WINDOW:].encode("utf-8", "replace"),
+                    too_deep_reply,
+                    "stdio.frame_too_deep",
+                    limit=MAX_FRAME_DEPTH,
+                )
                 continue
             yield sanitize_frame(line)
 
@@ -423,10 +417,36 @@ def too_long_reply(request_id: int | str) -> str:
     )
 
 
+def too_deep_reply(request_id: int | str) -> str:
+    """The JSON-RPC error answering a request frame nested over :data:`MAX_FRAME_DEPTH`."""
+    return _error_reply(
+        request_id,
+        f"the request nests arrays or objects deeper than {MAX_FRAME_DEPTH} levels and was "
+        "dropped; send the prompt as text",
+    )
+
+
 def _error_reply(request_id: int | str, message: str) -> str:
     """A JSON-RPC Invalid Request error for a frame the server dropped, as one line."""
     body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": message}}
     return json.dumps(body) + "\n"
+
+
+async def _answer_dropped(
+    reply: Callable[[str], Awaitable[None]] | None,
+    head: bytes,
+    tail: bytes,
+    reply_for: Callable[[int | str], str],
+    event: str,
+    **fields: Any,
+) -> None:
+    """Log a frame dropped unread; answer it with ``reply_for(id)`` when its id is found
+    (:func:`_frame_id`) and there is a way to reply."""
+    request_id = _frame_id(head, tail)
+    answered = request_id is not None and reply is not None
+    log.warning(event, answered=answered, **fields)
+    if reply is not None and request_id is not None:
+        await reply(reply_for(request_id))
 
 
 class _PipeLines:
@@ -474,14 +494,14 @@ class _PipeLines:
                     return None
             if head is None:
                 return line
-            request_id = _frame_id(head, (tail + line)[-_ID_WINDOW:])
-            log.warning(
+            await _answer_dropped(
+                self._reply,
+                head,
+                (tail + line)[-_ID_WINDOW:],
+                too_long_reply,
                 "stdio.frame_too_long",
                 limit_bytes=MAX_FRAME_BYTES,
-                answered=request_id is not None and self._reply is not None,
             )
-            if request_id is not None and self._reply is not None:
-                await self._reply(too_long_reply(request_id))
             head, tail = None, b""
             if not line.endswith(b"\n"):
                 return None  # EOF in the middle of the long line

@@ -165,12 +165,11 @@ class FallbackPlugin:
 
     # --- per attempt --------------------------------------------------------------------
 
-    def _hold(self, call: Call) -> Rejection | None:
+    def _hold(self, call: Call, target: Target) -> Rejection | None:
         """A target of a provider marked by an earlier request, while a later target of
         the route can take the call."""
-        target = call.target
-        held = self._held.get(target.provider) if target is not None else None
-        if held is None or target is None:
+        held = self._held.get(target.provider)
+        if held is None:
             return None
         until, cls = held
         left = until - self.ctx.clock.monotonic()
@@ -192,7 +191,7 @@ class FallbackPlugin:
         target = call.target
         if target is None:
             return None
-        held = self._hold(call)
+        held = self._hold(call, target)
         if held is not None:
             return held
         if not call.history:

@@ -276,8 +276,8 @@ class LedgerPlugin:
             return
         first = panel.members[call.member_index]
         pre = first.stash.get(self.ctx.name) if first is not call else None
-        if pre and pre.get("pre") and not pre.get("used") and not pre.get("freed"):
-            pre["freed"] = True
+        if pre and pre.get("pre") and not pre.get("used"):
+            pre["pre"] = False  # no longer held for it: the panel's end skips it
             rid = str(pre["reservation"])
             self._later(Release(rid, now), rid)
 
@@ -324,10 +324,7 @@ class LedgerPlugin:
             unused = [
                 s["reservation"]
                 for m in call.members
-                if (s := m.stash.get(self.ctx.name))
-                and s.get("pre")
-                and not s.get("used")
-                and not s.get("freed")
+                if (s := m.stash.get(self.ctx.name)) and s.get("pre") and not s.get("used")
             ]
             for rid in unused:
                 self._later(Release(rid, now), rid)
