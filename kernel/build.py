@@ -74,6 +74,15 @@ def build_gateway(
         impl.function(register=register_tool)
 
     _check_route_providers(settings, gateway)
+    routers = [i for i in gateway.hooks.impls("resolve_route") if not (i.hookwrapper or i.wrapper)]
+    if settings.task_classes and not routers:
+        raise ConfigError(
+            "no enabled plugin resolves routes: every call would fail",
+            file=settings.file_label,
+            path="plugins",
+            fix="add `router` (the default router) to plugins:, or a plugin of yours "
+            "that implements resolve_route",
+        )
     return gateway
 
 

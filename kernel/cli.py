@@ -299,12 +299,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         state = "key present" if st.available else f"UNAVAILABLE ({st.reason})"
         out.write(f"  {name:<22} {state}\n")
     # A plugin reports a start-up problem (a ledger it cannot open) as an "error" key.
+    # "warnings" lists what a plugin will ignore (a fallback entry naming a provider
+    # that no enabled plugin registers): printed, not fatal.
+    sections = gateway.hooks.report_info()
     problems = [
         (name, section["error"])
-        for name, section in gateway.hooks.report_info().items()
+        for name, section in sections.items()
         if isinstance(section, dict) and section.get("error")
     ]
+    warnings = [
+        (name, str(w))
+        for name, section in sections.items()
+        if isinstance(section, dict) and isinstance(section.get("warnings"), list)
+        for w in section["warnings"]
+    ]
     anyio.run(gateway.aclose)
+    for name, warning in warnings:
+        sys.stderr.write(f"llmgw: warning: plugin {name!r}: {warning}\n")
     for name, error in problems:
         sys.stderr.write(f"llmgw: plugin {name!r} cannot work: {error}\n")
     return EXIT_USAGE if problems else EXIT_OK

@@ -162,7 +162,10 @@ def report_info() -> Mapping[str, Any] | None:
     When: each time routing info is requested.
 
     :returns: a JSON-serialisable mapping shown under the plugin's name, or None.
-        Never include a key or other secret.
+        Never include a key or other secret. Two keys have a meaning of their own:
+        ``error`` (a string: the plugin cannot work, e.g. a ledger it cannot open;
+        ``llmgw check-config`` fails) and ``warnings`` (a list of strings: something in
+        the config is ignored or suspicious; ``check-config`` prints each one).
 
     All implementations are called; sync; config order.
     """

@@ -236,7 +236,9 @@ class IndependencePlugin:
             return
         sent = call.stash.get("kernel.sent_request")
         panel = call.panel
-        if not isinstance(sent, ProviderRequest) or panel is None:
+        # Handed to the provider but never sent (no key, refused locally): nothing left
+        # the process, so nothing is recorded under `sent`.
+        if not isinstance(sent, ProviderRequest) or panel is None or not outcome.sent:
             return
         record = cert.members[call.member_index or 0]
         digests = cert.digests

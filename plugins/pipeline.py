@@ -72,10 +72,24 @@ class Orchestration:
 
     async def run(self, task: str, depth: str) -> Envelope:
         self.depth = depth
+        steps = self.cfg.depth[depth]
         try:
-            return await self._loop(task, self.cfg.depth[depth])
+            self._check_first_round(task, steps)
+            return await self._loop(task, steps)
         except StopRun as stop:
             return stop.envelope
+        except Exception as exc:
+            # The steps already run were paid for: the envelope must still say what they
+            # cost, never a bare internal error with $0.
+            self.plugin.ctx.log.error(
+                "orchestrate.crashed", error_type=type(exc).__name__, steps=len(self.steps)
+            )
+            return self._envelope(
+                "error",
+                ErrorClass.INTERNAL_ERROR,
+                f"the run failed unexpectedly after {len(self.steps)} step(s); their cost "
+                "is in meta; see the gateway log",
+            )
 
     async def _loop(self, task: str, steps: Sequence[str]) -> Envelope:
         verifying = "verify" in steps
@@ -141,7 +155,7 @@ class Orchestration:
         role = STEP_ROLE[step]
         bound = getattr(self.cfg.max_tokens, role)
         system: str = getattr(self.cfg.instructions, role)
-        targets = tuple(Target(c.provider, c.model, bound, label=role) for c in candidates)
+        targets = self._targets(role, candidates)
         self._check_budget(role, targets, system, prompt)
         request = Request(
             task_class=f"orchestrate:{role}",
@@ -179,25 +193,71 @@ class Orchestration:
 
     # --- pieces ------------------------------------------------------------------------
 
-    def _check_budget(
+    def _targets(self, role: str, candidates: Sequence[Candidate]) -> tuple[Target, ...]:
+        bound = getattr(self.cfg.max_tokens, role)
+        return tuple(Target(c.provider, c.model, bound, label=role) for c in candidates)
+
+    def _worst_case(
         self, role: str, targets: tuple[Target, ...], system: str, prompt: str
-    ) -> None:
-        budget = self.cfg.budget_usd
-        if budget is None:
-            return
+    ) -> tuple[int | None, str]:
+        """The step's worst case over its candidates (micro-USD), or None and why."""
         bound = input_token_bound(system, [Message("user", prompt)])
         worst = 0
         for t in targets:
             provider = self.gateway.providers.get(t.provider)
             price = provider.price(t.model) if provider is not None else None
             if price is None:
-                why = (
+                return None, (
                     f"the {role} step cannot be bounded: no price for {t.key}, so "
                     "roles.budget_usd cannot be kept"
                 )
-                break
             worst = max(worst, price.worst_case_micro_usd(bound, t.max_tokens))
-        else:
+        return worst, ""
+
+    def _check_first_round(self, task: str, steps: Sequence[str]) -> None:
+        """Refuse, before anything is sent, a run whose first round cannot fit the budget:
+        a step that alone, with the plan and artifact it will be sent taken as empty,
+        could cost more than ``roles.budget_usd`` would be refused after the steps
+        before it were paid for."""
+        budget = self.cfg.budget_usd
+        if budget is None:
+            return
+        limit = round(budget * 1_000_000)
+        prompts = {
+            "plan": (compose_plan(task, None), self.cfg.candidates.planner),
+            "work": (compose_work(task, "" if "plan" in steps else None, None), None),
+            "verify": (compose_verify(task, ""), self.cfg.candidates.verifier),
+        }
+        for step in steps:
+            role = STEP_ROLE[step]
+            prompt, candidates = prompts[step]
+            targets = self._targets(role, candidates or self.cfg.candidates.worker)
+            worst, why = self._worst_case(
+                role, targets, getattr(self.cfg.instructions, role), prompt
+            )
+            if worst is not None:
+                if worst <= limit:
+                    continue
+                why = (
+                    f"the {role} step alone could cost up to ${worst / 1e6:.6f}, more than "
+                    f"roles.budget_usd (${budget}) allows a whole run"
+                )
+            raise StopRun(
+                self._envelope(
+                    "error",
+                    ErrorClass.BUDGET_EXCEEDED,
+                    why + f"; nothing was sent: raise the budget or lower roles.max_tokens.{role}",
+                )
+            )
+
+    def _check_budget(
+        self, role: str, targets: tuple[Target, ...], system: str, prompt: str
+    ) -> None:
+        budget = self.cfg.budget_usd
+        if budget is None:
+            return
+        worst, why = self._worst_case(role, targets, system, prompt)
+        if worst is not None:
             if self.budget.committed_micro + worst <= round(budget * 1_000_000):
                 return
             why = (
@@ -206,8 +266,14 @@ class Orchestration:
                 f"roles.budget_usd (${budget})"
             )
         if self.artifact is None:
-            env = self._envelope("error", ErrorClass.BUDGET_EXCEEDED, why + "; nothing was sent")
-            raise StopRun(env)
+            # No result yet: an error, though earlier steps (a plan) may have been paid.
+            done = (
+                f"; this step was not sent, {len(self.steps)} earlier step(s) cost "
+                f"${self.budget.committed_micro / 1e6:.6f}"
+                if self.steps
+                else "; nothing was sent"
+            )
+            raise StopRun(self._envelope("error", ErrorClass.BUDGET_EXCEEDED, why + done))
         raise StopRun(self._finish("needs_human_review", verified=False, why=why))
 
     def _step_meta(self, n: int, step: str, env: Envelope, watch: StepWatch) -> dict[str, Any]:

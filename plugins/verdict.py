@@ -94,6 +94,8 @@ def parse_verdict(text: str | None, *, source: str = "verifier") -> ParsedVerdic
         return _revise_unparsed(f"the key {str(exc)!r} appears twice", source)
     except ValueError:
         return _revise_unparsed("the answer is not valid JSON (or holds several values)", source)
+    except RecursionError:  # a verdict is two levels deep; an artifact can steer the answer
+        return _revise_unparsed("the answer is nested too deeply to be a verdict", source)
     if not isinstance(value, dict):
         return _revise_unparsed("the answer is not a JSON object", source)
     keys = set(value)

@@ -22,6 +22,7 @@ only chance, and the probe that clears the mark). ``llm_routing_info`` shows the
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Generator
 from dataclasses import replace
 from typing import Any
@@ -262,13 +263,46 @@ class FallbackPlugin:
             for provider, (until, cls) in sorted(self._held.items())
             if until > now
         }
-        return {
+        info: dict[str, Any] = {
             "chains": chains,
             "on_content_refused": self.cfg.on_content_refused,
             "larger_context": sorted(self.larger_context),
             "provider_hold_s": self.cfg.provider_hold_s,
             "held_providers": held,
         }
+        if registered is not None:
+            warnings = self._inactive_warnings(registered)
+            if warnings:
+                info["warnings"] = warnings
+        return info
+
+    def _inactive_warnings(self, registered: set[str]) -> list[str]:
+        """One line per chain or larger_context entry whose provider no enabled plugin
+        registers: such an entry is skipped, so the chain is shorter than it reads."""
+        entries = [
+            (f"fallback.chains.{name}[{i}]", e.provider)
+            for name, chain in sorted(self.cfg.chains.items())
+            for i, e in enumerate(chain)
+        ]
+        entries += [
+            (f"fallback.larger_context[{i}]", key.split("/", 1)[0])
+            for i, key in enumerate(self.cfg.larger_context)
+        ]
+        out = []
+        for path, provider in entries:
+            if provider in registered:
+                continue
+            close = difflib.get_close_matches(provider, sorted(registered), n=1)
+            hint = (
+                f"did you mean {close[0]!r}?"
+                if close
+                else "enable its plugin in plugins: or remove the entry"
+            )
+            out.append(
+                f"{path}: provider {provider!r} is not registered by any enabled plugin, "
+                f"so this entry is skipped; {hint}"
+            )
+        return out
 
 
 def check_chains(cfg: FallbackPlugin.Config, settings: Settings | None) -> None:

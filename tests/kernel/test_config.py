@@ -295,6 +295,47 @@ def test_check_config_fails_when_a_plugin_cannot_work(
     assert "plugin 'ledger' cannot work" in capsys.readouterr().err
 
 
+def test_check_config_prints_a_fallback_entry_that_will_be_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt provider in a fallback chain was skipped at run time with a log line
+    only: check-config said OK and the chain was shorter than it read."""
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(
+        "plugins: [kill_switch, fallback, router, fakes.py]\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n"
+        "fallback:\n  chains:\n    q: [{provider: fakr, model: m2}]\n"
+    )
+    (tmp_path / "fakes.py").write_text(
+        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
+        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+    )
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "fallback.chains.q[0]" in err
+    assert "provider 'fakr' is not registered" in err
+    assert "did you mean 'fake'?" in err
+
+
+def test_a_config_that_no_plugin_can_route_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without `router` every call failed, yet check-config said OK."""
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(
+        "plugins: [kill_switch, fallback, fakes.py]\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n"
+    )
+    (tmp_path / "fakes.py").write_text(
+        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
+        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+    )
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "plugins: no enabled plugin resolves routes" in err
+    assert "add `router`" in err
+
+
 def test_merge_keys_still_override_and_work(tmp_path: Path) -> None:
     cfg = tmp_path / "routing.yaml"
     text = textwrap.dedent(

@@ -502,3 +502,17 @@ def test_memoised_digests_hash_what_cannot_be_a_key_without_the_memo() -> None:
     plain = digest(canonical_request("openai", "gpt-4o", SYSTEM, odd, 512))
     assert memo.request("openai", "gpt-4o", SYSTEM, odd, 512) == plain
     assert memo.content(SYSTEM, odd) == memo.content(SYSTEM, list(odd))
+
+
+@pytest.mark.anyio
+async def test_an_attempt_that_never_left_the_process_is_not_listed_as_sent() -> None:
+    """A member whose provider had no key was listed under ``sent`` with a request digest,
+    though nothing was sent."""
+    alpha, beta = fakes()
+    beta.fail_with(ErrorClass.AUTH_ERROR, sent=False)
+    async with gateway_from_yaml(panel_yaml("soft", quorum=1), providers=[alpha, beta]) as gw:
+        env = await gw.route(Request("duo", PROMPT))
+    assert env.data["members"][1]["meta"]["attempts"][0]["sent"] is False
+    vis = env.meta["visibility"]
+    assert vis["members"][1]["sent"] == []
+    assert len(vis["members"][0]["sent"]) == 1

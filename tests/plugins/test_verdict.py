@@ -104,3 +104,11 @@ def test_parse_error_reason_names_the_problem_without_echoing_the_answer() -> No
     parsed = parse_verdict("NOT ACCEPTABLE: secret-ish upstream text")
     assert "secret-ish" not in " ".join(parsed.verdict.reasons)
     assert parsed.verdict.reasons[0].startswith("the verifier did not answer")
+
+
+def test_an_answer_nested_too_deeply_is_revise_not_a_crash() -> None:
+    """json's parser raises RecursionError, not ValueError, past ~1,000 levels: it went up
+    through the pipeline as an internal error reporting $0 for steps already paid."""
+    for depth in (500, 5_000, 100_000):
+        parsed = parse_verdict('{"verdict": ' + "[" * depth + "]" * depth + "}")
+        assert parsed.verdict.verdict == "REVISE" and parsed.verdict.parse_error

@@ -249,6 +249,10 @@ def test_a_chain_entry_of_a_disabled_provider_is_skipped_and_reported() -> None:
     assert [t.key for t in route.targets] == ["a/m1", "b/m2"]
     info = gw.routing_info()["fallback"]
     assert info["chains"]["qa"][1] == {"target": "c/m3", "inactive": "provider not enabled"}
+    assert (
+        "fallback.chains.qa[1]: provider 'c' is not registered by any enabled plugin, so "
+        "this entry is skipped; enable its plugin in plugins: or remove the entry"
+    ) in info["warnings"]
 
 
 @pytest.mark.anyio
