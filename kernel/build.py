@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -15,6 +17,11 @@ from .logs import configure_logging
 from .tools import ToolSpec
 from .types import Clock, Provider, SystemClock
 
+log = structlog.get_logger("llmgw.build")
+
+#: The tools the MCP server itself defines (kernel/server.py).
+BUILTIN_TOOLS = frozenset({"llm_route", "llm_routing_info"})
+
 
 def build_gateway(
     settings: Settings,
@@ -22,11 +29,13 @@ def build_gateway(
     clock: Clock | None = None,
     rng: random.Random | None = None,
     extra_plugins: Mapping[str, object] | None = None,
+    check_only: bool = False,
 ) -> Gateway:
     """Load the configured plugins, register their providers, check the routes.
 
     Raises :class:`ConfigError` or :class:`PluginError` with a message that names the
-    file, the path and the fix.
+    file, the path and the fix. ``check_only``: built to be checked, not served (plugins
+    create no files; see :class:`~llmgw.kernel.loader.PluginContext`).
     """
     if not structlog.is_configured():
         # Library use: never let the default structlog config print to stdout, which
@@ -40,6 +49,7 @@ def build_gateway(
         rng=rng or random.Random(),
         gateway_ref=ref,
         extra=dict(extra_plugins or {}),
+        check_only=check_only,
     )
     gateway = Gateway(settings, pm, loaded, clock=clock)
     ref.append(gateway)
@@ -62,16 +72,31 @@ def build_gateway(
 
     for impl in gateway.hooks.impls("register_providers"):
         current[:] = [impl.plugin_name]
-        impl.function(register=register)
+        _call_registration(impl, register)
 
     def register_tool(tool: ToolSpec) -> None:
         if any(t.name == tool.name for t in gateway.tools):
             raise PluginError(current[0], f"registers tool {tool.name!r} twice")
+        if tool.name in BUILTIN_TOOLS:
+            raise PluginError(
+                current[0],
+                f"registers tool {tool.name!r}, a name of the gateway's own tools",
+                fix="give the tool another name",
+            )
+        if not inspect.iscoroutinefunction(tool.fn):
+            raise PluginError(current[0], f"tool {tool.name!r}: its function must be `async def`")
+        if "ctx" in inspect.signature(tool.fn).parameters:
+            raise PluginError(
+                current[0],
+                f"tool {tool.name!r} has a parameter named 'ctx', which the MCP server "
+                "passes itself",
+                fix="rename the parameter",
+            )
         gateway.tools.append(tool)
 
     for impl in gateway.hooks.impls("register_tools"):
         current[:] = [impl.plugin_name]
-        impl.function(register=register_tool)
+        _call_registration(impl, register_tool)
 
     _check_route_providers(settings, gateway)
     routers = [i for i in gateway.hooks.impls("resolve_route") if not (i.hookwrapper or i.wrapper)]
@@ -84,6 +109,23 @@ def build_gateway(
             "that implements resolve_route",
         )
     return gateway
+
+
+def _call_registration(impl: Any, register: Callable[[Any], None]) -> None:
+    """Run one registration hook; its failure is a :class:`PluginError` naming it."""
+    try:
+        impl.function(register=register)
+    except (PluginError, ConfigError):
+        raise
+    except Exception as exc:
+        # The traceback goes to the (redacting) log; the message names no value.
+        log.exception("hook.failed", hook=impl.function.__name__, plugin=impl.plugin_name)
+        raise PluginError(
+            impl.plugin_name,
+            f"its {impl.function.__name__} hook raised {type(exc).__name__} (traceback in "
+            "the log above)",
+            fix="fix the plugin, or remove it from plugins:",
+        ) from None
 
 
 def _check_route_providers(settings: Settings, gateway: Gateway) -> None:

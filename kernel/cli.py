@@ -17,7 +17,7 @@ import anyio
 
 from . import __version__
 from .build import build_gateway
-from .config import Settings, config_path, load_settings
+from .config import Settings, config_path, effective_env, load_settings
 from .errors import ConfigError, PluginError
 from .gateway import Gateway
 from .logs import configure_logging
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="run the MCP server (stdio by default)")
     s.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
     s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
+    s.add_argument("--port", type=_port, default=8765, help="HTTP port (default 8765)")
     s.add_argument(
         "--allow-remote",
         action="store_true",
@@ -132,13 +132,51 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return port
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def env_log_level() -> str | None:
+    """``LLM_GATEWAY_LOG_LEVEL``, upper-cased; :class:`ConfigError` if it is no level."""
+    raw = os.environ.get("LLM_GATEWAY_LOG_LEVEL", "").strip()
+    if not raw:
+        return None
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"LLM_GATEWAY_LOG_LEVEL is {raw[:40]!r}, not a log level",
+            file="environment",
+            fix=f"set it to one of {', '.join(LOG_LEVELS)}, or unset it",
+        )
+    return level
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``llmgw`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Everything after `bench` is the bench's own (argparse's REMAINDER drops a
+        # leading option such as --quick).
+        configure_logging("WARNING")
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = _parser().parse_args(argv)
     if not args.command:
         _parser().print_help(sys.stderr)
         return EXIT_USAGE
-    level = args.log_level or os.environ.get("LLM_GATEWAY_LOG_LEVEL")
+    try:
+        level = args.log_level or env_log_level()
+    except ConfigError as exc:
+        sys.stderr.write(f"llmgw: configuration error\n{exc}\n")
+        return EXIT_USAGE
     configure_logging(level or ("INFO" if args.command == "serve" else "WARNING"))
     handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
     try:
@@ -161,7 +199,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _gateway(args: argparse.Namespace) -> Gateway:
     settings = _settings(args)
-    explicit = args.log_level or os.environ.get("LLM_GATEWAY_LOG_LEVEL")
+    explicit = args.log_level or env_log_level()
     if not explicit and args.command == "serve":
         configure_logging(settings.gateway.log_level)
     return build_gateway(settings)
@@ -194,9 +232,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         anyio.run(gateway.aclose)
         sys.stderr.write(f"llmgw serve: {exc}\n")
         return EXIT_USAGE
+    problem = _cannot_listen(args.host, args.port)
+    if problem:
+        anyio.run(gateway.aclose)
+        sys.stderr.write(f"llmgw serve: cannot listen on {args.host}:{args.port}: {problem}\n")
+        return EXIT_FAIL
     sys.stderr.write(f"llmgw: serving MCP on http://{args.host}:{args.port}/mcp\n")
-    server.run("streamable-http", **run_kwargs)
+    try:
+        server.run("streamable-http", **run_kwargs)
+    except SystemExit as exc:  # uvicorn exits 3 when it cannot start
+        if exc.code:
+            sys.stderr.write("llmgw serve: the HTTP server could not start; see the log\n")
+            return EXIT_FAIL
     return EXIT_OK
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound right now (in use, no such address), or None."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -282,7 +345,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    gateway = build_gateway(settings)
+    gateway = build_gateway(settings, check_only=True)  # creates no ledger, no directory
     out = sys.stdout
     out.write(f"{settings.file_label}: OK\n")
     out.write(f"plugins (in order): {', '.join(p.name for p in gateway.plugins)}\n")
@@ -377,10 +440,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     path = config_path(args.config, os.environ)
     try:
-        used = write_starter(path, os.environ, include_all=args.all)
+        # Keys may live in a .env beside the file, as they may for every other command.
+        env = effective_env(path, os.environ)
+        used = write_starter(path, env, include_all=args.all)
     except InitError as exc:
         sys.stderr.write(f"llmgw init: {exc}\n")
         return EXIT_USAGE
+    except OSError as exc:
+        sys.stderr.write(f"llmgw init: cannot write {path}: {exc.strerror or exc}\n")
+        return EXIT_FAIL
     sys.stdout.write(
         f"wrote {path} for: {', '.join(used)}\nnext: llmgw check-config --config {path}\n"
     )

@@ -357,7 +357,9 @@ def _refuse_literal_secrets(node: Any, path: str, file: str) -> None:
                     "a literal secret is not allowed in the config file",
                     file=file,
                     path=sub,
-                    fix="put the value in the environment (or .env) and write ${VARIABLE}",
+                    fix="put the value in the environment (or .env) and write ${VARIABLE}; "
+                    "if it is no secret (a pattern, a name), rename the key so it does not "
+                    "end in key, token, secret or password",
                 )
             _refuse_literal_secrets(value, sub, file)
     elif isinstance(node, list):

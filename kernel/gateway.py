@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -29,7 +30,7 @@ from .envelope import Envelope
 from .errors import ErrorClass, RouteError, default_message
 from .hooks import HookFacade
 from .loader import LoadedPlugin
-from .results import Attempt, ChainResult, attempt_cost, chain_envelope
+from .results import Attempt, ChainResult, attempt_cost, chain_envelope, checked_outcome
 from .tools import ToolSpec
 from .types import (
     Call,
@@ -397,6 +398,28 @@ class Gateway:
 
     async def _send(self, call: Call) -> Outcome:
         assert call.target is not None
+        if (call.target, call.price) != call.origin:
+            # Every check (caps per provider, the breaker, the price the ledger reserved
+            # at) was made for the target the kernel chose: sending elsewhere, or at
+            # another price, would bypass them.
+            changed = "target" if call.target != call.origin[0] else "price"
+            log.error("request.target_changed", changed=changed)
+            return Outcome.failure(
+                ErrorClass.INTERNAL_ERROR,
+                f"a plugin changed the attempt's {changed} in before_call; nothing was "
+                "sent. Plugins may rewrite system, messages and max_tokens only",
+                sent=False,
+                details={"refused_by": "kernel"},
+            )
+        # The hooks before this (a slow one, a lock) may have used the time left.
+        left = call.deadline - self.clock.monotonic()
+        if left <= 0:
+            return Outcome.failure(
+                ErrorClass.DEADLINE_EXCEEDED,
+                default_message(ErrorClass.DEADLINE_EXCEEDED) + "; nothing was sent",
+                sent=False,
+            )
+        call.timeout_s = max(0.001, min(call.timeout_s, left))
         provider = self.providers[call.target.provider]
         request = call.provider_request()
         if call.cost_ceiling_micro is not None:
@@ -420,7 +443,16 @@ class Gateway:
         t0 = time.perf_counter()
         try:
             with anyio.fail_after(request.timeout_s + 1.0):
-                outcome = await provider.complete(request)
+                pending = provider.complete(request)
+                if not inspect.isawaitable(pending):
+                    log.error("provider.not_async", provider=provider.name)
+                    return Outcome.failure(
+                        ErrorClass.INTERNAL_ERROR,
+                        f"provider {provider.name!r} is broken: its complete() must be "
+                        "`async def`; nothing was sent",
+                        sent=False,
+                    )
+                outcome = checked_outcome(await pending, provider.name)
         except TimeoutError:
             outcome = Outcome.failure(
                 ErrorClass.TIMEOUT, default_message(ErrorClass.TIMEOUT), sent=True

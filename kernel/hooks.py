@@ -19,7 +19,17 @@ import pluggy
 import structlog
 
 from .errors import CallRefused, ErrorClass, RouteError
-from .types import Call, Disposition, Outcome, Provider, Rejection, Request, Route, Verdict
+from .types import (
+    DISPOSITION_ACTIONS,
+    Call,
+    Disposition,
+    Outcome,
+    Provider,
+    Rejection,
+    Request,
+    Route,
+    Verdict,
+)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -84,15 +94,33 @@ class HookFacade:
     def report_info(self) -> dict[str, Mapping[str, Any]]:
         sections: dict[str, Mapping[str, Any]] = {}
         for impl in self.impls("report_info"):
-            value = impl.function()
+            # One plugin's broken report must not hide every other section (breakers,
+            # spend) from llm_routing_info and check-config.
+            try:
+                value = impl.function()
+            except Exception as exc:
+                log.exception("hook.failed", hook="report_info", plugin=impl.plugin_name)
+                value = {"error": f"report_info failed ({type(exc).__name__}); see the log"}
             if isinstance(value, Mapping):
                 sections[impl.plugin_name] = value
+            elif value is not None:
+                log.error("hook.bad_result", hook="report_info", plugin=impl.plugin_name)
         return sections
 
     # --- routing (sync, first result) ---------------------------------------------
 
     def resolve_route(self, request: Request, settings: Settings) -> Route | None:
-        result = self.pm.hook.resolve_route(request=request, settings=settings)
+        try:
+            result = self.pm.hook.resolve_route(request=request, settings=settings)
+        except RouteError:
+            raise
+        except Exception as exc:
+            log.exception("hook.failed", hook="resolve_route")
+            raise RouteError(
+                f"a resolve_route implementation failed ({type(exc).__name__}); see the "
+                "gateway log",
+                error_class=ErrorClass.INTERNAL_ERROR,
+            ) from None
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()
@@ -234,7 +262,7 @@ class HookFacade:
             except Exception:
                 log.exception("hook.failed", hook="after_call", plugin=impl.plugin_name)
                 continue
-            if isinstance(value, Disposition):
+            if isinstance(value, Disposition) and value.action in DISPOSITION_ACTIONS:
                 advice.append(value)
             elif value is not None:
                 log.error("hook.bad_result", hook="after_call", plugin=impl.plugin_name)
@@ -255,12 +283,26 @@ class HookFacade:
                     Verdict("REVISE", (f"verifier {impl.plugin_name!r} failed",), impl.plugin_name)
                 )
                 continue
-            if isinstance(value, Verdict):
+            if isinstance(value, Verdict) and value.verdict in ("ACCEPT", "REVISE"):
                 if not value.source:
                     value = Verdict(
                         value.verdict, value.reasons, impl.plugin_name, value.parse_error
                     )
                 verdicts.append(value)
+            elif value is not None:
+                # Fail closed, as a verifier that raised: an answer it did not clearly
+                # accept is never presented as verified.
+                log.error("hook.bad_result", hook="verify", plugin=impl.plugin_name)
+                verdicts.append(
+                    Verdict(
+                        "REVISE",
+                        (
+                            f"verifier {impl.plugin_name!r} returned {type(value).__name__}, "
+                            "not a Verdict",
+                        ),
+                        impl.plugin_name,
+                    )
+                )
         return verdicts
 
     async def shutdown(self) -> None:

@@ -55,6 +55,10 @@ class PluginContext:
     rng: random.Random
     log: Any
     _gateway: list[Gateway] = field(default_factory=list, repr=False)
+    check_only: bool = False
+    """True when the gateway is built only to be checked (``llmgw check-config``): a
+    plugin validates what it would open or create (a file, a directory) but leaves no
+    state behind."""
 
     @property
     def env(self) -> Any:
@@ -226,6 +230,7 @@ def load_plugins(
     rng: random.Random,
     gateway_ref: list[Gateway],
     extra: dict[str, object] | None = None,
+    check_only: bool = False,
 ) -> tuple[pluggy.PluginManager, list[LoadedPlugin]]:
     """Build a plugin manager holding exactly the configured plugins, in config order.
 
@@ -312,6 +317,7 @@ def load_plugins(
             rng=rng,
             log=structlog.get_logger(f"llmgw.plugin.{name}"),
             _gateway=gateway_ref,
+            check_only=check_only,
         )
         obj = _instantiate(name, target, ctx)
         loaded.append(
@@ -324,14 +330,28 @@ def load_plugins(
             pm.register(plugin.obj, name=plugin.name)
         except (pluggy.PluginValidationError, ValueError) as exc:
             raise PluginError(plugin.name, f"invalid hook implementation: {exc}") from None
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(
-            getattr(exc, "plugin_name", "?") or "?",
-            f"{exc}",
-            fix="hook names are listed in docs/plugins.md",
-        ) from None
+        if not pm.get_hookcallers(plugin.obj):
+            # Listed, loaded, and would silently do nothing: a guard that guards nothing.
+            raise PluginError(
+                plugin.name,
+                "has no hook implementations, so it would do nothing",
+                fix="mark its hook functions with @hookimpl (from llmgw.kernel import "
+                "hookimpl), or remove it from plugins:",
+            )
+    for name, hook in vars(pm.hook).items():
+        if name.startswith("_") or hook.has_spec():
+            continue
+        for impl in hook.get_hookimpls():
+            if not impl.optionalhook:
+                import difflib  # only for the error: not part of every start
+
+                close = difflib.get_close_matches(name, hook_names(), n=1)
+                raise PluginError(
+                    impl.plugin_name,
+                    f"has a hook named {name!r}, which is no hook of the gateway"
+                    + (f" (did you mean {close[0]!r}?)" if close else ""),
+                    fix=f"the hooks are {', '.join(hook_names())} (docs/plugins.md)",
+                )
     check_hooks(pm, [p.name for p in loaded])
     _check_sections(settings, {p.name for p in loaded}, set(eps))
     return pm, loaded
@@ -365,6 +385,16 @@ def check_hooks(pm: pluggy.PluginManager, order: list[str]) -> None:
     for hook in _hook_names():
         impls = call_order(pm, hook)
         for impl in impls:
+            if hook not in hookspecs.ASYNC_HOOKS and (
+                inspect.iscoroutinefunction(impl.function)
+                or inspect.isasyncgenfunction(impl.function)
+            ):
+                raise PluginError(
+                    impl.plugin_name,
+                    f"its {hook} hook is async, but {hook} is called as a plain function "
+                    "(an async one would never run)",
+                    fix=f"write `def {hook}(...)`, not `async def`",
+                )
             if hook in hookspecs.ASYNC_HOOKS and (impl.wrapper or impl.hookwrapper):
                 raise PluginError(
                     impl.plugin_name,

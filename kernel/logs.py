@@ -56,7 +56,9 @@ class _ScrubbingFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
     """JSON lines to ``stream`` (stderr by default), one event per line, redacted."""
     out: Any = stream or _Stderr()
-    numeric = logging.getLevelName(level)
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"{level!r} is not a log level")
     structlog.configure(
         # Secrets are removed from the rendered line, which holds every field, exception
         # text included: one pass per event instead of a walk over each value.

@@ -4,12 +4,16 @@ what each attempt cost. Shared by the request loop (:mod:`.gateway`) and panels
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import structlog
 
 from .envelope import Envelope
 from .errors import ErrorClass, default_message
-from .types import Call, Outcome, Request, Route, Target, micro_to_usd
+from .types import Call, Outcome, Request, Route, Target, Usage, micro_to_usd
+
+log = structlog.get_logger("llmgw.gateway")
 
 __all__ = ["Attempt", "ChainResult", "attempt_cost", "chain_envelope"]
 
@@ -120,3 +124,61 @@ def attempt_cost(call: Call, outcome: Outcome) -> int | None:
     ):
         return 0
     return None  # sent, no usage: may be billed (timeout, reset, proxy error)
+
+
+#: Above any real count; keeps every cost an integer the ledger can store.
+MAX_REPORTED_TOKENS = 10**12
+_USAGE_FIELDS = ("input_tokens", "output_tokens", "cached_input_tokens", "reasoning_tokens")
+
+
+def checked_outcome(outcome: object, provider: str) -> Outcome:
+    """``outcome`` as a provider plugin returned it, made safe for the money path.
+
+    A plugin's mistake must not release money that was spent or record a cost that
+    cannot be: an answer is always ``sent``; a failure's class is an :class:`ErrorClass`;
+    a usage that is not whole non-negative counts is dropped (so the attempt stays
+    charged at its worst case, as with no usage). Anything else than an ``Outcome`` is a
+    sent failure (the plugin may have spent money before it went wrong).
+    """
+    if not isinstance(outcome, Outcome):
+        log.error("provider.bad_outcome", provider=provider, problem=type(outcome).__name__)
+        return Outcome.failure(
+            ErrorClass.INTERNAL_ERROR,
+            f"provider {provider!r} is broken: complete() returned "
+            f"{type(outcome).__name__}, not an Outcome",
+            sent=True,
+        )
+    problems: list[str] = []
+    changes: dict[str, Any] = {}
+    if outcome.ok and not outcome.sent:
+        problems.append("an answer marked not sent")
+        changes["sent"] = True
+    if outcome.ok and not isinstance(outcome.text, str):
+        problems.append("an answer without text")
+        changes.update(
+            ok=False,
+            sent=True,
+            text=None,
+            error_class=ErrorClass.MALFORMED_RESPONSE,
+            message=f"provider {provider!r} returned an answer without text",
+        )
+    elif not outcome.ok and not isinstance(outcome.error_class, ErrorClass):
+        try:
+            changes["error_class"] = ErrorClass(str(outcome.error_class))
+        except ValueError:
+            changes["error_class"] = ErrorClass.INTERNAL_ERROR
+        problems.append(f"error_class {outcome.error_class!r} is not an ErrorClass")
+    usage = outcome.usage
+    if usage is not None and not (
+        isinstance(usage, Usage)
+        and all(
+            type(v) is int and 0 <= v <= MAX_REPORTED_TOKENS
+            for v in (getattr(usage, f) for f in _USAGE_FIELDS)
+        )
+    ):
+        problems.append("usage that is not whole non-negative token counts")
+        changes["usage"] = None
+    if not problems:
+        return outcome
+    log.error("provider.bad_outcome", provider=provider, problem="; ".join(problems))
+    return replace(outcome, **changes)

@@ -849,8 +849,12 @@ def http_security(
     """Host and Origin allow-lists, checked on every request (DNS-rebinding protection)."""
     hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", *extra_hosts]
     origins = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *extra_origins]
-    if not is_loopback(host) and host not in {"0.0.0.0", "::", "[::]"}:  # noqa: S104
-        hosts.append(f"{host}:{port}")
+    if host not in {"0.0.0.0", "::", "[::]", "127.0.0.1", "localhost", "::1"}:  # noqa: S104
+        # The address served on is a Host clients will send: 127.0.0.2 is loopback too.
+        bare = host.strip("[]")
+        named = f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+        hosts.append(named)
+        origins.append(f"http://{named}")
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
     )

@@ -295,6 +295,7 @@ class Rejection:
 
 
 Action = Literal["retry", "fallback", "stop"]
+DISPOSITION_ACTIONS: frozenset[str] = frozenset(("retry", "fallback", "stop"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +425,12 @@ class Call:
     cost_ceiling_micro: int | None = None
     """The smallest worst case a plugin has committed to (reserved, checked against a
     threshold). The kernel refuses to send a request whose final worst case exceeds it."""
+    origin: tuple[Target | None, Price | None] = field(init=False, repr=False)
+    """``target`` and ``price`` as the kernel made them: hooks may rewrite the request,
+    never where it goes or what it is priced at (checked before sending)."""
+
+    def __post_init__(self) -> None:
+        self.origin = (self.target, self.price)
 
     def limit_cost(self, micro_usd: int) -> None:
         """Record that this attempt was approved for at most ``micro_usd`` worst case.

@@ -10,7 +10,11 @@ first check). A refused prompt is never sent and nothing is reserved.
       - ...
     secret_guard:
       extra_patterns:
-        internal_token: "itk_[A-Za-z0-9]{24}"
+        internal_token_format: "itk_[A-Za-z0-9]{24}"
+
+(A key named ``..._token``, ``..._key`` or ``..._secret`` with a literal value is refused
+by the config loader as a secret written into the file; name patterns after what they
+match, e.g. ``..._format``.)
 
 The error names the kind of secret found, never the text that matched.
 """

@@ -22,7 +22,6 @@ only chance, and the probe that clears the mark). ``llm_routing_info`` shows the
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Generator
 from dataclasses import replace
 from typing import Any
@@ -292,6 +291,8 @@ class FallbackPlugin:
         for path, provider in entries:
             if provider in registered:
                 continue
+            import difflib  # only for this report: not part of every start
+
             close = difflib.get_close_matches(provider, sorted(registered), n=1)
             hint = (
                 f"did you mean {close[0]!r}?"

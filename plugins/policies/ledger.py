@@ -52,7 +52,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from llmgw.kernel import (
@@ -129,7 +131,10 @@ class LedgerPlugin:
         self.damage_capped: list[str] = []
         self._damage_checked = 0.0
         if self.enabled:
-            self._open()
+            if ctx.check_only:
+                self.open_error = path_problem(self.path)
+            else:
+                self._open()
 
     def _open(self) -> None:
         """Open (at start; again before a call if that failed), turn the expired
@@ -384,7 +389,7 @@ class LedgerPlugin:
     @hookimpl
     def report_info(self) -> dict[str, Any]:
         month = month_of(self.ctx.clock.now())
-        if self.enabled and not self.opened and self.path.exists():
+        if self.enabled and not self.opened and self.path.exists() and not self.ctx.check_only:
             self._open()
         store = self.store if self.opened else None
         error = self.open_error
@@ -427,3 +432,24 @@ class LedgerPlugin:
 def worst_known(call: Call) -> bool:
     """True when the call's worst case is computable (a known price)."""
     return call.worst_case_micro_usd() is not None
+
+
+def path_problem(path: Path) -> str | None:
+    """Why the ledger at ``path`` could not be opened or created, without creating it
+    (``llmgw check-config``), or None."""
+    if path.exists():
+        if not path.is_file():
+            return f"{path} exists and is not a file"
+        if not os.access(path, os.R_OK | os.W_OK):
+            return f"{path} is not readable and writable by this user"
+        directory = path.parent
+    else:
+        directory = path.parent
+        while not directory.exists():
+            directory = directory.parent
+        if not directory.is_dir():
+            return f"{directory} is not a directory, so {path} cannot be created"
+    # SQLite writes its -wal and -shm files beside the ledger.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{directory} is not writable by this user"
+    return None

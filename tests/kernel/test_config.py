@@ -11,6 +11,7 @@ from llmgw.kernel import ConfigError, GatewayError, load_settings
 from llmgw.kernel.build import build_gateway
 from llmgw.kernel.cli import main
 from llmgw.kernel.config import config_path
+from llmgw.kernel.logs import reset_logging
 from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin
 
 GOOD = """
@@ -378,3 +379,54 @@ def test_a_quoted_dotenv_value_may_be_followed_by_a_comment(tmp_path: Path) -> N
         "HASH": "a#b",
         "BARE": "v",
     }
+
+
+@pytest.mark.parametrize(("value", "ok"), [("debug", True), ("Warning", True), ("loud", False)])
+def test_the_log_level_from_the_environment(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    value: str,
+    ok: bool,
+) -> None:
+    """A lower-case or unknown LLM_GATEWAY_LOG_LEVEL was a KeyError traceback on every
+    command, `serve` included."""
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(
+        "plugins: [kill_switch, router, fakes.py]\ntask_classes:\n  q: {provider: fake, model: m}\n"
+    )
+    (tmp_path / "fakes.py").write_text(
+        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
+        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+    )
+    monkeypatch.setenv("LLM_GATEWAY_LOG_LEVEL", value)
+    try:
+        code = main(["check-config", "--config", str(cfg)])
+    finally:
+        reset_logging()
+    if ok:
+        assert code == 0
+    else:
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "LLM_GATEWAY_LOG_LEVEL is 'loud', not a log level" in err
+        assert "DEBUG, INFO, WARNING, ERROR" in err
+
+
+def test_llmgw_bench_passes_its_options_through(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`llmgw bench` raised AttributeError and `llmgw bench --quick` was refused."""
+    import sys
+    import types
+
+    seen: list[list[str]] = []
+    fake = types.ModuleType("bench")
+    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "bench", fake)
+    try:
+        assert main(["bench"]) == 0
+        assert main(["bench", "--quick", "--keep", "d"]) == 0
+    finally:
+        reset_logging()
+    assert seen == [[], ["--quick", "--keep", "d"]]

@@ -221,3 +221,83 @@ async def test_sync_and_async_hook_implementations_are_both_supported() -> None:
     )
     assert (await gw.route(Request("quick", "hi"))).ok
     assert seen == ["sync-preflight", "async-before"]
+
+
+# --- a plugin's mistakes: contained, named, failing closed -------------------------------
+
+
+class BrokenReport:
+    @hookimpl
+    def report_info(self) -> dict[str, Any]:
+        raise KeyError("oops")
+
+
+def test_a_failing_report_info_hides_no_other_section() -> None:
+    """One plugin's broken report made llm_routing_info and check-config fail whole."""
+    gw = gateway_from_yaml(
+        YAML.format(names="broken, breaker"),
+        providers=[FakeProvider()],
+        extra_plugins={"broken": BrokenReport()},
+    )
+    info = gw.routing_info()
+    assert info["broken"] == {"error": "report_info failed (KeyError); see the log"}
+    assert "breakers" in str(info["breaker"]) or info["breaker"]
+
+
+class BadRouter:
+    @hookimpl(tryfirst=True)
+    def resolve_route(self, request: Any, settings: Any) -> Any:
+        raise KeyError(request.task_class)
+
+
+@pytest.mark.anyio
+async def test_a_router_that_raises_is_an_internal_error_envelope() -> None:
+    gw = gateway_from_yaml(
+        YAML.format(names="bad").replace("[bad, router, fake]", "[bad, router, fake]"),
+        providers=[FakeProvider()],
+        extra_plugins={"bad": BadRouter()},
+    )
+    env = await gw.route(Request("quick", "hi"))
+    assert env.error_class == ErrorClass.INTERNAL_ERROR.value
+    assert "a resolve_route implementation failed (KeyError)" in (env.error or "")
+
+
+class Verifies:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    @hookimpl
+    def verify(self, request: Any, result: Any) -> Any:
+        return self.value
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", ["REVISE", {"verdict": "REVISE"}, 0])
+async def test_a_verify_result_that_is_not_a_verdict_fails_closed(value: Any) -> None:
+    """A string "REVISE" was ignored: the status stayed success."""
+    gw = gateway_from_yaml(
+        YAML.format(names="v"), providers=[FakeProvider()], extra_plugins={"v": Verifies(value)}
+    )
+    env = await gw.route(Request("quick", "hi"))
+    assert env.status == "needs_human_review"
+    (verdict,) = env.meta["verdicts"]
+    assert verdict["verdict"] == "REVISE" and "not a Verdict" in verdict["reasons"][0]
+
+
+class Advises:
+    @hookimpl
+    def after_call(self, call: Any, outcome: Outcome) -> Any:
+        return Disposition("retryy")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_an_unknown_disposition_is_dropped_not_a_crash() -> None:
+    """Disposition("retryy") raised KeyError out of the request loop."""
+    fake = FakeProvider()
+    fake.fail_with(ErrorClass.OVERLOADED)
+    gw = gateway_from_yaml(
+        YAML.format(names="adv"), providers=[fake], extra_plugins={"adv": Advises()}
+    )
+    env = await gw.route(Request("quick", "hi"))
+    assert env.error_class == ErrorClass.OVERLOADED.value
+    assert len(fake.received) == 1

@@ -230,3 +230,116 @@ def test_hook_names_are_the_documented_specs() -> None:
         "report_info",
         "shutdown",
     ]
+
+
+class AsyncRegistration:
+    @hookimpl
+    async def register_providers(self, register: Any) -> None:
+        register(FakeProvider("mine"))
+
+
+def test_an_async_implementation_of_a_sync_hook_is_refused_at_load() -> None:
+    """It never ran (a coroutine nobody awaited), and the error blamed the provider name."""
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(
+            BASE.format(names="router, fake, mine"),
+            providers=[FakeProvider()],
+            extra_plugins={"mine": AsyncRegistration()},
+        )
+    text = str(err.value)
+    assert "plugin 'mine'" in text and "register_providers hook is async" in text
+    assert "write `def register_providers(...)`" in text
+
+
+class Misspelt:
+    @hookimpl
+    def before_cal(self, call: Any) -> None:
+        pass
+
+
+def test_a_misspelt_hook_names_its_plugin_and_the_hook_it_resembles() -> None:
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(
+            BASE.format(names="router, fake, typo"),
+            providers=[FakeProvider()],
+            extra_plugins={"typo": Misspelt()},
+        )
+    text = str(err.value)
+    assert "plugin 'typo'" in text and "'before_cal'" in text
+    assert "did you mean 'before_call'?" in text
+
+
+class RaisingRegistration:
+    @hookimpl
+    def register_providers(self, register: Any) -> None:
+        raise RuntimeError("no")
+
+
+def test_a_registration_hook_that_raises_is_a_plugin_error() -> None:
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(
+            BASE.format(names="router, fake, r"),
+            providers=[FakeProvider()],
+            extra_plugins={"r": RaisingRegistration()},
+        )
+    assert "plugin 'r'" in str(err.value) and "raised RuntimeError" in str(err.value)
+
+
+class Tools:
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    @hookimpl
+    def register_tools(self, register: Any) -> None:
+        register(self.spec)
+
+
+async def _tool_fn(prompt: str) -> Any:
+    return None
+
+
+async def _tool_ctx(ctx: str) -> Any:
+    return None
+
+
+def _sync_tool(prompt: str) -> Any:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("name", "fn", "needle"),
+    [
+        ("llm_route", _tool_fn, "a name of the gateway's own tools"),
+        ("mine", _tool_ctx, "parameter named 'ctx'"),
+        ("mine", _sync_tool, "must be `async def`"),
+    ],
+)
+def test_tools_that_cannot_be_served_are_refused(name: str, fn: Any, needle: str) -> None:
+    """A tool named llm_route was dropped silently; one with a `ctx` parameter passed
+    check-config and crashed `llmgw serve`."""
+    from llmgw.kernel.tools import ToolSpec
+
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(
+            BASE.format(names="router, fake, t"),
+            providers=[FakeProvider()],
+            extra_plugins={"t": Tools(ToolSpec(name, "d", fn))},
+        )
+    assert needle in str(err.value)
+
+
+def test_a_hook_file_without_any_hookimpl_is_refused(tmp_path: Path) -> None:
+    """A guard whose functions lacked @hookimpl loaded fine and let every prompt through."""
+    (tmp_path / "guard.py").write_text(
+        "from llmgw.kernel import Rejection, ErrorClass\n"
+        "def preflight(call):\n"
+        "    return Rejection(ErrorClass.POLICY_REFUSED, 'no')\n"
+    )
+    (tmp_path / "routing.yaml").write_text(BASE.format(names="guard.py, router, fake"))
+    with pytest.raises(PluginError) as err:
+        build_gateway(
+            load_settings(tmp_path / "routing.yaml", env={}),
+            extra_plugins={"fake": FakeProviderPlugin(FakeProvider())},
+        )
+    assert "plugin 'guard'" in str(err.value) and "no hook implementations" in str(err.value)
+    assert "@hookimpl" in str(err.value)

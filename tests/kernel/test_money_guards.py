@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 
 from llmgw.kernel import ErrorClass, Outcome, PluginError, Request, Usage, hookimpl
 from llmgw.kernel.results import attempt_cost
-from llmgw.kernel.testing import FakeProvider, flat_price, gateway_from_yaml
+from llmgw.kernel.testing import FakeClock, FakeProvider, flat_price, gateway_from_yaml
 
 YAML = """
 plugins: [{plugins}]
@@ -56,6 +57,46 @@ async def test_a_request_enlarged_after_approval_is_never_sent(
     assert env.meta["error_class"] == "budget_exceeded"
     assert "enlarged the request after its cost was approved" in (env.error or "")
     assert fake.received == []
+    await gw.aclose()
+
+
+class Swap:
+    """A plugin listed after the ledger that sends elsewhere, or at another price."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    @hookimpl
+    async def before_call(self, call: Any) -> None:
+        if self.what == "target":
+            call.target = replace(call.target, provider="other", model="dear")
+        else:
+            call.max_tokens = 100_000
+            call.price = None  # an unknown price skipped the kernel's own check
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("what", ["target", "price"])
+async def test_a_target_or_price_changed_after_approval_is_never_sent(
+    tmp_path: Path, what: str
+) -> None:
+    """A hook could send to another provider and model than the one reserved for: the
+    other provider's cap and breaker were never asked, and the ledger billed the first
+    model's price."""
+    fake = FakeProvider(prices={"m1": flat_price("1", "1")})
+    other = FakeProvider("other", prices={"dear": flat_price("1000", "1000")})
+    gw = gateway_from_yaml(
+        YAML.format(plugins="kill_switch, ledger, swap, router, fake"),
+        providers=[fake, other],
+        extra_plugins={"swap": Swap(what)},
+        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+    )
+    env = await gw.route(Request("quick", "hi"))
+    assert env.status == "error"
+    assert f"a plugin changed the attempt's {what} in before_call" in (env.error or "")
+    assert fake.received == [] and other.received == []
+    total = gw.routing_info()["ledger"]["total"]
+    assert total["reserved_usd"] == total["committed_usd"] == 0
     await gw.aclose()
 
 
@@ -129,3 +170,125 @@ def test_a_plugin_name_provided_by_two_packages_is_refused(
             "plugins: [router, fake]\ntask_classes:\n  q: {provider: fake, model: m}\n",
             providers=[FakeProvider()],
         )
+
+
+class SyncProvider(FakeProvider):
+    def complete(self, request: Any) -> Any:  # type: ignore[override]
+        return Outcome.success("x", Usage(1, 1))
+
+
+def _ledger_gw(tmp_path: Path, fake: FakeProvider, plugins: str = "") -> Any:
+    return gateway_from_yaml(
+        YAML.format(plugins=f"kill_switch, ledger, {plugins}router, fake"),
+        providers=[fake],
+        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+    )
+
+
+def _totals(gw: Any) -> dict[str, Any]:
+    return dict(gw.routing_info()["ledger"]["total"])
+
+
+@pytest.mark.anyio
+async def test_an_answer_a_provider_marked_not_sent_is_still_billed(tmp_path: Path) -> None:
+    """ok=True with sent=False made the ledger release the reservation: $0 for an answer."""
+    fake = FakeProvider(prices={"m1": flat_price("100", "100")})
+    fake.then(Outcome(ok=True, sent=False, text="answer"))
+    async with _ledger_gw(tmp_path, fake) as gw:
+        env = await gw.route(Request("quick", "hi"))
+        assert env.ok and env.text == "answer"
+        totals = _totals(gw)
+    # No usage came back: charged at its worst case, as any sent attempt without usage.
+    assert totals["unknown_usd"] > 0 and totals["reserved_usd"] == 0
+
+
+@pytest.mark.anyio
+async def test_an_error_class_given_as_a_string_is_classed_not_a_crash(tmp_path: Path) -> None:
+    fake = FakeProvider(prices={"m1": flat_price("1", "1")})
+    bad = Outcome(ok=False, sent=True, error_class="rate_limited", message="slow down")  # type: ignore[arg-type]
+    fake.then(bad, Outcome.success("second", Usage(1, 1)))
+    async with _ledger_gw(tmp_path, fake, "retry, ") as gw:
+        env = await gw.route(Request("quick", "hi"))
+        totals = _totals(gw)
+    assert env.ok and env.text == "second"  # rate_limited was retried, as its class says
+    assert env.meta["attempts"][0]["error_class"] == "rate_limited"
+    assert totals["reserved_usd"] == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "usage",
+    [Usage(-10_000_000, 0), Usage(1, 10**13), Usage(1.5, 2)],  # type: ignore[arg-type]
+)
+async def test_an_impossible_usage_is_charged_at_its_worst_case(
+    tmp_path: Path, usage: Usage
+) -> None:
+    """A negative usage gave a negative cost in the envelope and a settle the ledger's CHECK
+    refused (the entry stayed reserved)."""
+    fake = FakeProvider(prices={"m1": flat_price("1", "1")})
+    fake.then(Outcome.success("answer", usage))
+    async with _ledger_gw(tmp_path, fake) as gw:
+        env = await gw.route(Request("quick", "hi"))
+        totals = _totals(gw)
+    assert env.ok and env.meta["cost_usd_approx"] is None
+    assert totals["reserved_usd"] == 0 and totals["unknown_usd"] > 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("returned", [None, {"text": "x"}, "x"])
+async def test_a_provider_returning_no_outcome_is_a_charged_internal_error(
+    tmp_path: Path, returned: Any
+) -> None:
+    fake = FakeProvider(prices={"m1": flat_price("1", "1")})
+    fake.then(lambda request: returned)
+    async with _ledger_gw(tmp_path, fake) as gw:
+        env = await gw.route(Request("quick", "hi"))
+        totals = _totals(gw)
+    assert env.error_class == ErrorClass.INTERNAL_ERROR.value
+    assert "provider 'fake' is broken: complete() returned" in (env.error or "")
+    assert totals["reserved_usd"] == 0 and totals["unknown_usd"] > 0
+
+
+@pytest.mark.anyio
+async def test_a_provider_whose_complete_is_not_async_sends_nothing(tmp_path: Path) -> None:
+    fake = SyncProvider(prices={"m1": flat_price("1", "1")})
+    async with _ledger_gw(tmp_path, fake) as gw:
+        env = await gw.route(Request("quick", "hi"))
+        totals = _totals(gw)
+    assert "its complete() must be `async def`" in (env.error or "")
+    assert totals["committed_usd"] == 0
+
+
+class Slow:
+    """A before_call hook that takes longer than the whole call's deadline."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    @hookimpl
+    async def before_call(self, call: Any) -> None:
+        self.clock.advance(3.0)
+
+
+@pytest.mark.anyio
+async def test_a_request_whose_deadline_passed_in_before_call_is_not_sent(
+    tmp_path: Path,
+) -> None:
+    """A slow hook (6 s against a 2 s deadline) used to let the request go anyway."""
+    clock = FakeClock()
+    fake = FakeProvider(prices={"m1": flat_price("1", "1")})
+    gw = gateway_from_yaml(
+        YAML.format(plugins="kill_switch, ledger, slow, router, fake")
+        + "gateway: {deadline_s: 2}\n",
+        providers=[fake],
+        extra_plugins={"slow": Slow(clock)},
+        env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
+        clock=clock,
+    )
+    async with gw:
+        env = await gw.route(Request("quick", "hi"))
+        totals = _totals(gw)
+    assert env.error_class == ErrorClass.DEADLINE_EXCEEDED.value
+    assert "nothing was sent" in (env.error or "")
+    assert fake.received == []
+    assert totals["committed_usd"] == 0

@@ -345,3 +345,40 @@ def test_sanitize_frame_replaces_only_lone_surrogates() -> None:
     out = json.loads(sanitize_frame('{"a": "x\\ud800y", "b": ["\\udfff"]}\n'))
     assert out == {"a": "x\ufffdy", "b": ["\ufffd"]}
     assert sanitize_frame("not json \\ud800") == "not json \\ud800"
+
+
+def test_a_loopback_address_other_than_127_0_0_1_is_an_allowed_host() -> None:
+    """--host 127.0.0.2 needs no --allow-remote, but every request to it got 421."""
+    from llmgw.kernel.server import http_server
+
+    _server, kwargs = http_server(_gateway(), token=TOKEN, host="127.0.0.2", port=8766)
+    security = kwargs["transport_security"]
+    assert "127.0.0.2:8766" in security.allowed_hosts
+    assert "http://127.0.0.2:8766" in security.allowed_origins
+    _server, kwargs = http_server(
+        _gateway(), token=TOKEN, host="fd00::1", port=8766, allow_remote=True
+    )
+    assert "[fd00::1]:8766" in kwargs["transport_security"].allowed_hosts
+
+
+def _serve_http(config_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cfg = str(config_dir / "routing.yaml")
+    return subprocess.run(
+        [sys.executable, "-m", "llmgw.kernel.cli", "serve", "--http", *args, "--config", cfg],
+        env=_env(LLM_GATEWAY_HTTP_TOKEN=TOKEN),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_http_serve_reports_a_bad_or_busy_port_plainly(config_dir: Path) -> None:
+    r = _serve_http(config_dir, "--port", "99999")
+    assert r.returncode == 2
+    assert "'99999' is not a port (1-65535)" in r.stderr and "Traceback" not in r.stderr
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = _serve_http(config_dir, "--port", str(port))
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert "serving MCP" not in r.stderr and "Traceback" not in r.stderr

@@ -90,6 +90,13 @@ def config(tmp_path: Path) -> Path:
     return tmp_path / "routing.yaml"
 
 
+def _default_sigint() -> None:
+    # A test run started in the background of a non-interactive shell (`pytest &`) has
+    # SIGINT ignored, and a child inherits that: the server is then deaf to Ctrl-C by its
+    # parent's choice. The tests below are about a terminal's Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def serve(config: Path, stdin: Any = subprocess.PIPE, stdout: Any = subprocess.PIPE) -> Any:
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmgw.kernel.cli", "serve", "--config", str(config)],
@@ -97,6 +104,7 @@ def serve(config: Path, stdin: Any = subprocess.PIPE, stdout: Any = subprocess.P
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     # A server that hangs is killed, so a read sees EOF and the test fails, not hangs.
     watchdog = threading.Timer(60, proc.kill)
