@@ -65,3 +65,43 @@ def test_init_without_keys_explains(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not cfg.exists()
     assert main(["init", "--all", "--config", str(cfg)]) == 0
     assert "triple_review" in cfg.read_text()
+
+
+def test_init_reads_keys_from_a_dotenv_beside_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keys may live in a .env beside routing.yaml for every other command; init said
+    "no provider key is set"."""
+    (tmp_path / ".env").write_text("ANTHROPIC_API_KEY=test-key-anthropic-000000\n")
+    cfg = tmp_path / "routing.yaml"
+    assert main(["init", "--config", str(cfg)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert "anthropic" in cfg.read_text()
+
+
+def test_init_into_an_impossible_place_is_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key-openai-0000000")
+    (tmp_path / "file").write_text("")
+    assert main(["init", "--config", str(tmp_path / "file" / "routing.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "llmgw init: cannot write" in err and "Traceback" not in err
+
+
+def test_check_config_leaves_no_ledger_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It created the ledger file and its directories: a typo in the path left state."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key-openai-0000000")
+    cfg = tmp_path / "routing.yaml"
+    assert main(["init", "--config", str(cfg)]) == 0
+    ledger = tmp_path / "new" / "dirs" / "ledger.db"
+    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(ledger))
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "blocker").write_text("")
+    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(tmp_path / "blocker" / "l.db"))
+    capsys.readouterr()
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
