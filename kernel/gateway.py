@@ -404,6 +404,9 @@ class Gateway:
             # another price, would bypass them.
             changed = "target" if call.target != call.origin[0] else "price"
             log.error("request.target_changed", changed=changed)
+            # The after_call hooks (a breaker's probe ticket, the ledger) must see the
+            # attempt they checked.
+            call.target, call.price = call.origin
             return Outcome.failure(
                 ErrorClass.INTERNAL_ERROR,
                 f"a plugin changed the attempt's {changed} in before_call; nothing was "
@@ -445,12 +448,13 @@ class Gateway:
             with anyio.fail_after(request.timeout_s + 1.0):
                 pending = provider.complete(request)
                 if not inspect.isawaitable(pending):
+                    # It already ran, and may have sent (a blocking SDK call): charged at
+                    # its worst case, as any attempt whose usage is unknown.
                     log.error("provider.not_async", provider=provider.name)
                     return Outcome.failure(
                         ErrorClass.INTERNAL_ERROR,
-                        f"provider {provider.name!r} is broken: its complete() must be "
-                        "`async def`; nothing was sent",
-                        sent=False,
+                        f"provider {provider.name!r} is broken: its complete() must be `async def`",
+                        sent=True,
                     )
                 outcome = checked_outcome(await pending, provider.name)
         except TimeoutError:

@@ -10,6 +10,7 @@ shielded ``finally``, for exactly the plugins whose ``before_call`` completed.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -47,6 +48,19 @@ class AttemptResult:
     dispositions: list[Disposition] = field(default_factory=list)
     refusal: CallRefused | None = None
     refused_by: str | None = None
+
+
+def _sound(d: Disposition) -> bool:
+    """A Disposition the kernel can act on (checked without raising: a bad one from one
+    plugin must not cut the after_call of the layers inside it short)."""
+    delay = d.delay_s
+    return (
+        type(d.action) is str
+        and d.action in DISPOSITION_ACTIONS
+        and type(delay) in (int, float)
+        and math.isfinite(delay)
+        and delay >= 0
+    )
 
 
 def call_order(pm: pluggy.PluginManager, hook: str) -> list[pluggy.HookImpl]:
@@ -262,7 +276,7 @@ class HookFacade:
             except Exception:
                 log.exception("hook.failed", hook="after_call", plugin=impl.plugin_name)
                 continue
-            if isinstance(value, Disposition) and value.action in DISPOSITION_ACTIONS:
+            if isinstance(value, Disposition) and _sound(value):
                 advice.append(value)
             elif value is not None:
                 log.error("hook.bad_result", hook="after_call", plugin=impl.plugin_name)
@@ -293,13 +307,15 @@ class HookFacade:
                 # Fail closed, as a verifier that raised: an answer it did not clearly
                 # accept is never presented as verified.
                 log.error("hook.bad_result", hook="verify", plugin=impl.plugin_name)
+                what = (
+                    f"a Verdict of {str(value.verdict)[:20]!r}, not ACCEPT or REVISE"
+                    if isinstance(value, Verdict)
+                    else f"{type(value).__name__}, not a Verdict"
+                )
                 verdicts.append(
                     Verdict(
                         "REVISE",
-                        (
-                            f"verifier {impl.plugin_name!r} returned {type(value).__name__}, "
-                            "not a Verdict",
-                        ),
+                        (f"verifier {impl.plugin_name!r} returned {what}",),
                         impl.plugin_name,
                     )
                 )

@@ -27,6 +27,7 @@ from .compose import (
     compose_work,
     prefer_other,
     rotate_away,
+    tag_of,
 )
 from .verdict import ParsedVerdict, parse_verdict
 
@@ -34,6 +35,11 @@ if TYPE_CHECKING:
     from llmgw.kernel.gateway import ProgressFn
 
     from .roles import Candidate, RolesPlugin
+
+
+#: A plan shorter than this (stripped) found in the artifact may be a coincidence (a blank
+#: line, "1. Do it."): only a longer one counts as the verifier reading the plan.
+MIN_QUOTED_PLAN = 40
 
 
 class StopRun(Exception):
@@ -81,7 +87,7 @@ class Orchestration:
         except Exception as exc:
             # The steps already run were paid for: the envelope must still say what they
             # cost, never a bare internal error with $0.
-            self.plugin.ctx.log.error(
+            self.plugin.ctx.log.exception(
                 "orchestrate.crashed", error_type=type(exc).__name__, steps=len(self.steps)
             )
             return self._envelope(
@@ -120,7 +126,8 @@ class Orchestration:
             self.worker_target = Target(env.meta["provider"], env.meta["model"], 0)
             if not verifying:
                 return self._finish("success", verified=False)
-            if self.plan and self.plan.strip() in self.artifact:
+            quoted = (self.plan or "").strip()
+            if len(quoted) >= MIN_QUOTED_PLAN and quoted in self.artifact:
                 self.notes.append(
                     f"round {n}: the artifact quotes the plan verbatim, so the "
                     "verifier read the plan through the artifact"
@@ -235,20 +242,17 @@ class Orchestration:
             worst, why = self._worst_case(
                 role, targets, getattr(self.cfg.instructions, role), prompt
             )
-            if worst is not None:
-                if worst <= limit:
-                    continue
+            if worst is None:
+                why += "; nothing was sent: add a price for it (prices: in routing.yaml)"
+            elif worst <= limit:
+                continue
+            else:
                 why = (
                     f"the {role} step alone could cost up to ${worst / 1e6:.6f}, more than "
-                    f"roles.budget_usd (${budget}) allows a whole run"
+                    f"roles.budget_usd (${budget}) allows a whole run; nothing was sent: "
+                    f"raise the budget or lower roles.max_tokens.{role}"
                 )
-            raise StopRun(
-                self._envelope(
-                    "error",
-                    ErrorClass.BUDGET_EXCEEDED,
-                    why + f"; nothing was sent: raise the budget or lower roles.max_tokens.{role}",
-                )
-            )
+            raise StopRun(self._envelope("error", ErrorClass.BUDGET_EXCEEDED, why))
 
     def _check_budget(
         self, role: str, targets: tuple[Target, ...], system: str, prompt: str
@@ -291,6 +295,9 @@ class Orchestration:
             "latency_ms": meta.get("latency_ms"),
             "access": list(watch.access),
             "content_sha256": watch.content_sha256,
+            # The suffix of this step's input tags (<task-…>): with the task, plan and
+            # artifact it rebuilds the prompt, hence content_sha256.
+            "tag": tag_of(watch.prompt),
             "request_sha256": sent[-1]["request_sha256"] if sent else None,
             "sent": watch.sent,
         }

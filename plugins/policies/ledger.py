@@ -80,7 +80,15 @@ from .ledger_config import (
 from .ledger_messages import cap_message, ledger_failed, scope_label, totals_damaged
 from .ledger_ops import MarkUnknown, Op, Release, Reserve, Settle
 from .ledger_report import build_report, format_spend, spend_report
-from .ledger_store import TOTAL, CapExceeded, Item, LedgerError, LedgerStore, month_of
+from .ledger_store import (
+    TOTAL,
+    CapExceeded,
+    Item,
+    LedgerError,
+    LedgerReader,
+    LedgerStore,
+    month_of,
+)
 from .ledger_writer import LedgerWriter
 
 __all__ = ["LedgerPlugin", "format_spend", "spend_report"]
@@ -132,7 +140,7 @@ class LedgerPlugin:
         self._damage_checked = 0.0
         if self.enabled:
             if ctx.check_only:
-                self.open_error = path_problem(self.path)
+                self.open_error = path_problem(self.path, self.config.busy_timeout_s)
             else:
                 self._open()
 
@@ -434,14 +442,24 @@ def worst_known(call: Call) -> bool:
     return call.worst_case_micro_usd() is not None
 
 
-def path_problem(path: Path) -> str | None:
-    """Why the ledger at ``path`` could not be opened or created, without creating it
-    (``llmgw check-config``), or None."""
+def path_problem(path: Path, busy_timeout_s: float = 5.0) -> str | None:
+    """Why the ledger at ``path`` could not be opened or created, without creating or
+    writing anything (``llmgw check-config``), or None."""
     if path.exists():
         if not path.is_file():
             return f"{path} exists and is not a file"
         if not os.access(path, os.R_OK | os.W_OK):
             return f"{path} is not readable and writable by this user"
+        try:  # read-only: a file that is no database, or a damaged one, is found here
+            reader = LedgerReader(path, busy_timeout_s=busy_timeout_s)
+            try:
+                verdict = reader.quick_check()
+            finally:
+                reader.close()
+        except LedgerError as exc:
+            return str(exc)
+        if verdict != "ok":
+            return f"{path} is damaged: {verdict[:200]} (see llmgw spend --check)"
         directory = path.parent
     else:
         directory = path.parent

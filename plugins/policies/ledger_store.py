@@ -495,6 +495,10 @@ class LedgerReader:
         """Every scope with activity in ``month``."""
         return self._run(lambda db: sql.scopes(db, month))
 
+    def quick_check(self) -> str:
+        """SQLite's ``PRAGMA quick_check``: ``"ok"``, or its first problem."""
+        return str(self._run(lambda db: db.execute("PRAGMA quick_check").fetchone()[0]))
+
     def breakdown(self, month: str) -> list[dict[str, Any]]:
         """Sums per (provider, model, task class, state) for ``month``."""
         return self._run(lambda db: sql.breakdown(db, month))

@@ -277,20 +277,28 @@ def test_all_config_errors_are_gateway_errors() -> None:
     assert issubclass(ConfigError, GatewayError)
 
 
+def _with_fakes(tmp_path: Path, text: str) -> Path:
+    """``routing.yaml`` with ``text``, beside a hook file ``fakes.py`` registering the
+    provider ``fake``."""
+    (tmp_path / "fakes.py").write_text(
+        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
+        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+    )
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(text)
+    return cfg
+
+
 def test_check_config_fails_when_a_plugin_cannot_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    cfg = tmp_path / "routing.yaml"
-    cfg.write_text(
+    cfg = _with_fakes(
+        tmp_path,
         "plugins: [kill_switch, ledger, router, fakes.py]\n"
         f"ledger: {{path: '{blocker}/ledger.db', caps: {{total_monthly_usd: 5}}}}\n"
-        "task_classes:\n  q: {provider: fake, model: m}\n"
-    )
-    (tmp_path / "fakes.py").write_text(
-        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
-        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
     )
     assert main(["check-config", "--config", str(cfg)]) == 2
     assert "plugin 'ledger' cannot work" in capsys.readouterr().err
@@ -301,15 +309,11 @@ def test_check_config_prints_a_fallback_entry_that_will_be_skipped(
 ) -> None:
     """A misspelt provider in a fallback chain was skipped at run time with a log line
     only: check-config said OK and the chain was shorter than it read."""
-    cfg = tmp_path / "routing.yaml"
-    cfg.write_text(
+    cfg = _with_fakes(
+        tmp_path,
         "plugins: [kill_switch, fallback, router, fakes.py]\n"
         "task_classes:\n  q: {provider: fake, model: m}\n"
-        "fallback:\n  chains:\n    q: [{provider: fakr, model: m2}]\n"
-    )
-    (tmp_path / "fakes.py").write_text(
-        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
-        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+        "fallback:\n  chains:\n    q: [{provider: fakr, model: m2}]\n",
     )
     assert main(["check-config", "--config", str(cfg)]) == 0
     err = capsys.readouterr().err
@@ -322,14 +326,10 @@ def test_a_config_that_no_plugin_can_route_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without `router` every call failed, yet check-config said OK."""
-    cfg = tmp_path / "routing.yaml"
-    cfg.write_text(
+    cfg = _with_fakes(
+        tmp_path,
         "plugins: [kill_switch, fallback, fakes.py]\n"
-        "task_classes:\n  q: {provider: fake, model: m}\n"
-    )
-    (tmp_path / "fakes.py").write_text(
-        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
-        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
     )
     assert main(["check-config", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -391,13 +391,10 @@ def test_the_log_level_from_the_environment(
 ) -> None:
     """A lower-case or unknown LLM_GATEWAY_LOG_LEVEL was a KeyError traceback on every
     command, `serve` included."""
-    cfg = tmp_path / "routing.yaml"
-    cfg.write_text(
-        "plugins: [kill_switch, router, fakes.py]\ntask_classes:\n  q: {provider: fake, model: m}\n"
-    )
-    (tmp_path / "fakes.py").write_text(
-        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
-        "plugin = lambda ctx: FakeProviderPlugin(FakeProvider())\n"
+    cfg = _with_fakes(
+        tmp_path,
+        "plugins: [kill_switch, router, fakes.py]\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n",
     )
     monkeypatch.setenv("LLM_GATEWAY_LOG_LEVEL", value)
     try:

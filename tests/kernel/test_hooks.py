@@ -14,6 +14,7 @@ from llmgw.kernel import (
     Outcome,
     Rejection,
     Request,
+    Verdict,
     hookimpl,
 )
 from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
@@ -272,7 +273,7 @@ class Verifies:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("value", ["REVISE", {"verdict": "REVISE"}, 0])
+@pytest.mark.parametrize("value", ["REVISE", {"verdict": "REVISE"}, 0, Verdict("accept")])  # type: ignore[arg-type]
 async def test_a_verify_result_that_is_not_a_verdict_fails_closed(value: Any) -> None:
     """A string "REVISE" was ignored: the status stayed success."""
     gw = gateway_from_yaml(
@@ -281,23 +282,53 @@ async def test_a_verify_result_that_is_not_a_verdict_fails_closed(value: Any) ->
     env = await gw.route(Request("quick", "hi"))
     assert env.status == "needs_human_review"
     (verdict,) = env.meta["verdicts"]
-    assert verdict["verdict"] == "REVISE" and "not a Verdict" in verdict["reasons"][0]
+    assert verdict["verdict"] == "REVISE"
+    expected = "not ACCEPT or REVISE" if isinstance(value, Verdict) else "not a Verdict"
+    assert expected in verdict["reasons"][0]
 
 
 class Advises:
+    def __init__(self, advice: Any) -> None:
+        self.advice = advice
+
     @hookimpl
     def after_call(self, call: Any, outcome: Outcome) -> Any:
-        return Disposition("retryy")  # type: ignore[arg-type]
+        return self.advice
+
+
+BAD_ADVICE = [
+    Disposition("retryy"),  # type: ignore[arg-type]
+    Disposition(["retry"]),  # type: ignore[arg-type]
+    Disposition("retry", "soon"),  # type: ignore[arg-type]
+    Disposition("retry", float("nan")),
+    Disposition("retry", -1.0),
+    Disposition("retry", True),
+]
 
 
 @pytest.mark.anyio
-async def test_an_unknown_disposition_is_dropped_not_a_crash() -> None:
-    """Disposition("retryy") raised KeyError out of the request loop."""
+@pytest.mark.parametrize("advice", BAD_ADVICE, ids=repr)
+async def test_an_unusable_disposition_is_dropped_and_every_layer_still_unwinds(
+    advice: Disposition,
+) -> None:
+    """Disposition("retryy") raised KeyError out of the request loop; an unhashable action
+    raised inside the unwinding, so the layers inside it (the ledger's settle) never ran."""
+    log: list[str] = []
     fake = FakeProvider()
     fake.fail_with(ErrorClass.OVERLOADED)
     gw = gateway_from_yaml(
-        YAML.format(names="adv"), providers=[fake], extra_plugins={"adv": Advises()}
+        YAML.format(names="outer, adv, inner"),
+        providers=[fake],
+        extra_plugins={
+            "outer": Recorder("outer", log),
+            "adv": Advises(advice),
+            "inner": Recorder("inner", log),
+        },
     )
     env = await gw.route(Request("quick", "hi"))
     assert env.error_class == ErrorClass.OVERLOADED.value
     assert len(fake.received) == 1
+    assert [e for e in log if e.startswith("after")] == [
+        "after:inner:overloaded",
+        "after:outer:overloaded",
+    ]

@@ -60,6 +60,17 @@ async def test_a_request_enlarged_after_approval_is_never_sent(
     await gw.aclose()
 
 
+class Seen:
+    """Listed outside `swap`: records the target its after_call is shown."""
+
+    def __init__(self) -> None:
+        self.targets: list[Any] = []
+
+    @hookimpl
+    def after_call(self, call: Any, outcome: Any) -> None:
+        self.targets.append(call.target)
+
+
 class Swap:
     """A plugin listed after the ledger that sends elsewhere, or at another price."""
 
@@ -85,13 +96,16 @@ async def test_a_target_or_price_changed_after_approval_is_never_sent(
     model's price."""
     fake = FakeProvider(prices={"m1": flat_price("1", "1")})
     other = FakeProvider("other", prices={"dear": flat_price("1000", "1000")})
+    seen = Seen()
     gw = gateway_from_yaml(
-        YAML.format(plugins="kill_switch, ledger, swap, router, fake"),
+        YAML.format(plugins="kill_switch, seen, ledger, swap, router, fake"),
         providers=[fake, other],
-        extra_plugins={"swap": Swap(what)},
+        extra_plugins={"swap": Swap(what), "seen": seen},
         env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")},
     )
     env = await gw.route(Request("quick", "hi"))
+    # The layers outside (a breaker's probe ticket, the ledger) see what they checked.
+    assert [(t.provider, t.model) for t in seen.targets] == [("fake", "m1")]
     assert env.status == "error"
     assert f"a plugin changed the attempt's {what} in before_call" in (env.error or "")
     assert fake.received == [] and other.received == []
@@ -250,13 +264,16 @@ async def test_a_provider_returning_no_outcome_is_a_charged_internal_error(
 
 
 @pytest.mark.anyio
-async def test_a_provider_whose_complete_is_not_async_sends_nothing(tmp_path: Path) -> None:
+async def test_a_provider_whose_complete_is_not_async_stays_charged(tmp_path: Path) -> None:
+    """By the time the kernel sees no awaitable, a sync complete() has run, and a blocking
+    SDK call in it may have been billed: the attempt stays charged at its worst case."""
     fake = SyncProvider(prices={"m1": flat_price("1", "1")})
     async with _ledger_gw(tmp_path, fake) as gw:
         env = await gw.route(Request("quick", "hi"))
         totals = _totals(gw)
     assert "its complete() must be `async def`" in (env.error or "")
-    assert totals["committed_usd"] == 0
+    assert env.meta["attempts"][0]["sent"] is True
+    assert totals["reserved_usd"] == 0 and totals["unknown_usd"] > 0
 
 
 class Slow:

@@ -730,3 +730,55 @@ async def test_an_unexpected_error_mid_run_still_reports_what_was_spent(
     assert "after 2 step(s)" in (env.error or "")
     assert [s["role"] for s in env.meta["steps"]] == ["worker", "verifier"]
     assert env.meta["cost_usd_approx"] == pytest.approx(2 * 30 * 100 / 1e6)
+
+
+@pytest.mark.anyio
+async def test_a_short_plan_found_in_the_artifact_does_not_void_the_certificate() -> None:
+    """A plan of a blank line "quoted" by every artifact voided every certificate."""
+    f = Fakes()
+    f.alpha.then(ok("\n1. Do it.\n"))
+    f.beta.then(ok("1. Do it. Then the refund policy: ..."))
+    f.gamma.then(ok(ACCEPT))
+    env = await run(build(f), "complex")
+    assert env.status == "success"
+    assert env.meta["visibility"]["certified"] is True
+
+
+@pytest.mark.anyio
+async def test_an_unpriced_candidate_under_a_budget_asks_for_a_price() -> None:
+    f = Fakes()
+    _prices(f)
+    for p in f.all:
+        p.prices = {k: v for k, v in p.prices.items() if k != "a-verify"}
+    env = await run(build(f, budget="100"), "standard")
+    assert f.calls() == 0
+    error = env.error or ""
+    assert "no price for alpha/a-verify" in error and "add a price for it" in error
+    assert "raise the budget" not in error
+
+
+@pytest.mark.anyio
+async def test_each_steps_tag_rebuilds_its_prompt_and_digest() -> None:
+    """The tags' random suffix is in meta.steps, so a client can rebuild each step's
+    prompt from the task, plan and artifact, and check content_sha256."""
+    from llmgw.plugins.compose import compose_plan, compose_verify, compose_work
+
+    f = Fakes()
+    f.alpha.then(ok(PLAN))
+    f.beta.then(ok("ARTIFACT-ONE"))
+    f.gamma.then(ok(ACCEPT))
+    env = await run(build(f), "complex")
+    plan_step, work_step, verify_step = env.meta["steps"]
+    rebuilt = {
+        "planner": ("PLANNER-INSTR", compose_plan(TASK, None, tag=plan_step["tag"])),
+        "worker": ("WORKER-INSTR", compose_work(TASK, PLAN, None, tag=work_step["tag"])),
+        "verifier": (
+            "VERIFIER-INSTR",
+            compose_verify(TASK, "ARTIFACT-ONE", tag=verify_step["tag"]),
+        ),
+    }
+    for step in (plan_step, work_step, verify_step):
+        system, prompt = rebuilt[step["role"]]
+        assert step["content_sha256"] == sha(
+            {"system": system, "messages": [{"role": "user", "content": prompt}]}
+        )

@@ -105,3 +105,19 @@ def test_check_config_leaves_no_ledger_behind(
     capsys.readouterr()
     assert main(["check-config", "--config", str(cfg)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_check_config_still_finds_a_ledger_that_is_no_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key-openai-0000000")
+    cfg = tmp_path / "routing.yaml"
+    assert main(["init", "--config", str(cfg)]) == 0
+    ledger = tmp_path / "ledger.db"
+    ledger.write_bytes(b"not a database, but some bytes " * 200)
+    monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(ledger))
+    capsys.readouterr()
+    assert main(["check-config", "--config", str(cfg)]) == 2
+    assert "file is not a database" in capsys.readouterr().err
+    # Read only: no -wal or -shm file beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.db", "routing.yaml"]
