@@ -236,8 +236,7 @@ class Gateway:
         panel: Call | None = None,
     ) -> Call:
         provider = self.providers[target.provider]
-        spec = self.settings.providers.get(target.provider)
-        timeout = spec.timeout_s if spec else 60.0
+        timeout = self._timeout_of(target.provider)
         messages = [Message("user", request.prompt)]
         return Call(
             request=request,
@@ -258,6 +257,11 @@ class Gateway:
             access=request.access,
             price=provider.price(target.model),
         )
+
+    def _timeout_of(self, provider: str) -> float:
+        """The provider's configured request timeout (``providers.<name>.timeout_s``)."""
+        spec = self.settings.providers.get(provider)
+        return spec.timeout_s if spec else 60.0
 
     async def _run_chain(
         self,
@@ -469,6 +473,15 @@ class Gateway:
                 sent=True,
             )
         latency = (time.perf_counter() - t0) * 1000
+        if (
+            outcome.error_class is ErrorClass.TIMEOUT
+            and request.timeout_s < self._timeout_of(call.target.provider)
+            and "local" not in outcome.details
+        ):
+            # The call's deadline, not the provider's timeout, cut it short: no evidence
+            # against the upstream's health (the breaker ignores `local` failures).
+            details = {**outcome.details, "local": "cut short by the call's deadline"}
+            outcome = replace(outcome, details=details)
         return replace(outcome, latency_ms=latency, cost_micro_usd=attempt_cost(call, outcome))
 
     def _log_attempt(self, call: Call, outcome: Outcome, disposition: str, by: str | None) -> None:

@@ -42,13 +42,12 @@ def classify(outcome: Outcome) -> Result:
         return "success"
     if outcome.error_class not in HEALTH_FAILURES:
         return "ignored"
-    # Not sent and not the upstream's doing: refused by a plugin before sending, or a
-    # failure on our side of the wire that the provider marks ``local`` (our connection
-    # pool full, a request that could not be encoded, a connect timeout cut short by the
-    # caller's deadline).
+    # Not the upstream's doing: refused by a plugin before sending, or a failure marked
+    # ``local`` (ours: the connection pool full, a request that could not be encoded, a
+    # connect or a whole request cut short by the caller's deadline, sent or not).
     details = outcome.details
-    if not outcome.sent and (
-        "refused_by" in details or "rejected_by" in details or "local" in details
+    if "local" in details or (
+        not outcome.sent and ("refused_by" in details or "rejected_by" in details)
     ):
         return "ignored"
     # Everything else counts, sent or not: a connection that could not be made (refused,

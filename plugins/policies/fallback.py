@@ -15,9 +15,10 @@ ranks ``retry`` over ``fallback``, so the retry plugin wins while attempts remai
 Within one request, after a provider answered ``quota_exhausted`` or ``auth_error``,
 later targets of the same provider are skipped: they share the account and the key.
 Across requests the provider is then marked (exhausted, or misconfigured) for
-``provider_hold_s``: while a later target of the route can take the call, a target of
-that provider is skipped without sending; as the last target left it is still tried (the
-only chance, and the probe that clears the mark). ``llm_routing_info`` shows the marks.
+``provider_hold_s``: a new route puts that provider's targets after every other
+provider's, in their order. They are never skipped: tried only if nothing before them
+answered (a circuit open, a panel's other members holding the rest), each such attempt
+is the probe that renews or clears the mark. ``llm_routing_info`` shows the marks.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class FallbackPlugin:
         larger_context: list[str] = Field(default_factory=list)
         """`provider/model` keys worth trying after `context_length_exceeded` (default: none)."""
         provider_hold_s: float = Field(default=60.0, ge=0, le=86_400)
-        """After a provider answered quota_exhausted or auth_error, seconds during which its
-        targets are skipped for a later target of the route (0: only within one request)."""
+        """After a provider answered quota_exhausted or auth_error, seconds during which
+        new routes try its targets after every other provider's (0: only within one
+        request)."""
 
         @model_validator(mode="after")
         def _check(self, info: ValidationInfo) -> FallbackPlugin.Config:
@@ -110,19 +112,33 @@ class FallbackPlugin:
         return self.amend(route, request)
 
     def amend(self, route: Route, request: Request | None = None) -> Route:
-        """``route`` with its class's chain appended (to each member, for a panel)."""
+        """``route`` with its class's chain appended (to each member, for a panel), and
+        the targets of a provider held by an earlier request (quota, key) moved last."""
         chain = self.cfg.chains.get(route.task_class)
-        if not chain:
+        held = self._held_now()
+        if not chain and not held:
             return route
         explicit = request.max_tokens if request is not None else None
+
+        def amended(targets: tuple[Target, ...], skip: set[str]) -> tuple[Target, ...]:
+            if chain:
+                targets = self._extend(targets, chain, explicit, skip)
+            return _defer(targets, held) if held else targets
+
         if not route.is_panel:
-            return replace(route, targets=self._extend(route.targets, chain, explicit, set()))
+            return replace(route, targets=amended(route.targets, set()))
         panel_keys = {t.key for m in route.members for t in m.targets}
-        members = tuple(
-            replace(m, targets=self._extend(m.targets, chain, explicit, panel_keys))
-            for m in route.members
-        )
+        members = tuple(replace(m, targets=amended(m.targets, panel_keys)) for m in route.members)
         return replace(route, members=members)
+
+    def _held_now(self) -> set[str]:
+        """Providers marked by an earlier request whose mark has not run out."""
+        if not self._held:
+            return set()
+        now = self.ctx.clock.monotonic()
+        for provider in [p for p, (until, _) in self._held.items() if until <= now]:
+            del self._held[provider]
+        return set(self._held)
 
     def _extend(
         self,
@@ -165,38 +181,14 @@ class FallbackPlugin:
 
     # --- per attempt --------------------------------------------------------------------
 
-    def _hold(self, call: Call, target: Target) -> Rejection | None:
-        """A target of a provider marked by an earlier request, while a later target of
-        the route can take the call."""
-        held = self._held.get(target.provider)
-        if held is None:
-            return None
-        until, cls = held
-        left = until - self.ctx.clock.monotonic()
-        if left <= 0:
-            self._held.pop(target.provider, None)
-            return None
-        later = call.route.targets[call.target_index + 1 :]
-        if not any(t.provider != target.provider for t in later):
-            return None  # the last chance: tried, and its answer renews or clears the mark
-        return Rejection(
-            cls,
-            f"skipped {target.key}: provider {target.provider} {_PROVIDER_WIDE[cls]} (an "
-            f"earlier request; skipped {left:.0f} s more, fallback.provider_hold_s)",
-            fallback=True,
-        )
-
     @hookimpl
     def preflight(self, call: Call) -> Rejection | None:
         target = call.target
-        if target is None:
-            return None
-        held = self._hold(call, target)
-        if held is not None:
-            return held
-        if not call.history:
+        if target is None or not call.history:
             return None
         for earlier, outcome in call.history:
+            if "rejected_by" in outcome.details:
+                continue  # refused here, never answered: says nothing of the account
             why = _PROVIDER_WIDE.get(outcome.error_class) if outcome.error_class else None
             if why and earlier.provider == target.provider:
                 return Rejection(
@@ -357,3 +349,13 @@ def check_chains(cfg: FallbackPlugin.Config, settings: Settings | None) -> None:
                     fix="remove the repeated entry",
                 )
             seen[entry.key] = i
+
+
+def _defer(targets: tuple[Target, ...], held: set[str]) -> tuple[Target, ...]:
+    """``targets`` with those of a held provider last, in their order, when another
+    provider's target can go first: tried only if nothing before them answers (the probe
+    that clears the mark), never skipped."""
+    first = tuple(t for t in targets if t.provider not in held)
+    if not first or len(first) == len(targets):
+        return targets
+    return first + tuple(t for t in targets if t.provider in held)

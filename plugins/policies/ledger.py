@@ -153,6 +153,18 @@ class LedgerPlugin:
         try:
             self.store.open()
             self.expired_at_start = self.store.expire_leases(self.ctx.clock.now())
+            if self.store.unexpired:
+                # Damage in some month's totals (any month): reported, not fatal. A
+                # damaged scope with a cap this month still refuses calls (_check_totals).
+                self.ctx.log.error(
+                    "ledger.leases_not_expired",
+                    path=str(self.path),
+                    count=len(self.store.unexpired),
+                    first=self.store.unexpired[0][:300],
+                    note="they stay reserved (charged in full); their month's totals "
+                    "do not match its entries",
+                    fix="llmgw spend --check, then llmgw spend --repair",
+                )
             self.open_error = None
             self.opened = True
         except LedgerError as exc:

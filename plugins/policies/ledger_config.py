@@ -165,7 +165,19 @@ def resolve_caps(settings: Settings, config: LedgerConfig | None) -> tuple[Caps,
         providers[name] = int(cap * MICRO)
         origin[f"provider:{name}"] = f"ledger.caps.providers.{name}"
     known = known_providers(settings)
-    by_env = {env_name(p): p for p in known}
+    by_env: dict[str, str] = {}
+    for p in sorted(known):
+        other = by_env.setdefault(env_name(p), p)
+        if other != p and env_name(p) in env:
+            # One variable, two providers: whichever it capped, the other would run
+            # uncapped, and which one would depend on the hash seed.
+            raise ConfigError(
+                f"{env_name(p)} names two providers, {other!r} and {p!r}",
+                file="environment",
+                path=env_name(p),
+                fix="cap them in routing.yaml (ledger.caps.providers) instead, or rename "
+                "one of the providers",
+            )
     for var in sorted(env):
         m = _CAP_ENV.match(var)
         if m is None or var == TOTAL_CAP_ENV:

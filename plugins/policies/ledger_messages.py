@@ -14,7 +14,9 @@ MICRO = 1_000_000
 
 
 def usd(micro: int) -> str:
-    return f"${micro / MICRO:.4f}"
+    # Micro-dollars in full: a refusal near a cap must not print a headroom equal to what
+    # it refuses (rounded to $0.0001, $0.000142 and $0.000145 both read $0.0001).
+    return f"${micro / MICRO:.6f}"
 
 
 def scope_label(scope: str, caps: Caps, origin: dict[str, str]) -> str:

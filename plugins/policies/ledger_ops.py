@@ -288,7 +288,7 @@ _UPDATE_TOTAL = (
     "WHERE month = ?1 AND scope = ?2"
 )
 _READ_SCOPES = f"SELECT {_SCOPE_READ} FROM totals WHERE month = ?"  # noqa: S608
-_EXPIRED = "SELECT id FROM entries WHERE state = 'reserved' AND lease_until < ?"
+EXPIRED_SQL = "SELECT id FROM entries WHERE state = 'reserved' AND lease_until < ?"
 _READ_SCOPES_JSON = (
     f"SELECT json_group_array(json_array({_SCOPE_READ})) FROM totals WHERE month = ?"  # noqa: S608
 )
@@ -667,7 +667,7 @@ class ExpireLeases(Op):
     now: datetime
 
     def apply(self, batch: Batch) -> int:
-        rows = batch.db.execute(_EXPIRED, (self.now.timestamp(),)).fetchall()
+        rows = batch.db.execute(EXPIRED_SQL, (self.now.timestamp(),)).fetchall()
         ids = [entry_id for (entry_id,) in rows]
         batch.prefetch(ids)
         return sum(MarkUnknown(i, self.now, "lease_expired").apply(batch) for i in ids)

@@ -57,6 +57,8 @@ class SpendSource(Protocol):
 
     def breakdown(self, month: str) -> list[dict[str, Any]]: ...
 
+    def snapshot(self, month: str) -> tuple[dict[str, ScopeUse], list[dict[str, Any]]]: ...
+
 
 def build_report(
     store: SpendSource | None,
@@ -69,8 +71,7 @@ def build_report(
     error: str | None = None,
 ) -> dict[str, Any]:
     """The spend report of ``month`` from an open store (or an empty one if None)."""
-    scopes = store.scopes(month) if store is not None else {}
-    rows = store.breakdown(month) if store is not None else []
+    scopes, rows = store.snapshot(month) if store is not None else ({}, [])
     total = scopes.get(TOTAL, ScopeUse(TOTAL))
     providers: dict[str, Any] = {}
     names = {s.removeprefix("provider:") for s in scopes if s != TOTAL} | set(caps.providers)
@@ -227,7 +228,7 @@ def check_dict(
 
 
 def _money(value: float | None) -> str:
-    return "-" if value is None else f"${value:,.4f}"
+    return "-" if value is None else f"${value:,.6f}"
 
 
 def format_spend(report: dict[str, Any]) -> str:

@@ -97,6 +97,8 @@ class LedgerStore:
         self._rng = random.Random()
         #: How many times a ``BEGIN IMMEDIATE`` found the lock taken (figures, tests).
         self.busy_retries = 0
+        #: Expired reservations the last :meth:`expire_leases` could not expire.
+        self.unexpired: list[str] = []
 
     # --- opening ---------------------------------------------------------------------
 
@@ -413,8 +415,23 @@ class LedgerStore:
             return sql.rebuild_totals(db, months)
 
     def expire_leases(self, now: datetime) -> int:
-        """Turn expired reservations into ``unknown`` (:class:`.ledger_ops.ExpireLeases`)."""
-        return int(self._one(ops_.ExpireLeases(now)))
+        """Turn expired reservations into ``unknown`` (:class:`.ledger_ops.ExpireLeases`);
+        returns how many.
+
+        One write for all of them; if that fails (a damaged totals row of some month
+        breaks a CHECK), each entry is tried in its own savepoint so that the others are
+        still expired, and the ones that could not be are listed in ``unexpired`` (they
+        stay reserved: charged in full; ``llmgw spend --repair`` mends their totals)."""
+        self.unexpired = []
+        try:
+            return int(self._one(ops_.ExpireLeases(now)))
+        except LedgerError:
+            pass
+        ids = [i for (i,) in self._read(ops_.EXPIRED_SQL, (now.timestamp(),))]
+        results = self.run_batch([ops_.MarkUnknown(i, now, "lease_expired") for i in ids])
+        pairs = zip(ids, results, strict=True)
+        self.unexpired = [f"{i}: {value}" for i, (ok, value) in pairs if not ok]
+        return sum(1 for ok, value in results if ok and value)
 
     # --- reads -----------------------------------------------------------------------
 
@@ -446,6 +463,11 @@ class LedgerStore:
     def breakdown(self, month: str) -> list[dict[str, Any]]:
         """Sums per (provider, model, task class, state) for ``month``."""
         return self._reading(lambda db: sql.breakdown(db, month))
+
+    def snapshot(self, month: str) -> tuple[dict[str, ScopeUse], list[dict[str, Any]]]:
+        """:meth:`scopes` and :meth:`breakdown` of ``month`` read in one snapshot, so a
+        report's totals and its breakdowns agree while other processes write."""
+        return self._reading(lambda db: _snapshot(db, month))
 
     def entry(self, entry_id: str) -> dict[str, Any] | None:
         """One entry as a dict (tests, debugging)."""
@@ -503,6 +525,10 @@ class LedgerReader:
         """Sums per (provider, model, task class, state) for ``month``."""
         return self._run(lambda db: sql.breakdown(db, month))
 
+    def snapshot(self, month: str) -> tuple[dict[str, ScopeUse], list[dict[str, Any]]]:
+        """As :meth:`LedgerStore.snapshot`."""
+        return self._run(lambda db: _snapshot(db, month))
+
     def audit(self, now: datetime) -> sql.Audit:
         """The ledger checked against itself (:func:`.ledger_sql.audit`)."""
         return self._run(lambda db: sql.audit(db, now.timestamp()))
@@ -532,3 +558,14 @@ class LedgerReader:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _snapshot(
+    db: sqlite3.Connection, month: str
+) -> tuple[dict[str, ScopeUse], list[dict[str, Any]]]:
+    db.execute("BEGIN")  # deferred: one read snapshot (WAL) for both statements
+    try:
+        return sql.scopes(db, month), sql.breakdown(db, month)
+    finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")

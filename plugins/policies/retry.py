@@ -75,6 +75,10 @@ class RetryPlugin:
         """Retries per provider always allowed in the budget window, on top of the share."""
         budget_window_s: float = Field(default=10.0, gt=0)
         """Length in seconds of the sliding window of the retry budget."""
+        min_attempt_s: float = Field(default=1.0, ge=0, le=600)
+        """A retry is made only if at least this long is left of the call's deadline after
+        its wait; otherwise the call falls back at once (a retry with no time to answer is
+        sent, possibly billed, and times out)."""
 
         @model_validator(mode="after")
         def _delays(self) -> RetryPlugin.Config:
@@ -140,11 +144,22 @@ class RetryPlugin:
         delay = self.backoff(call.attempt)
         if hint is not None:
             delay = max(delay, hint)
-        if delay >= remaining:
-            return self._skip(call, f"waiting {delay:.2f} s would cross the deadline")
-        if not budget.try_withdraw(now):
+        if delay + self.cfg.min_attempt_s >= remaining:
+            return self._skip(
+                call,
+                f"waiting {delay:.2f} s would leave less than min_attempt_s "
+                f"({self.cfg.min_attempt_s:g} s) of the deadline for the retry",
+            )
+        if not budget.has_room(now):
             return self._skip(call, f"retry budget of provider {target.provider} is spent")
         return Disposition("retry", delay, reason=f"{error_class.value}, attempt {call.attempt}")
+
+    @hookimpl
+    def before_call(self, call: Call) -> None:
+        # A retry is spent from the budget when it is sent, not when it is advised: the
+        # kernel may not make it (its preflight refused, attempts used up).
+        if call.attempt > 1 and call.target is not None:
+            self.budget(call.target.provider).spend(self.ctx.clock.monotonic())
 
     def _skip(self, call: Call, why: str) -> Disposition:
         call.meta["retry_skipped"] = why
@@ -159,6 +174,7 @@ class RetryPlugin:
             "base_delay_s": c.base_delay_s,
             "max_delay_s": c.max_delay_s,
             "max_hint_s": c.max_hint_s,
+            "min_attempt_s": c.min_attempt_s,
             "budget": {"ratio": c.budget_ratio, "min_retries": c.budget_min_retries},
             "budgets": {p: b.snapshot(now) for p, b in sorted(self.budgets.items())},
         }

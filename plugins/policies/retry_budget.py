@@ -42,13 +42,27 @@ class RetryBudget:
         # The epsilon keeps 0.2 * 5 from landing on 0.9999... and losing a retry.
         return self.min_retries + math.floor(self.ratio * len(self._requests) + 1e-9)
 
-    def try_withdraw(self, now: float) -> bool:
-        """Spend one retry if the budget has one; False (and counted) otherwise."""
+    def has_room(self, now: float) -> bool:
+        """Whether one more retry fits; a refusal is counted in ``denied``. Nothing is
+        spent: :meth:`spend` is called when the retry is really sent (the kernel may still
+        not retry: the next attempt refused in preflight, attempts used up)."""
         allowance = self.allowance(now)  # prunes first: count only the window's retries
         if len(self._retries) + 1 > allowance:
             self.denied += 1
             return False
+        return True
+
+    def spend(self, now: float) -> None:
+        """Count a retry that is being sent. Calls checked at once may each spend one
+        after :meth:`has_room`: a storm limiter, over by at most the calls in flight."""
+        self._prune(now)
         self._retries.append(now)
+
+    def try_withdraw(self, now: float) -> bool:
+        """:meth:`has_room`, then :meth:`spend`."""
+        if not self.has_room(now):
+            return False
+        self.spend(now)
         return True
 
     def snapshot(self, now: float) -> dict[str, Any]:

@@ -427,3 +427,26 @@ async def test_a_host_that_refuses_connections_opens_the_circuit_through_the_rea
         assert third.meta["attempts"][0]["stage"] == "rejected"
     finally:
         await gw.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("deadline_s", "state"), [(120, "open"), (2, "closed")])
+async def test_a_timeout_the_deadline_cut_short_says_nothing_of_the_upstream(
+    deadline_s: int, state: str
+) -> None:
+    """A retry left with little of the deadline timed out, and the breaker counted it as
+    the upstream failing: the gateway, not the upstream, set that timeout."""
+    a = FakeProvider("a")
+    a.fail_with(ErrorClass.TIMEOUT)
+    text = (
+        "plugins: [breaker, router, fake]\n"
+        "task_classes:\n  q: {provider: a, model: m1}\n"
+        "providers: {a: {timeout_s: 60}}\n"
+        "breaker: {consecutive_failures: 1}\n"
+        f"gateway: {{deadline_s: {deadline_s}}}\n"
+    )
+    gw = gateway_from_yaml(text, providers=[a], clock=FakeClock())
+    env = await gw.route(Request("q", "hi"))
+    assert env.error_class == ErrorClass.TIMEOUT.value
+    assert gw.routing_info()["breaker"]["circuits"]["a/m1"]["state"] == state
+    await gw.aclose()

@@ -319,9 +319,8 @@ async def test_a_provider_out_of_quota_is_skipped_by_later_requests_for_a_while(
     first = await gw.route(Request("qa", "hi"))
     assert first.ok and len(a.received) == 1
     second = await gw.route(Request("qa", "hi"))
-    assert second.ok and len(a.received) == 1  # skipped, not sent
-    skipped = second.meta["attempts"][0]
-    assert (skipped["stage"], skipped["error_class"]) == ("rejected", error.value)
+    assert second.ok and len(a.received) == 1  # tried last, after b answered: not sent
+    assert [(x["provider"], x["stage"]) for x in second.meta["attempts"]] == [("b", "sent")]
     held = gw.routing_info()["fallback"]["held_providers"]
     assert held["a"]["reason"] == error.value and 0 < held["a"]["skipped_for_s"] <= 60
     clock.advance(61)
@@ -329,6 +328,31 @@ async def test_a_provider_out_of_quota_is_skipped_by_later_requests_for_a_while(
     third = await gw.route(Request("qa", "hi"))
     assert third.meta["provider"] == "a" and len(a.received) == 2
     assert gw.routing_info()["fallback"]["held_providers"] == {}
+    await gw.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_held_provider_is_tried_after_the_others_not_skipped() -> None:
+    """The hold used to skip a held provider's targets while any later target existed, and
+    counted its own skip as the provider failing "earlier in this request": with b
+    failing, a/m2 (the last target) was skipped too and nothing answered, though a had
+    been topped up meanwhile."""
+    clock = FakeClock()
+    text = (
+        "plugins: [retry, fallback, router, fake]\n"
+        "task_classes:\n  qa: {provider: a, model: m1}\n"
+        "fallback:\n  chains:\n    qa: [{provider: b, model: m1}, {provider: a, model: m2}]\n"
+    )
+    a = Failing("a", broken={"m1": ErrorClass.QUOTA_EXHAUSTED})
+    b = Failing("b", broken={"m1": ErrorClass.SERVER_ERROR})
+    gw = _gw(text, a, b, clock=clock)
+    await gw.route(Request("qa", "hi"))  # a: quota; a/m2 skipped; b fails: a is marked
+    a.broken = {}  # topped up
+    env = await gw.route(Request("qa", "hi"))
+    assert env.ok and env.meta["provider"] == "a"
+    tried = [(x["provider"], x["model"], x["stage"]) for x in env.meta["attempts"]]
+    assert tried[0][:2] == ("b", "m1") and tried[-1] == ("a", "m1", "sent")
+    assert gw.routing_info()["fallback"]["held_providers"] == {}  # the answer cleared it
     await gw.aclose()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,10 @@ async def test_total_cap_refuses_with_scope_cap_and_headroom_and_no_fallback(
     assert used == 310
     assert env.error_class == "budget_exceeded"
     msg = env.error or ""
-    assert "total monthly cap ($0.0105, ledger.caps.total_monthly_usd)" in msg
-    assert "headroom $0.0102," in msg
-    assert f"needs up to ${W / 1e6:.4f}" in msg
+    # Micro-dollars in full: 10,500 - 310 = 10,190 of headroom against W.
+    assert "total monthly cap ($0.010500, ledger.caps.total_monthly_usd)" in msg
+    assert "headroom $0.010190," in msg
+    assert f"needs up to ${W / 1e6:.6f}" in msg
     assert [a["stage"] for a in env.meta["attempts"]] == ["refused"]
     assert len(p.received) == 1
 
@@ -407,7 +409,7 @@ async def test_fails_closed_when_the_ledger_cannot_be_opened(tmp_path: Path) -> 
     assert env.error_class == "budget_exceeded"
     msg = env.error or ""
     assert "spend ledger failed" in msg and "fail closed" in msg
-    assert "total monthly cap ($5.0000, LLM_GATEWAY_CAP_TOTAL_MONTHLY)" in msg
+    assert "total monthly cap ($5.000000, LLM_GATEWAY_CAP_TOTAL_MONTHLY)" in msg
     assert p.received == []
     assert g.routing_info()["ledger"]["error"]
 
@@ -446,7 +448,7 @@ async def test_spend_report_without_a_gateway(tmp_path: Path) -> None:
     assert report["by_model"]["fake/m1"]["attempts"] == 3
     assert report["by_task_class"]["quick"]["settled_usd"] == pytest.approx(spent)
     out = format_spend(report)
-    assert "total" in out and "provider fake" in out and "$0.5000" in out and "quick" in out
+    assert "total" in out and "provider fake" in out and "$0.500000" in out and "quick" in out
     # no ledger file: an empty report, and no file is created
     empty = spend_report(
         load_settings(text=text, env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "none.db")})
@@ -494,3 +496,64 @@ def test_default_lease_must_outlast_a_long_deadline(tmp_path: Path) -> None:
         gw(tmp_path, extra="gateway: {deadline_s: 1000}\n")
     assert "ledger.lease_s" in str(err.value)
     assert "gateway.deadline_s" in str(err.value)
+
+
+def test_one_env_cap_variable_for_two_providers_is_refused(tmp_path: Path) -> None:
+    """`my-llm` and `my_llm` both map to LLM_GATEWAY_CAP_MY_LLM_MONTHLY: the variable
+    capped one of them, which one by the hash seed, and left the other uncapped."""
+    text = BASE.replace("other: {{provider: alt,", "other: {{provider: my_llm,").replace(
+        "unpriced: {{provider: fake,", "unpriced: {{provider: my-llm,"
+    )
+    env = {"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db"), "LLM_GATEWAY_CAP_MY_LLM_MONTHLY": "0"}
+    with pytest.raises((ConfigError, PluginError)) as info:
+        gateway_from_yaml(
+            text.format(plugins="ledger, router, fake", extra=""),
+            env=env,
+            providers=[fake(), fake("my_llm"), fake("my-llm")],
+        )
+    assert "LLM_GATEWAY_CAP_MY_LLM_MONTHLY names two providers, 'my-llm' and 'my_llm'" in str(
+        info.value
+    )
+
+
+def test_a_report_reads_its_totals_and_breakdowns_in_one_snapshot(tmp_path: Path) -> None:
+    """The totals and the per-model breakdown were two reads: with another process
+    writing, about one report in ten disagreed with itself."""
+    from llmgw.plugins.policies.ledger_report import build_report
+    from llmgw.plugins.policies.ledger_store import Caps, Item, LedgerStore
+
+    path = tmp_path / "l.db"
+    writer, reader = LedgerStore(path), LedgerStore(path)
+    writer.open()
+    reader.open()
+    stop = threading.Event()
+    now = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            writer.reserve(
+                [Item(f"e{n}", "fake", "m1", "quick", f"r{n}", 10)], Caps(), now=now, lease_s=600
+            )
+            writer.settle(f"e{n}", cost_micro=7, now=now)
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        bad = 0
+        for _ in range(300):
+            r = build_report(reader, Caps(), {}, month="2026-11", path=str(path), enabled=True)
+            model = r["by_model"].get("fake/m1", {})
+            total = r["total"]
+            if model and (
+                model["settled_usd"] != total["settled_usd"]
+                or model["reserved_usd"] != total["reserved_usd"]
+            ):
+                bad += 1
+    finally:
+        stop.set()
+        t.join()
+        writer.close()
+        reader.close()
+    assert bad == 0

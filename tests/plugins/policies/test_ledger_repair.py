@@ -6,7 +6,7 @@ import hashlib
 import sqlite3
 import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -425,6 +425,28 @@ async def test_damage_in_another_month_does_not_stop_this_one(tmp_path: Path) ->
     try:
         assert (await g.route(Request("quick", "hi"))).ok
         assert g.hooks.report_info()["ledger"]["totals_damage"] == []
+    finally:
+        await g.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("caps", [CAPS, ""])
+async def test_a_stale_lease_in_a_damaged_old_month_does_not_close_the_ledger(
+    tmp_path: Path, caps: str
+) -> None:
+    """Expiring the leases at start was one write: a stale reservation in a month whose
+    totals were damaged broke a CHECK, the write was rolled back and the ledger counted
+    as unopenable, so every call of every month was refused, caps or none."""
+    path = tmp_path / "l.db"
+    busy_ledger(path)  # December holds a reservation with a 600 s lease
+    tamper(path, "UPDATE totals SET reserved_micro = 1 WHERE month = '2026-12'")
+    january = FakeClock(wall=NEXT_MONTH + timedelta(days=40))
+    g, _ = damaged_gateway(path, caps, january)
+    try:
+        assert (await g.route(Request("quick", "hi"))).ok
+        ledger = g.pm.get_plugin("ledger")
+        assert ledger.open_error is None
+        assert len(ledger.store.unexpired) == 1  # stays reserved, charged in full
     finally:
         await g.aclose()
 

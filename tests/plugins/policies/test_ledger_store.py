@@ -218,7 +218,7 @@ def test_the_open_index_holds_only_open_reservations(st: LedgerStore) -> None:
     )
     assert [r[0] for r in indexed] == ["3"]
     # What expiring leases and counting open reservations ask for is found through it.
-    assert "USING INDEX entries_open" in _plan(st, sql_ops._EXPIRED, 0.0)
+    assert "USING INDEX entries_open" in _plan(st, sql_ops.EXPIRED_SQL, 0.0)
     assert "entries_open" in _plan(st, "SELECT COUNT(*) FROM entries WHERE state = 'reserved'")
     assert st.count("reserved") == 1
 

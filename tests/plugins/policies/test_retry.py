@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
-from llmgw.kernel import TRANSIENT, ConfigError, ErrorClass, Outcome, ProviderRequest, Request
+from llmgw.kernel import (
+    TRANSIENT,
+    ConfigError,
+    ErrorClass,
+    Outcome,
+    ProviderRequest,
+    Rejection,
+    Request,
+    hookimpl,
+)
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
 from llmgw.plugins.policies.retry import RetryPlugin
 from llmgw.plugins.policies.retry_budget import RetryBudget
@@ -134,13 +144,39 @@ async def test_one_deadline_over_all_attempts() -> None:
     clock = FakeClock()
     a = Failing("a", error=ErrorClass.OVERLOADED, hint=2.0)
     gw = gateway_from_yaml(
-        _yaml("max_attempts: 10, max_delay_s: 0.5", "gateway: {deadline_s: 5}\n"),
+        _yaml("max_attempts: 10, max_delay_s: 0.5, min_attempt_s: 0", "gateway: {deadline_s: 5}\n"),
         providers=[a],
         clock=clock,
     )
     await gw.route(Request("qa", "hi"))
     # t=0 fail, wait 2; t=2 fail, wait 2; t=4 fail: 2 s more would reach the deadline
     assert clock.sleeps == [2.0, 2.0] and len(a.received) == 3
+    await gw.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_retry_left_with_no_time_to_answer_falls_back_instead() -> None:
+    """Waiting out a hint that leaves ~17 ms of the deadline sent a retry that timed out:
+    paid for, counted against a healthy upstream's breaker, and the fallback never ran."""
+    clock = FakeClock()
+    a = Failing("a", error=ErrorClass.RATE_LIMITED, hint=2.0)
+    b = FakeProvider("b")
+    gw = gateway_from_yaml(
+        _yaml(
+            "max_attempts: 10",
+            "gateway: {deadline_s: 4.5}\n"
+            "fallback:\n  chains:\n    qa: [{provider: b, model: m2}]\n",
+            plugins="retry, fallback, router, fake",
+        ),
+        providers=[a, b],
+        clock=clock,
+    )
+    env = await gw.route(Request("qa", "hi"))
+    # t=0 fail, wait 2 (2.5 s left after it); t=2 fail: waiting 2 s would leave 0.5 s,
+    # under min_attempt_s (1 s): straight to the fallback.
+    assert clock.sleeps == [2.0] and len(a.received) == 2
+    assert env.ok and env.meta["provider"] == "b"
+    assert "min_attempt_s" in env.meta["retry_skipped"]
     await gw.aclose()
 
 
@@ -295,3 +331,41 @@ def test_tenacity_is_loaded_by_the_first_failure_not_at_start() -> None:
     )
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen == {"build": False, "success": [False, True], "retried": [True, True, 3]}
+
+
+class RefuseRetriesOfQa:
+    """Refuses every retry of class qa in preflight, as an open circuit would."""
+
+    @hookimpl
+    def preflight(self, call: Any) -> Rejection | None:
+        if call.task_class == "qa" and call.attempt > 1:
+            return Rejection(ErrorClass.CIRCUIT_OPEN, "refused", fallback=True)
+        return None
+
+
+@pytest.mark.anyio
+async def test_a_retry_the_kernel_never_makes_spends_no_budget() -> None:
+    """The budget was spent when a retry was advised; when the retry's preflight was then
+    refused (this very failure opened the breaker), the retry never went out and the
+    budget was gone for the provider's other models."""
+    clock = FakeClock()
+    a = Failing("a", error=ErrorClass.SERVER_ERROR)
+    text = (
+        "plugins: [refuse, retry, router, fake]\n"
+        "task_classes:\n"
+        "  qa: {provider: a, model: m1, max_tokens: 64}\n"
+        "  qb: {provider: a, model: m2, max_tokens: 64}\n"
+        "retry: {budget_min_retries: 1, budget_ratio: 0}\n"
+    )
+    gw = gateway_from_yaml(
+        text, providers=[a], clock=clock, extra_plugins={"refuse": RefuseRetriesOfQa()}
+    )
+    await gw.route(Request("qa", "hi"))  # fails; its retry is refused: nothing goes out
+    assert len(a.received) == 1
+    assert gw.routing_info()["retry"]["budgets"]["a"]["remaining"] == 1
+    a.script.append(Outcome.failure(ErrorClass.SERVER_ERROR, "once", sent=True))
+    a.script.append(Outcome.success("second", None))
+    env = await gw.route(Request("qb", "hi"))  # another model: its retry still has budget
+    assert env.ok and env.text == "second" and len(a.received) == 3
+    assert gw.routing_info()["retry"]["budgets"]["a"]["remaining"] == 0  # spent when sent
+    await gw.aclose()
