@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import time
 from typing import Any
 
 import httpx2
@@ -108,7 +109,12 @@ class AnthropicProvider(BaseProvider):
         return params
 
     async def _send(self, request: ProviderRequest) -> Outcome:
-        client = await self.client()
+        started = time.monotonic()
+        client = await self.client()  # the SDK is imported on first use
+        ready = self.time_left(request, started)
+        if isinstance(ready, Outcome):
+            return ready
+        request = ready
         sdk = self._sdk
         try:
             raw = await client.messages.with_raw_response.create(

@@ -8,8 +8,9 @@ trouble.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -202,6 +203,20 @@ class BaseProvider:
 
     async def _send(self, request: ProviderRequest) -> Outcome:
         raise NotImplementedError
+
+    @staticmethod
+    def time_left(request: ProviderRequest, started: float) -> ProviderRequest | Outcome:
+        """``request`` with its timeout reduced by what the provider spent since
+        ``started`` (``time.monotonic()``) before sending, e.g. importing its SDK on first
+        use (~1 s); a ``deadline_exceeded`` outcome, nothing sent, when none is left."""
+        left = request.timeout_s - (time.monotonic() - started)
+        if left <= 0:
+            return Outcome.failure(
+                ErrorClass.DEADLINE_EXCEEDED,
+                "the call ran out of time before its request could be sent; nothing was sent",
+                sent=False,
+            )
+        return replace(request, timeout_s=left)
 
     async def _close(self) -> None:
         return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import time
 from typing import Any
 
 import httpx2
@@ -135,7 +136,12 @@ class GeminiProvider(BaseProvider):
         return {"model": request.model, "contents": contents, "config": config}
 
     async def _send(self, request: ProviderRequest) -> Outcome:
-        client = await self.client()
+        started = time.monotonic()
+        client = await self.client()  # the SDK is imported on first use
+        ready = self.time_left(request, started)
+        if isinstance(ready, Outcome):
+            return ready
+        request = ready
         try:
             response = await client.aio.models.generate_content(**self.call_args(request))
         except self._errors.APIError as exc:

@@ -163,3 +163,26 @@ async def test_a_key_no_header_can_carry_is_refused_before_sending(
     assert key_env in out.message and "quotes" in out.message
     assert bad not in out.message and bad not in status.reason
     assert upstream.requests == []
+
+
+def test_time_spent_before_sending_comes_off_the_request_timeout() -> None:
+    """The SDK providers import their SDK on first use (~1.4 s for anthropic) and then
+    sent with the whole timeout: a request left after its call's deadline."""
+    import time as _time
+
+    from llmgw.kernel import ErrorClass, Message, Outcome, ProviderRequest
+    from llmgw.plugins.providers.base import BaseProvider
+
+    request = ProviderRequest(
+        provider="anthropic",
+        model="m",
+        system=None,
+        messages=(Message("user", "hi"),),
+        max_tokens=10,
+        timeout_s=2.0,
+    )
+    late = BaseProvider.time_left(request, _time.monotonic() - 5.0)
+    assert isinstance(late, Outcome)
+    assert late.error_class is ErrorClass.DEADLINE_EXCEEDED and late.sent is False
+    ready = BaseProvider.time_left(request, _time.monotonic() - 0.5)
+    assert isinstance(ready, ProviderRequest) and 1.0 < ready.timeout_s < 1.6
