@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import time
 from typing import Any
 
 import httpx2
@@ -109,12 +108,10 @@ class AnthropicProvider(BaseProvider):
         return params
 
     async def _send(self, request: ProviderRequest) -> Outcome:
-        started = time.monotonic()
-        client = await self.client()  # the SDK is imported on first use
-        ready = self.time_left(request, started)
-        if isinstance(ready, Outcome):
-            return ready
-        request = ready
+        got = await self.in_time(request, self.client())  # the SDK imported on first use
+        if isinstance(got, Outcome):
+            return got
+        client, request = got
         sdk = self._sdk
         try:
             raw = await client.messages.with_raw_response.create(

@@ -9,9 +9,9 @@ trouble.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx2
@@ -44,6 +44,8 @@ from .pool import cheap_idle_checks
 from .pricing import PriceBook, PriceInfo, price_dict
 
 log = structlog.get_logger("llmgw.providers")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,17 @@ class BaseProvider:
 
     async def _send(self, request: ProviderRequest) -> Outcome:
         raise NotImplementedError
+
+    async def in_time(
+        self, request: ProviderRequest, setup: Awaitable[T]
+    ) -> tuple[T, ProviderRequest] | Outcome:
+        """Await ``setup`` (a client built on first use, importing its SDK), then
+        :meth:`time_left`: its result and the request with what is left of its timeout,
+        or the outcome that ends the attempt unsent."""
+        started = time.monotonic()
+        result = await setup
+        ready = self.time_left(request, started)
+        return ready if isinstance(ready, Outcome) else (result, ready)
 
     @staticmethod
     def time_left(request: ProviderRequest, started: float) -> ProviderRequest | Outcome:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import time
 from typing import Any
 
 import httpx2
@@ -136,12 +135,10 @@ class GeminiProvider(BaseProvider):
         return {"model": request.model, "contents": contents, "config": config}
 
     async def _send(self, request: ProviderRequest) -> Outcome:
-        started = time.monotonic()
-        client = await self.client()  # the SDK is imported on first use
-        ready = self.time_left(request, started)
-        if isinstance(ready, Outcome):
-            return ready
-        request = ready
+        got = await self.in_time(request, self.client())  # the SDK imported on first use
+        if isinstance(got, Outcome):
+            return got
+        client, request = got
         try:
             response = await client.aio.models.generate_content(**self.call_args(request))
         except self._errors.APIError as exc:

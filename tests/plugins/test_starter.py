@@ -89,13 +89,19 @@ def test_init_into_an_impossible_place_is_a_message(
     assert "llmgw init: cannot write" in err and "Traceback" not in err
 
 
+def _openai_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A starter routing.yaml written by `llmgw init` for an OpenAI key."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key-openai-0000000")
+    cfg = tmp_path / "routing.yaml"
+    assert main(["init", "--config", str(cfg)]) == 0
+    return cfg
+
+
 def test_check_config_leaves_no_ledger_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """It created the ledger file and its directories: a typo in the path left state."""
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key-openai-0000000")
-    cfg = tmp_path / "routing.yaml"
-    assert main(["init", "--config", str(cfg)]) == 0
+    cfg = _openai_config(tmp_path, monkeypatch)
     ledger = tmp_path / "new" / "dirs" / "ledger.db"
     monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(ledger))
     assert main(["check-config", "--config", str(cfg)]) == 0
@@ -110,9 +116,7 @@ def test_check_config_leaves_no_ledger_behind(
 def test_check_config_still_finds_a_ledger_that_is_no_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY", "test-key-openai-0000000")
-    cfg = tmp_path / "routing.yaml"
-    assert main(["init", "--config", str(cfg)]) == 0
+    cfg = _openai_config(tmp_path, monkeypatch)
     ledger = tmp_path / "ledger.db"
     ledger.write_bytes(b"not a database, but some bytes " * 200)
     monkeypatch.setenv("LLM_GATEWAY_LEDGER_PATH", str(ledger))
