@@ -95,14 +95,34 @@ def chain_envelope(request: Request, route: Route, result: ChainResult) -> Envel
     error_class = outcome.error_class or ErrorClass.INTERNAL_ERROR
     meta["error_class"] = error_class.value
     message = outcome.message or default_message(error_class)
-    earlier: dict[str, str] = {}
+    if _local(outcome) and target is not None:
+        # Refused here (an open circuit, a spent budget) after the same target answered:
+        # say what the upstream answered too, not only the refusal that ended it.
+        answered = [
+            a.outcome.error_class
+            for a in result.attempts
+            if a.target == target and a.outcome.error_class is not None and not _local(a.outcome)
+        ]
+        if answered:
+            message = f"{message} (after {target.key} answered {answered[-1].value})"
+    tried: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for a in result.attempts:
         if a.target != target and a.outcome.error_class is not None:
-            earlier[a.target.key] = a.outcome.error_class.value
-    if earlier:
-        tried = ", ".join(f"{key} ({cls})" for key, cls in earlier.items())
-        message = f"{message}; also tried: {tried}"
+            where = skipped if _local(a.outcome) else tried
+            where[a.target.key] = a.outcome.error_class.value
+    # A target that answered and was then refused (its retry) is listed for its answer.
+    skipped = {key: cls for key, cls in skipped.items() if key not in tried}
+    for label, found in (("also tried", tried), ("not sent to", skipped)):
+        if found:
+            listed = ", ".join(f"{key} ({cls})" for key, cls in found.items())
+            message = f"{message}; {label}: {listed}"
     return Envelope("error", None, meta, error=message)
+
+
+def _local(outcome: Outcome) -> bool:
+    """Refused before sending by a plugin or the kernel: no answer of the upstream."""
+    return "rejected_by" in outcome.details or "refused_by" in outcome.details
 
 
 #: Error answers given before the model ran: the provider does not bill them. 408 and

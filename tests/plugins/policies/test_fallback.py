@@ -366,3 +366,16 @@ async def test_a_held_provider_is_still_tried_as_the_last_target_left() -> None:
         env = await gw.route(Request("qa", "hi"))
         assert env.error_class == "quota_exhausted" and len(a.received) == n
     await gw.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_error_tells_targets_tried_from_targets_never_sent_to() -> None:
+    text = BASE.replace("- {provider: b, model: m2, max_tokens: 300}", "- {provider: a, model: m9}")
+    a = Failing("a", broken={"m1": ErrorClass.QUOTA_EXHAUSTED})
+    c = Failing("c", broken={"m3": ErrorClass.QUOTA_EXHAUSTED})
+    gw = _gw(text, a, FakeProvider("b"), c)
+    env = await gw.route(Request("qa", "hi"))
+    error = env.error or ""
+    assert "also tried: a/m1 (quota_exhausted)" in error
+    assert "not sent to: a/m9 (quota_exhausted)" in error  # skipped: a's account is empty
+    await gw.aclose()

@@ -369,3 +369,28 @@ async def test_a_retry_the_kernel_never_makes_spends_no_budget() -> None:
     assert env.ok and env.text == "second" and len(a.received) == 3
     assert gw.routing_info()["retry"]["budgets"]["a"]["remaining"] == 0  # spent when sent
     await gw.aclose()
+
+
+@pytest.mark.anyio
+async def test_an_error_refused_locally_still_names_what_the_upstream_answered() -> None:
+    """The first failure opened the breaker, which refused the retry: the error read
+    only "circuit open", though the upstream had answered server_error; and a target
+    that was never sent to was listed under "also tried"."""
+    clock = FakeClock()
+    a = Failing("a", error=ErrorClass.SERVER_ERROR)
+    text = (
+        "plugins: [breaker, retry, fallback, router, fake]\n"
+        "task_classes:\n"
+        "  qa: {provider: a, model: m1, max_tokens: 64}\n"
+        "  qb: {provider: a, model: m2, max_tokens: 64}\n"
+        "breaker: {consecutive_failures: 1}\n"
+        "fallback:\n  chains:\n    qb: [{provider: a, model: m1}]\n"
+    )
+    gw = gateway_from_yaml(text, providers=[a], clock=clock)
+    env = await gw.route(Request("qa", "hi"))
+    assert env.error_class == ErrorClass.CIRCUIT_OPEN.value
+    assert "(after a/m1 answered server_error)" in (env.error or "")
+    env = await gw.route(Request("qb", "hi"))  # m2 fails; its fallback a/m1 is open
+    error = env.error or ""
+    assert error.endswith("; also tried: a/m2 (server_error)")  # a/m1 was never sent to
+    await gw.aclose()
