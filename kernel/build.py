@@ -14,13 +14,10 @@ from .errors import ConfigError, PluginError
 from .gateway import Gateway
 from .loader import load_plugins
 from .logs import configure_logging
-from .tools import ToolSpec
+from .tools import BUILTIN_TOOLS, ToolSpec
 from .types import Clock, Provider, SystemClock
 
 log = structlog.get_logger("llmgw.build")
-
-#: The tools the MCP server itself defines (kernel/server.py).
-BUILTIN_TOOLS = frozenset({"llm_route", "llm_routing_info"})
 
 
 def build_gateway(

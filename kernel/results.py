@@ -95,13 +95,15 @@ def chain_envelope(request: Request, route: Route, result: ChainResult) -> Envel
     error_class = outcome.error_class or ErrorClass.INTERNAL_ERROR
     meta["error_class"] = error_class.value
     message = outcome.message or default_message(error_class)
-    if _local(outcome) and target is not None:
+    if outcome.refused_here and target is not None:
         # Refused here (an open circuit, a spent budget) after the same target answered:
         # say what the upstream answered too, not only the refusal that ended it.
         answered = [
             a.outcome.error_class
             for a in result.attempts
-            if a.target == target and a.outcome.error_class is not None and not _local(a.outcome)
+            if a.target == target
+            and a.outcome.error_class is not None
+            and not a.outcome.refused_here
         ]
         if answered:
             message = f"{message} (after {target.key} answered {answered[-1].value})"
@@ -109,7 +111,7 @@ def chain_envelope(request: Request, route: Route, result: ChainResult) -> Envel
     skipped: dict[str, str] = {}
     for a in result.attempts:
         if a.target != target and a.outcome.error_class is not None:
-            where = skipped if _local(a.outcome) else tried
+            where = skipped if a.outcome.refused_here else tried
             where[a.target.key] = a.outcome.error_class.value
     # A target that answered and was then refused (its retry) is listed for its answer.
     skipped = {key: cls for key, cls in skipped.items() if key not in tried}
@@ -118,11 +120,6 @@ def chain_envelope(request: Request, route: Route, result: ChainResult) -> Envel
             listed = ", ".join(f"{key} ({cls})" for key, cls in found.items())
             message = f"{message}; {label}: {listed}"
     return Envelope("error", None, meta, error=message)
-
-
-def _local(outcome: Outcome) -> bool:
-    """Refused before sending by a plugin or the kernel: no answer of the upstream."""
-    return "rejected_by" in outcome.details or "refused_by" in outcome.details
 
 
 #: Error answers given before the model ran: the provider does not bill them. 408 and

@@ -38,7 +38,7 @@ from . import __version__
 from .envelope import Envelope
 from .errors import ErrorClass
 from .gateway import Gateway
-from .tools import ToolSpec
+from .tools import INFO_TOOL, ROUTE_TOOL, ToolSpec
 from .types import Request
 
 if sys.platform != "win32":
@@ -222,7 +222,7 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
         try:
             envelope = await gateway.route(request, progress=_progress_of(ctx))
         except Exception:
-            log.exception("tool.crashed", tool="llm_route")
+            log.exception("tool.crashed", tool=ROUTE_TOOL)
             envelope = Envelope.failure(
                 ErrorClass.INTERNAL_ERROR,
                 "the gateway failed internally; see its log",
@@ -240,8 +240,8 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
             structured_content=body,
         )
 
-    server.add_tool(llm_route, name="llm_route", description=ROUTE_DESCRIPTION)
-    server.add_tool(llm_routing_info, name="llm_routing_info", description=INFO_DESCRIPTION)
+    server.add_tool(llm_route, name=ROUTE_TOOL, description=ROUTE_DESCRIPTION)
+    server.add_tool(llm_routing_info, name=INFO_TOOL, description=INFO_DESCRIPTION)
     for spec in gateway.tools:
         server.add_tool(_adapt(spec), name=spec.name, description=spec.description)
     return server

@@ -6,6 +6,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The MCP server's own tools (kernel/server.py); no plugin may register these names.
+ROUTE_TOOL = "llm_route"
+INFO_TOOL = "llm_routing_info"
+BUILTIN_TOOLS = frozenset({ROUTE_TOOL, INFO_TOOL})
+
 
 @dataclass(frozen=True)
 class ToolSpec:

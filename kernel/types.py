@@ -233,6 +233,12 @@ class Outcome:
     cost_micro_usd: int | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def refused_here(self) -> bool:
+        """Refused before sending, by a plugin (preflight ``rejected_by``, before_call
+        ``refused_by``) or the kernel: no answer of the upstream."""
+        return not self.sent and ("rejected_by" in self.details or "refused_by" in self.details)
+
     @classmethod
     def success(
         cls,

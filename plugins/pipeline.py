@@ -232,13 +232,16 @@ class Orchestration:
         limit = round(budget * 1_000_000)
         prompts = {
             "plan": (compose_plan(task, None), self.cfg.candidates.planner),
-            "work": (compose_work(task, "" if "plan" in steps else None, None), None),
+            "work": (
+                compose_work(task, "" if "plan" in steps else None, None),
+                self.cfg.candidates.worker,
+            ),
             "verify": (compose_verify(task, ""), self.cfg.candidates.verifier),
         }
         for step in steps:
             role = STEP_ROLE[step]
             prompt, candidates = prompts[step]
-            targets = self._targets(role, candidates or self.cfg.candidates.worker)
+            targets = self._targets(role, candidates)
             worst, why = self._worst_case(
                 role, targets, getattr(self.cfg.instructions, role), prompt
             )

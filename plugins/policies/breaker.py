@@ -45,10 +45,7 @@ def classify(outcome: Outcome) -> Result:
     # Not the upstream's doing: refused by a plugin before sending, or a failure marked
     # ``local`` (ours: the connection pool full, a request that could not be encoded, a
     # connect or a whole request cut short by the caller's deadline, sent or not).
-    details = outcome.details
-    if "local" in details or (
-        not outcome.sent and ("refused_by" in details or "rejected_by" in details)
-    ):
+    if "local" in outcome.details or outcome.refused_here:
         return "ignored"
     # Everything else counts, sent or not: a connection that could not be made (refused,
     # reset during connect, a connect timeout) is the plainest sign of a dead upstream,

@@ -187,8 +187,8 @@ class FallbackPlugin:
         if target is None or not call.history:
             return None
         for earlier, outcome in call.history:
-            if "rejected_by" in outcome.details:
-                continue  # refused here, never answered: says nothing of the account
+            if outcome.refused_here:
+                continue  # never answered: says nothing of the account
             why = _PROVIDER_WIDE.get(outcome.error_class) if outcome.error_class else None
             if why and earlier.provider == target.provider:
                 return Rejection(

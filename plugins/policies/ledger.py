@@ -457,6 +457,7 @@ def worst_known(call: Call) -> bool:
 def path_problem(path: Path, busy_timeout_s: float = 5.0) -> str | None:
     """Why the ledger at ``path`` could not be opened or created, without creating or
     writing anything (``llmgw check-config``), or None."""
+    directory = path.parent
     if path.exists():
         if not path.is_file():
             return f"{path} exists and is not a file"
@@ -472,9 +473,7 @@ def path_problem(path: Path, busy_timeout_s: float = 5.0) -> str | None:
             return str(exc)
         if verdict != "ok":
             return f"{path} is damaged: {verdict[:200]} (see llmgw spend --check)"
-        directory = path.parent
     else:
-        directory = path.parent
         while not directory.exists():
             directory = directory.parent
         if not directory.is_dir():

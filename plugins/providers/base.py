@@ -30,6 +30,7 @@ from llmgw.kernel import (
     wire,
 )
 from llmgw.kernel.config import ProviderSpec
+from llmgw.kernel.errors import default_message
 from llmgw.kernel.logs import REDACTOR
 
 from .http_errors import (
@@ -226,7 +227,7 @@ class BaseProvider:
         if left <= 0:
             return Outcome.failure(
                 ErrorClass.DEADLINE_EXCEEDED,
-                "the call ran out of time before its request could be sent; nothing was sent",
+                default_message(ErrorClass.DEADLINE_EXCEEDED) + "; nothing was sent",
                 sent=False,
             )
         return replace(request, timeout_s=left)
