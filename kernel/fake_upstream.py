@@ -74,6 +74,11 @@ FAULTS: frozenset[str] = frozenset(
         "length",  # 200, answer cut at max_tokens
         "length_empty",  # 200, cut at max_tokens with no text at all
         "echo_key",  # 401 whose body echoes the API key it received
+        "empty_answer",  # 200, a normal finish with no text (content null, no text part)
+        "usage_missing",  # 200, the answer with a usage block that has no counts
+        "usage_negative",  # 200, the answer with negative token counts
+        "error_in_answer",  # 200 carrying the wire's error object (a 429 rate limit)
+        "finish_error",  # 200, a fragment with finish_reason "error" (OpenRouter)
     }
 )
 
@@ -368,6 +373,13 @@ class FakeUpstream:
             _send_json(h, 200, req.refusal(prompt=name == "prompt_blocked"))
         elif name in {"length", "length_empty"}:
             _send_json(h, 200, req.answer(cut=True, empty=name == "length_empty"))
+        elif name in {"empty_answer", "usage_missing", "usage_negative", "finish_error"}:
+            _send_json(h, 200, req.odd_answer(name))
+        elif name == "error_in_answer":
+            status, _, payload = req.error("rate_limited", "")
+            if req.wire in {"openai", "deepseek"}:  # a router's form: the status as code
+                payload["error"]["code"] = status
+            _send_json(h, 200, payload)
         else:
             if name == "echo_key":
                 status, headers, payload = req.error("auth_error", key)

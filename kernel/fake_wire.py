@@ -279,6 +279,32 @@ class WireRequest:
             "responseId": "fake",
         }
 
+    def odd_answer(self, name: str) -> dict[str, Any]:
+        """A 200 answer a real upstream can send that is not a plain success: no text at a
+        normal finish (``empty_answer``), a usage block without counts (``usage_missing``)
+        or with negative ones (``usage_negative``), a fragment ended by a router's
+        ``finish_reason: "error"`` (``finish_error``; the Chat Completions wire)."""
+        body = self.answer()
+        if name == "empty_answer":
+            if self.wire in {"openai", "deepseek"}:
+                body["choices"][0]["message"]["content"] = None
+            elif self.wire == "anthropic":
+                body["content"] = []
+            else:
+                body["candidates"][0]["content"]["parts"] = []
+        elif name == "finish_error":
+            if self.wire in {"openai", "deepseek"}:
+                body["choices"][0]["finish_reason"] = "error"
+        else:
+            key = {"openai": "usage", "deepseek": "usage", "anthropic": "usage"}.get(
+                self.wire, "usageMetadata"
+            )
+            if name == "usage_missing":
+                body[key] = {}
+            else:
+                body[key] = {k: -abs(v) for k, v in body[key].items() if isinstance(v, int)}
+        return body
+
     def empty(self) -> dict[str, Any]:
         if self.wire in {"openai", "deepseek"}:
             return {"id": "chatcmpl-fake", "object": "chat.completion", "choices": []}

@@ -28,12 +28,14 @@ from llmgw.kernel import (
 
 from .base import BaseProvider, Connection, ProviderPlugin
 from .http_errors import (
+    detail_count,
     failure,
     find_cause,
     finish_outcome,
     refine_invalid,
     retry_hint,
     status_class,
+    token_count,
 )
 from .pricing import PriceBook
 
@@ -52,10 +54,6 @@ _TYPES: dict[str, ErrorClass] = {
     "request_too_large": ErrorClass.REQUEST_TOO_LARGE,
 }
 _TRUNCATED = {"max_tokens", "model_context_window_exceeded"}
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 class AnthropicProvider(BaseProvider):
@@ -167,23 +165,16 @@ class AnthropicProvider(BaseProvider):
             err = data.get("error")
             kind = str(err.get("type") or "") if isinstance(err, dict) else ""
             cls = _TYPES.get(kind)
+            if cls is None and kind == "invalid_request_error":
+                message = str(err.get("message") or "") if isinstance(err, dict) else ""
+                cls, _ = refine_invalid(ErrorClass.INVALID_REQUEST, message)
             if cls is not None:
                 return failure(self.name, model, cls, sent=True, status=200, reason=kind)
         if not isinstance(data, dict) or not isinstance(data.get("content"), list):
             return failure(
                 self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True, reason="no_content"
             )
-        raw_usage = data.get("usage")
-        usage = None
-        if isinstance(raw_usage, dict):
-            cache_read = _int(raw_usage.get("cache_read_input_tokens"))
-            cache_write = _int(raw_usage.get("cache_creation_input_tokens"))
-            # Anthropic's input_tokens excludes cache reads and writes; ours is the total.
-            usage = Usage(
-                input_tokens=_int(raw_usage.get("input_tokens")) + cache_read + cache_write,
-                output_tokens=_int(raw_usage.get("output_tokens")),
-                cached_input_tokens=cache_read,
-            )
+        usage = _usage(data.get("usage"))
         # Only "text" blocks are the answer; "thinking" blocks stay out of it.
         text = "".join(
             b["text"]
@@ -202,6 +193,27 @@ class AnthropicProvider(BaseProvider):
                 reason="refusal",
             )
         return finish_outcome(self.name, model, text, usage, stop, truncated=stop in _TRUNCATED)
+
+
+def _usage(raw: Any) -> Usage | None:
+    """The answer's usage; None without a usable ``input_tokens`` and ``output_tokens``
+    (the attempt then stays charged at its worst case: see :func:`.http_errors.token_count`).
+    Anthropic's ``input_tokens`` leaves out cache reads and writes; ours is the total."""
+    if not isinstance(raw, dict):
+        return None
+    fresh = token_count(raw.get("input_tokens"))
+    output = token_count(raw.get("output_tokens"))
+    if fresh is None or output is None:
+        return None
+    cache_write = token_count(raw.get("cache_creation_input_tokens"))
+    if cache_write is None and raw.get("cache_creation_input_tokens") is not None:
+        return None  # cache writes cost more than input: not counted, it would be cheaper
+    cache_read = detail_count(raw.get("cache_read_input_tokens"))
+    return Usage(
+        input_tokens=fresh + cache_read + (cache_write or 0),
+        output_tokens=output,
+        cached_input_tokens=cache_read,
+    )
 
 
 class AnthropicPlugin(ProviderPlugin):

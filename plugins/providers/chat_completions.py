@@ -16,11 +16,13 @@ from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Usage
 
 from .base import BaseProvider, Connection
 from .http_errors import (
+    detail_count,
     failure,
     finish_outcome,
     refine_invalid,
     retry_hint,
     status_class,
+    token_count,
 )
 from .pricing import PriceBook
 
@@ -44,10 +46,6 @@ DEEPSEEK = Dialect(
     overloaded_finish=frozenset({"insufficient_system_resource"}),
 )
 GENERIC = Dialect()
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 class ChatCompletionsProvider(BaseProvider):
@@ -123,12 +121,21 @@ class ChatCompletionsProvider(BaseProvider):
 
     def http_error(self, model: str, resp: httpx2.Response) -> Outcome:
         status = resp.status_code
-        cls = status_class(status)
-        reason: str | None = None
         try:
             body = resp.json()
         except ValueError:
             body = None
+        cls, reason = self.error_class(status, body)
+        hint = retry_hint(resp.headers) if cls != ErrorClass.QUOTA_EXHAUSTED else None
+        return failure(
+            self.name, model, cls, sent=True, status=status, retry_after_s=hint, reason=reason
+        )
+
+    def error_class(self, status: int, body: Any) -> tuple[ErrorClass, str | None]:
+        """The class of an error answer from its status and its body (the OpenAI error
+        shape, or the top-level message of servers that speak the wire but not its errors)."""
+        cls = status_class(status)
+        reason: str | None = None
         err = body.get("error") if isinstance(body, dict) else None
         if isinstance(err, dict):
             code, kind = str(err.get("code") or ""), str(err.get("type") or "")
@@ -151,13 +158,28 @@ class ChatCompletionsProvider(BaseProvider):
                 cls, reason = refine_invalid(cls, text)
         if status == 402:
             reason = "payment_required"
-        hint = retry_hint(resp.headers) if cls != ErrorClass.QUOTA_EXHAUSTED else None
+        return cls, reason
+
+    def error_in_answer(self, model: str, err: dict[str, Any]) -> Outcome:
+        """An error object in a 200 answer (a router that met the error after sending its
+        status, OpenRouter among them): classed as the same error with its own status,
+        the status taken from the object's numeric ``code`` (a server error without one)."""
+        code = err.get("code")
+        if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+            status = code
+        elif code == "rate_limit_exceeded" or err.get("type") == "rate_limit_error":
+            status = 429
+        else:
+            status = 500
+        cls, reason = self.error_class(status, {"error": err})
         return failure(
-            self.name, model, cls, sent=True, status=status, retry_after_s=hint, reason=reason
+            self.name, model, cls, sent=True, status=200, reason=reason or "error_in_answer"
         )
 
     def parse(self, model: str, data: Any) -> Outcome:
         choices = data.get("choices") if isinstance(data, dict) else None
+        if isinstance(data, dict) and isinstance(data.get("error"), dict) and not choices:
+            return self.error_in_answer(model, data["error"])
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return failure(
                 self.name,
@@ -201,6 +223,18 @@ class ChatCompletionsProvider(BaseProvider):
                 finish_reason=finish,
                 reason="content_filter",
             )
+        if finish == "error":
+            # A router's upstream failed after the router had answered 200 (OpenRouter):
+            # whatever text came is a fragment. Sent, billed by its usage, retried.
+            return failure(
+                self.name,
+                model,
+                ErrorClass.SERVER_ERROR,
+                sent=True,
+                usage=usage,
+                finish_reason=finish,
+                reason="finish_error",
+            )
         if finish in self.dialect.overloaded_finish:
             return failure(
                 self.name,
@@ -214,19 +248,29 @@ class ChatCompletionsProvider(BaseProvider):
         return finish_outcome(self.name, model, text, usage, finish, truncated=finish == "length")
 
     def usage(self, data: Any, message: dict[str, Any] | None) -> Usage | None:
+        """The answer's usage; None when it has none or lacks a usable prompt or completion
+        count (the attempt then stays charged at its worst case, as ``unknown``: a missing
+        count read as 0 would settle a paid answer for nothing)."""
         raw = data.get("usage") if isinstance(data, dict) else None
         if not isinstance(raw, dict):
             return None
+        prompt = token_count(raw.get("prompt_tokens"))
+        output = token_count(raw.get("completion_tokens"))
+        if prompt is None or output is None:
+            return None
         prompt_details = raw.get("prompt_tokens_details")
         cached = (
-            _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0
+            detail_count(prompt_details.get("cached_tokens"))
+            if isinstance(prompt_details, dict)
+            else 0
         )
-        cached = cached or _int(raw.get("prompt_cache_hit_tokens"))  # DeepSeek's name
+        cached = cached or detail_count(raw.get("prompt_cache_hit_tokens"))  # DeepSeek's name
         out_details = raw.get("completion_tokens_details")
         reasoning = (
-            _int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+            detail_count(out_details.get("reasoning_tokens"))
+            if isinstance(out_details, dict)
+            else 0
         )
-        output = _int(raw.get("completion_tokens"))
         field = self.dialect.reasoning_field
         thought = message.get(field) if (field and message) else None
         if not reasoning and isinstance(thought, str) and thought:
@@ -235,8 +279,8 @@ class ChatCompletionsProvider(BaseProvider):
             reasoning = math.ceil(len(thought.encode("utf-8")) / 4)
             output = max(output, reasoning)
         return Usage(
-            input_tokens=_int(raw.get("prompt_tokens")),
+            input_tokens=prompt,
             output_tokens=output,
-            cached_input_tokens=cached,
+            cached_input_tokens=min(cached, prompt),
             reasoning_tokens=reasoning,
         )

@@ -29,6 +29,7 @@ from llmgw.kernel import (
 
 from .base import BaseProvider, Connection, ProviderPlugin
 from .http_errors import (
+    detail_count,
     failure,
     find_cause,
     finish_outcome,
@@ -36,6 +37,7 @@ from .http_errors import (
     refine_invalid,
     retry_hint,
     status_class,
+    token_count,
 )
 from .pricing import PriceBook
 
@@ -55,10 +57,6 @@ _REFUSED = {
     "LANGUAGE",
     "OTHER",
 }
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _name(value: Any) -> str:
@@ -204,18 +202,7 @@ class GeminiProvider(BaseProvider):
         )
 
     def parse(self, model: str, r: Any) -> Outcome:
-        meta = getattr(r, "usage_metadata", None)
-        usage = None
-        if meta is not None:
-            candidates_n = _int(getattr(meta, "candidates_token_count", None))
-            thoughts = _int(getattr(meta, "thoughts_token_count", None))
-            # Thinking tokens are billed as output but reported apart: add them.
-            usage = Usage(
-                input_tokens=_int(getattr(meta, "prompt_token_count", None)),
-                output_tokens=candidates_n + thoughts,
-                cached_input_tokens=_int(getattr(meta, "cached_content_token_count", None)),
-                reasoning_tokens=thoughts,
-            )
+        usage = _usage(getattr(r, "usage_metadata", None), _answer_text(r))
         feedback = getattr(r, "prompt_feedback", None)
         block = _name(getattr(feedback, "block_reason", None)) if feedback is not None else ""
         if block and block != "BLOCKED_REASON_UNSPECIFIED":
@@ -240,14 +227,7 @@ class GeminiProvider(BaseProvider):
             )
         cand = candidates[0]
         finish = _name(getattr(cand, "finish_reason", None)) or "STOP"
-        content = getattr(cand, "content", None)
-        parts = getattr(content, "parts", None) or []
-        # Thought summaries (part.thought) are not the answer.
-        text = "".join(
-            p.text
-            for p in parts
-            if isinstance(getattr(p, "text", None), str) and not getattr(p, "thought", False)
-        )
+        text = _answer_text(r)
         if finish in _REFUSED:
             return failure(
                 self.name,
@@ -261,6 +241,44 @@ class GeminiProvider(BaseProvider):
         return finish_outcome(
             self.name, model, text, usage, finish.lower(), truncated=finish == "MAX_TOKENS"
         )
+
+
+def _answer_text(r: Any) -> str:
+    """The first candidate's text parts; thought summaries (``part.thought``) are not the
+    answer."""
+    candidates = getattr(r, "candidates", None) or []
+    content = getattr(candidates[0], "content", None) if candidates else None
+    parts = getattr(content, "parts", None) or []
+    return "".join(
+        p.text
+        for p in parts
+        if isinstance(getattr(p, "text", None), str) and not getattr(p, "thought", False)
+    )
+
+
+def _usage(meta: Any, text: str) -> Usage | None:
+    """The answer's usage; None without a usable ``prompt_token_count``, or with output
+    but no usable ``candidates_token_count`` (the attempt then stays charged at its
+    worst case: see :func:`.http_errors.token_count`). Gemini leaves a count out when it
+    is zero, so a missing candidates count is 0 only for an answer with no text; thinking
+    tokens are billed as output but reported apart: added to it."""
+    if meta is None:
+        return None
+    prompt = token_count(getattr(meta, "prompt_token_count", None))
+    raw_out = getattr(meta, "candidates_token_count", None)
+    output = token_count(raw_out) if raw_out is not None or text else 0
+    raw_thoughts = getattr(meta, "thoughts_token_count", None)
+    thoughts = token_count(raw_thoughts) if raw_thoughts is not None else 0
+    if prompt is None or output is None or thoughts is None:
+        return None
+    return Usage(
+        input_tokens=prompt,
+        output_tokens=output + thoughts,
+        cached_input_tokens=min(
+            detail_count(getattr(meta, "cached_content_token_count", None)), prompt
+        ),
+        reasoning_tokens=thoughts,
+    )
 
 
 class GeminiPlugin(ProviderPlugin):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -20,10 +21,11 @@ from llmgw.kernel import ErrorClass, Outcome, Usage
 from llmgw.kernel.errors import default_message
 
 # Upstream wording of a context-window overflow, per provider (OpenAI and DeepSeek
-# "maximum context length", Anthropic "prompt is too long", Gemini "input token count").
+# "maximum context length", Anthropic "prompt is too long" and "input length and
+# `max_tokens` exceed context limit", Gemini "input token count").
 _CONTEXT = re.compile(
     r"maximum context length|context[ _]length|context window|prompt is too long|"
-    r"input token count|too many (?:input )?tokens",
+    r"exceeds? (?:the )?context limit|input token count|too many (?:input )?tokens",
     re.I,
 )
 _CREDIT = re.compile(r"credit balance|insufficient[ _]balance|billing", re.I)
@@ -257,6 +259,28 @@ def unusable_key(provider: str, key_env: str) -> Outcome:
     )
 
 
+# --- usage ------------------------------------------------------------------------------
+
+
+def token_count(value: Any) -> int | None:
+    """A token count as an upstream's usage reports it: a whole number >= 0 (an integral
+    float such as ``12.0`` too), else None (missing, null, negative, fractional, text)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    return None
+
+
+def detail_count(value: Any) -> int:
+    """An optional detail of a usage (cached or reasoning tokens): its count, 0 when it is
+    missing or unusable. Only for counts that can lower a cost or are already part of a
+    required count: an unusable one then never makes an attempt look cheaper."""
+    return token_count(value) or 0
+
+
 def finish_outcome(
     provider: str,
     model: str,
@@ -266,13 +290,28 @@ def finish_outcome(
     *,
     truncated: bool,
 ) -> Outcome:
-    """Success, or ``truncated_output`` when the answer was cut at max_tokens with no text.
+    """Success; ``truncated_output`` when the answer was cut at max_tokens with no text;
+    ``malformed_response`` when it ended with no text at all.
 
     Our choice: an answer cut at ``max_tokens`` that has text is a SUCCESS with
     ``finish_reason="length"`` and ``details={"truncated": True}`` (the caller asked for
     that bound and partial text is useful); only an empty cut answer (e.g. all tokens
-    spent on reasoning) is the error ``truncated_output``.
+    spent on reasoning) is the error ``truncated_output``. An answer that ended without
+    any text (``content: null``, no text part, a tool call nobody asked for) answers
+    nothing: it is retried once and falls back like any unusable answer, and a panel
+    does not count it towards its quorum. The attempt is billed by its usage.
     """
+    if not truncated and not text.strip():
+        empty = failure(
+            provider,
+            model,
+            ErrorClass.MALFORMED_RESPONSE,
+            sent=True,
+            usage=usage,
+            finish_reason=finish_reason,
+            reason="empty_answer",
+        )
+        return replace(empty, message=f"{provider}/{model}: the provider answered with no text")
     if truncated:
         if not text.strip():
             return failure(

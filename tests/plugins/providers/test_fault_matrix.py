@@ -52,10 +52,16 @@ COMMON: dict[str, tuple[ErrorClass | None, float | None, bool]] = {
     "prompt_blocked": (E.CONTENT_REFUSED, None, True),
     "length_empty": (E.TRUNCATED_OUTPUT, None, True),
     "length": (OK, None, True),
+    # A normal finish with no text answers nothing: retried once, then a fallback.
+    "empty_answer": (E.MALFORMED_RESPONSE, None, True),
+    # The wire's error object in a 200 body: classed as that error.
+    "error_in_answer": (E.RATE_LIMITED, None, True),
 }
 
 OVERRIDES: dict[tuple[str, str], tuple[ErrorClass | None, float | None, bool]] = {
     ("gemini", "rate_limited_retryinfo"): (E.RATE_LIMITED, 4.0, True),
+    # google-genai reads a 200 as a response and keeps no body to classify: unreadable.
+    ("gemini", "error_in_answer"): (E.MALFORMED_RESPONSE, None, True),
 }
 
 ROWS = [
@@ -107,6 +113,34 @@ async def test_success_has_text_usage_and_finish(stack: Stack, provider: str) ->
     assert outcome.finish_reason in {"stop", "end_turn"}
     assert outcome.usage is not None
     assert outcome.usage.input_tokens > 0 and outcome.usage.output_tokens > 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fault", ["usage_missing", "usage_negative"])
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+async def test_an_answer_without_usable_counts_has_no_usage(
+    stack: Stack, provider: str, fault: str
+) -> None:
+    """Counts read as 0 would settle a paid answer at $0; without usage the attempt stays
+    charged at its worst case (RELIABILITY.md, money rule 4)."""
+    stack.up.fail_next(1, fault)
+    outcome = await stack.provider(provider).complete(request(provider, "what is 2+2?"))
+    assert outcome.ok and outcome.sent
+    assert outcome.text == f"echo[{PROVIDERS[provider][0]}]: what is 2+2?"
+    assert outcome.usage is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("provider", ["openai", "deepseek", "local"])
+async def test_a_routers_error_finish_is_a_server_error(stack: Stack, provider: str) -> None:
+    """OpenRouter ends an answer whose upstream failed mid-way with finish_reason "error":
+    the text is a fragment, not an answer."""
+    stack.up.fail_next(1, "finish_error")
+    outcome = await stack.provider(provider).complete(request(provider))
+    assert not outcome.ok and outcome.sent
+    assert outcome.error_class is E.SERVER_ERROR
+    assert outcome.details["reason"] == "finish_error"
+    assert outcome.usage is not None  # billed by what it reported
 
 
 @pytest.mark.anyio

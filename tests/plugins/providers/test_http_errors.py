@@ -13,8 +13,10 @@ from llmgw.plugins.providers.http_errors import (
     failure,
     finish_outcome,
     gemini_retry_delay,
+    refine_invalid,
     retry_hint,
     status_class,
+    token_count,
     transport_class,
     transport_failure,
 )
@@ -151,6 +153,46 @@ def test_truncation_policy() -> None:
     assert not empty.ok and empty.error_class == E.TRUNCATED_OUTPUT and empty.sent
 
 
+def test_an_answer_with_no_text_is_not_a_success() -> None:
+    out = finish_outcome("p", "m", " \n", None, "stop", truncated=False)
+    assert (out.ok, out.sent, out.error_class) == (False, True, E.MALFORMED_RESPONSE)
+    assert out.details["reason"] == "empty_answer"
+    assert out.message == "p/m: the provider answered with no text"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (0, 0),
+        (12, 12),
+        (12.0, 12),  # some compatible servers write counts as floats
+        (None, None),
+        (-1, None),
+        (12.5, None),
+        (True, None),
+        ("12", None),
+        (float("nan"), None),
+        (float("inf"), None),
+    ],
+)
+def test_token_count_accepts_only_whole_non_negative_numbers(
+    value: object, expected: int | None
+) -> None:
+    assert token_count(value) == expected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "prompt is too long: 210000 tokens > 200000 maximum",
+        "input length and `max_tokens` exceed context limit: 190000 + 20000 > 200000, "
+        "decrease input length or `max_tokens` and try again",
+    ],
+)
+def test_anthropic_context_overflow_wordings(message: str) -> None:
+    assert refine_invalid(E.INVALID_REQUEST, message)[0] == E.CONTEXT_LENGTH_EXCEEDED
+
+
 @pytest.mark.anyio
 async def test_an_anthropic_error_event_in_a_200_body_is_classed_by_its_type(stack) -> None:  # type: ignore[no-untyped-def]
     """An overload met after the status line was sent arrives as an error object in a 200
@@ -162,6 +204,32 @@ async def test_an_anthropic_error_event_in_a_200_body_is_classed_by_its_type(sta
     assert "Overloaded" not in (out.message or "")  # never the upstream's text
     odd = anthropic.parse("claude-sonnet-4-6", {"type": "error", "error": {"type": "new_kind"}})
     assert odd.error_class == E.MALFORMED_RESPONSE  # an unknown type stays unread
+    too_long = {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "prompt is too long: 9 > 8"},
+    }
+    out = anthropic.parse("claude-sonnet-4-6", too_long)
+    assert out.error_class == E.CONTEXT_LENGTH_EXCEEDED
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("error", "cls"),
+    [
+        ({"code": 429, "message": "Rate limit exceeded"}, E.RATE_LIMITED),
+        ({"code": 402, "message": "Insufficient credits"}, E.QUOTA_EXHAUSTED),
+        ({"code": 502, "message": "Provider returned error"}, E.SERVER_ERROR),
+        ({"code": "rate_limit_exceeded", "message": "slow down"}, E.RATE_LIMITED),
+        ({"message": "no code at all"}, E.SERVER_ERROR),
+    ],
+)
+async def test_a_routers_error_object_in_a_200_body_is_classed(stack, error, cls) -> None:  # type: ignore[no-untyped-def]
+    """OpenRouter answers 200 with an error object when the model's provider fails after
+    the status was sent: classed as that error (a quota marks the provider), not read as
+    an unreadable answer."""
+    out = stack.provider("local").parse("llama3.2", {"error": error})
+    assert (out.error_class, out.sent) == (cls, True)
+    assert str(error["message"]) not in out.message
 
 
 @pytest.mark.anyio
