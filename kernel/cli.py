@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
@@ -281,7 +282,20 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     envelope = anyio.run(run)
     _print_envelope(envelope.to_dict(), args.json, sys.stdout)
-    return EXIT_OK if envelope.status == "success" else EXIT_FAIL
+    return _exit_code(envelope.to_dict())
+
+
+def _exit_code(envelope: dict[str, Any]) -> int:
+    """0 success; 2 a request the gateway refused as it was given (an unknown task class,
+    a bound out of range: nothing sent); 1 any other failure."""
+    if envelope.get("status") == "success":
+        return EXIT_OK
+    if (envelope.get("meta") or {}).get("error_class") in _USAGE_CLASSES:
+        return EXIT_USAGE
+    return EXIT_FAIL
+
+
+_USAGE_CLASSES = frozenset({"bad_argument", "unknown_task_class"})
 
 
 def cmd_orchestrate(args: argparse.Namespace) -> int:
@@ -301,7 +315,7 @@ def cmd_orchestrate(args: argparse.Namespace) -> int:
 
     envelope = anyio.run(run)
     _print_envelope(envelope.to_dict(), args.json, sys.stdout)
-    return EXIT_OK if envelope.status == "success" else EXIT_FAIL
+    return _exit_code(envelope.to_dict())
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -422,6 +436,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
+    checkout = _checkout()
+    if checkout is not None and str(checkout) not in sys.path:
+        # The console script's path holds its own directory, not the checkout's.
+        sys.path.insert(0, str(checkout))
     try:
         # By name: bench/ is a directory of the repository, not part of the package.
         bench = importlib.import_module("bench")
@@ -433,6 +451,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     code = bench.main(list(args.bench_args))
     return int(code)
+
+
+def _checkout() -> Path | None:
+    """The repository checkout holding ``bench/``: the current directory or one above it,
+    else where an editable install's package files lead (their links resolve into it)."""
+    import llmgw.kernel
+
+    here = Path.cwd()
+    places = [here, *here.parents, Path(llmgw.kernel.__file__).resolve().parent.parent]
+    for place in places:
+        if (place / "bench" / "__main__.py").is_file() and (place / "pyproject.toml").is_file():
+            return place
+    return None
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -567,7 +567,8 @@ class Gateway:
                 "plugin": self.provider_origin.get(name),
             }
         return {
-            "version": __version__,
+            "version": self.settings.version,  # the policy's own (routing.yaml `version`)
+            "gateway_version": __version__,
             "config": self.settings.file_label,
             "task_classes": classes,
             "panels": sorted(n for n, s in self.settings.task_classes.items() if s.members),

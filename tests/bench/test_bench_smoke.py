@@ -66,3 +66,16 @@ def test_smoke_run_measures_every_column_correctly(tmp_path: Path) -> None:
     assert "in-process added p50, full stack + ledger" in names
     assert all(isinstance(g["pass"], bool) for g in doc["goals"])
     assert "Goals" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
+
+
+def test_the_llmgw_bench_command_finds_the_suite_outside_the_checkout(tmp_path: Path) -> None:
+    """The console script's sys.path holds its own directory, not the checkout's: the
+    command found no bench/ (exit 2) even from the checkout itself."""
+    script = Path(sys.executable).with_name("llmgw")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "llmgw.kernel.cli"]
+    for cwd in (REPO, tmp_path):
+        proc = subprocess.run(
+            [*command, "bench", "--help"], cwd=cwd, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "usage: python -m bench" in proc.stdout

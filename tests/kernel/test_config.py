@@ -427,3 +427,36 @@ def test_llmgw_bench_passes_its_options_through(
     finally:
         reset_logging()
     assert seen == [[], ["--quick", "--keep", "d"]]
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["route", "q", "hi"], 0),
+        (["route", "no_such_class", "hi"], 2),  # the request as given is refused: usage
+        (["route", "--max-tokens", "0", "q", "hi"], 2),
+        (["route", "q", "[[fail]]"], 1),  # the upstream failed: a runtime failure
+    ],
+)
+def test_route_exit_codes_follow_the_documented_meaning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], code: int
+) -> None:
+    """README: 0 ok, 2 usage or configuration error, 1 runtime failure. A refused
+    argument (`bad_argument`, nothing sent) exited 1 like an upstream failure."""
+    (tmp_path / "fakes.py").write_text(
+        "from llmgw.kernel import ErrorClass, Outcome\n"
+        "from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin\n"
+        "class Failing(FakeProvider):\n"
+        "    async def complete(self, request):\n"
+        "        if '[[fail]]' in request.messages[-1].content:\n"
+        "            return Outcome.failure(ErrorClass.SERVER_ERROR, 'down', sent=True)\n"
+        "        return await super().complete(request)\n"
+        "plugin = lambda ctx: FakeProviderPlugin(Failing())\n"
+    )
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text("plugins: [router, fakes.py]\ntask_classes:\n  q: {provider: fake, model: m}\n")
+    try:
+        assert main([*argv[:1], "--config", str(cfg), *argv[1:]]) == code
+    finally:
+        reset_logging()
+    capsys.readouterr()

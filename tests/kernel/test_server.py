@@ -18,10 +18,12 @@ import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 
+from llmgw.kernel import __version__
 from llmgw.kernel.testing import FakeProvider, gateway_from_yaml, mcp_session
 
 YAML = """
 plugins: [router, fake]
+version: policy-2026-11
 task_classes:
   quick_answer: {provider: fake, model: m1, max_tokens: 100, description: Short answers}
   dual_opinion:
@@ -114,7 +116,10 @@ async def test_routing_info_lists_classes_providers_and_plugins() -> None:
         assert info["panels"] == ["dual_opinion"]
         assert info["providers"]["fake"]["available"] is True
         assert "router" in info["plugins"]
-        assert info["version"]
+        # The policy's own version (routing.yaml), as the seed's llm_routing_info shows it;
+        # the gateway's release apart.
+        assert info["version"] == "policy-2026-11"
+        assert info["gateway_version"] == __version__
 
 
 # --- real transports ------------------------------------------------------------------
