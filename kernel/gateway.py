@@ -438,11 +438,17 @@ class Gateway:
                     approved_micro_usd=call.cost_ceiling_micro,
                     worst_case_micro_usd=worst,
                 )
+                fix = (
+                    "A panel's members are approved together, before any member's own "
+                    "before_call: rewrite them in the panel's before_call (call.members)"
+                    if call.panel is not None and call.attempt == 1 and call.target_index == 0
+                    else "Order request-rewriting plugins before cost and ledger"
+                )
                 return Outcome.failure(
                     ErrorClass.BUDGET_EXCEEDED,
                     "a plugin enlarged the request after its cost was approved (worst case "
                     f"${worst / 1e6:.6f} > approved ${call.cost_ceiling_micro / 1e6:.6f}); "
-                    "nothing was sent. Order request-rewriting plugins before cost and ledger",
+                    f"nothing was sent. {fix}",
                     sent=False,
                     details={"refused_by": "kernel"},
                 )

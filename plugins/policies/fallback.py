@@ -9,8 +9,11 @@ on the same fallback at runtime). Without this plugin a route has only its prima
 ``after_call`` advises ``fallback`` for the classes that allow it
 (``errors.FALLBACK_OK``); ``content_refused`` only with ``on_content_refused: true``;
 ``context_length_exceeded`` only when a later target of the route is listed in
-``larger_context`` (and then ``preflight`` skips the targets in between). The kernel
-ranks ``retry`` over ``fallback``, so the retry plugin wins while attempts remain.
+``larger_context`` (and then ``preflight`` skips the targets in between). The
+``larger_context`` entries a route does not already hold are appended to it, after its
+chain: ``preflight`` skips them unless the request overflowed a context window, so they
+are tried for that and nothing else. The kernel ranks ``retry`` over ``fallback``, so the
+retry plugin wins while attempts remain.
 
 Within one request, after a provider answered ``quota_exhausted`` or ``auth_error``,
 later targets of the same provider are skipped: they share the account and the key.
@@ -80,7 +83,9 @@ class FallbackPlugin:
         on_content_refused: bool = False
         """Fall back when a model refuses or a provider filters the content."""
         larger_context: list[str] = Field(default_factory=list)
-        """`provider/model` keys worth trying after `context_length_exceeded` (default: none)."""
+        """`provider/model` keys tried after `context_length_exceeded`, and only then: in a
+        route that overflowed, the other later targets are skipped; those the route does
+        not hold are appended after its chain (default: none)."""
         provider_hold_s: float = Field(default=60.0, ge=0, le=86_400)
         """After a provider answered quota_exhausted or auth_error, seconds during which
         new routes try its targets after every other provider's (0: only within one
@@ -96,6 +101,11 @@ class FallbackPlugin:
         self.ctx = ctx
         self.cfg: FallbackPlugin.Config = ctx.config or FallbackPlugin.Config()
         self.larger_context = frozenset(self.cfg.larger_context)
+        #: The larger_context keys as entries appended to routes (labelled apart).
+        self._larger = [
+            ChainEntry(provider=key.split("/", 1)[0], model=key.split("/", 1)[1])
+            for key in self.cfg.larger_context
+        ]
         self._warned: set[str] = set()
         #: Provider -> (monotonic time the mark ends, the class that set it).
         self._held: dict[str, tuple[float, ErrorClass]] = {}
@@ -116,13 +126,15 @@ class FallbackPlugin:
         the targets of a provider held by an earlier request (quota, key) moved last."""
         chain = self.cfg.chains.get(route.task_class)
         held = self._held_now()
-        if not chain and not held:
+        if not chain and not held and not self._larger:
             return route
         explicit = request.max_tokens if request is not None else None
 
         def amended(targets: tuple[Target, ...], skip: set[str]) -> tuple[Target, ...]:
             if chain:
                 targets = self._extend(targets, chain, explicit, skip)
+            if self._larger:
+                targets = self._extend(targets, self._larger, explicit, skip, _LARGER)
             return _defer(targets, held) if held else targets
 
         if not route.is_panel:
@@ -146,6 +158,7 @@ class FallbackPlugin:
         chain: list[ChainEntry],
         explicit_max_tokens: int | None,
         skip: set[str],
+        label: str = "fallback",
     ) -> tuple[Target, ...]:
         if not targets:
             return targets
@@ -161,7 +174,7 @@ class FallbackPlugin:
                 continue
             taken.add(entry.key)
             max_tokens = explicit_max_tokens or entry.max_tokens or primary.max_tokens
-            added.append(Target(entry.provider, entry.model, max_tokens, label=f"fallback[{i}]"))
+            added.append(Target(entry.provider, entry.model, max_tokens, label=f"{label}[{i}]"))
         return (*targets, *added)
 
     def _registered(self) -> set[str] | None:
@@ -200,6 +213,16 @@ class FallbackPlugin:
         overflowed = any(
             o.error_class is ErrorClass.CONTEXT_LENGTH_EXCEEDED for _, o in call.history
         )
+        if not overflowed and target.label.startswith(_LARGER + "["):
+            # Not a failure of its own: the route ends with what happened before it (the
+            # last answer's class and message), not with this skip.
+            before = call.history[-1][1]
+            return Rejection(
+                before.error_class or ErrorClass.PROVIDER_UNAVAILABLE,
+                f"{before.message} ({target.key}, in fallback.larger_context, is tried "
+                "only after a context window overflowed)",
+                fallback=True,
+            )
         if overflowed and target.key not in self.larger_context:
             return Rejection(
                 ErrorClass.CONTEXT_LENGTH_EXCEEDED,
@@ -349,6 +372,10 @@ def check_chains(cfg: FallbackPlugin.Config, settings: Settings | None) -> None:
                     fix="remove the repeated entry",
                 )
             seen[entry.key] = i
+
+
+#: The label of the targets a route gets from ``larger_context`` (``larger_context[i]``).
+_LARGER = "larger_context"
 
 
 def _defer(targets: tuple[Target, ...], held: set[str]) -> tuple[Target, ...]:

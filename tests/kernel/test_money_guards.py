@@ -309,3 +309,61 @@ async def test_a_request_whose_deadline_passed_in_before_call_is_not_sent(
     assert "nothing was sent" in (env.error or "")
     assert fake.received == []
     assert totals["committed_usd"] == 0
+
+
+PANEL_YAML = """
+plugins: [kill_switch, {rewriter}ledger, router, fake]
+ledger:
+  caps: {{total_monthly_usd: 5}}
+task_classes:
+  duo:
+    members: [{{provider: fake, model: m1}}, {{provider: fake, model: m2}}]
+    max_tokens: 100
+"""
+
+
+class MemberRewrite:
+    """Appends to every member's prompt in the member's own before_call."""
+
+    @hookimpl
+    async def before_call(self, call: Any) -> None:
+        if call.panel is not None:
+            call.messages = [replace(m, content=m.content + " (rewritten)") for m in call.messages]
+
+
+class PanelRewrite:
+    """Appends to every member's prompt in the panel's before_call, as docs/plugins.md says."""
+
+    @hookimpl
+    async def before_call(self, call: Any) -> None:
+        if call.is_panel:
+            for member in call.members:
+                member.messages = [
+                    replace(m, content=m.content + " (rewritten)") for m in member.messages
+                ]
+
+
+@pytest.mark.anyio
+async def test_a_panels_requests_are_rewritten_at_the_panel_not_in_its_members(
+    tmp_path: Path,
+) -> None:
+    """Listed before the ledger, a member-level rewrite was still refused ("order
+    request-rewriting plugins before cost and ledger"): a panel is approved as a whole
+    before any member's before_call. The message now says where to rewrite it."""
+    for rewriter, ok in ((MemberRewrite(), False), (PanelRewrite(), True)):
+        fake = FakeProvider(prices={"m1": flat_price("1", "1"), "m2": flat_price("1", "1")})
+        gw = gateway_from_yaml(
+            PANEL_YAML.format(rewriter="rewrite, "),
+            providers=[fake],
+            extra_plugins={"rewrite": rewriter},
+            env={"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / f"{ok}.db")},
+        )
+        async with gw:
+            env = await gw.route(Request("duo", "hi"))
+        if ok:
+            assert env.ok
+            assert [r.messages[-1].content for r in fake.received] == ["hi (rewritten)"] * 2
+        else:
+            assert env.status == "error" and fake.received == []
+            members = env.data["members"]
+            assert all("rewrite them in the panel's before_call" in m["error"] for m in members)
