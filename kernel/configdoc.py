@@ -35,7 +35,12 @@ ENV_VARS: list[tuple[str, str, str]] = [
     ("GEMINI_BASE_URL", "gemini", "Base URL; `providers.gemini.base_url` wins."),
     ("DEEPSEEK_BASE_URL", "deepseek", "Base URL; `providers.deepseek.base_url` wins."),
     ("LLM_GATEWAY_CONFIG", "kernel", "Path of routing.yaml when --config is not given."),
-    ("LLM_GATEWAY_LOG_LEVEL", "kernel", "Log level of the JSON logs on stderr."),
+    (
+        "LLM_GATEWAY_LOG_LEVEL",
+        "kernel",
+        "Log level of the JSON logs on stderr. DEBUG adds the HTTP clients' and SDKs' own "
+        "debug lines, which can hold request bodies (prompts); keys are always redacted.",
+    ),
     ("LLM_GATEWAY_HTTP_TOKEN", "kernel", "Bearer token required by `llmgw serve --http`."),
     (
         "LLM_GATEWAY_DISABLED",

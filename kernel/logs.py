@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import threading
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -47,10 +48,22 @@ REDACTOR = Redactor()
 
 
 class _ScrubbingFormatter(logging.Formatter):
-    """Formats stdlib records (HTTP clients, SDKs) as JSON-ish lines, secrets removed."""
+    """Formats stdlib records (HTTP clients, SDKs, uvicorn) as JSON lines like the
+    gateway's own events (``event``, ``level``, ``timestamp``, plus ``logger``), secrets
+    removed from the rendered line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return REDACTOR.scrub(super().format(record))
+        line: dict[str, Any] = {
+            "event": record.getMessage(),
+            "logger": record.name,
+            "level": record.levelname.lower(),
+            "timestamp": datetime.fromtimestamp(record.created, UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return REDACTOR.scrub(json.dumps(line, default=str))
 
 
 def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
@@ -77,7 +90,7 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(out)
-    handler.setFormatter(_ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(_ScrubbingFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_llmgw", False):

@@ -46,7 +46,13 @@ def test_each_event_is_one_write_of_one_whole_line(writes: Writes) -> None:
     assert all(c.endswith("\n") and c.count("\n") == 1 for c in writes.calls)
     first = json.loads(writes.calls[0])
     assert (first["event"], first["provider"], first["level"]) == ("llm.attempt", "openai", "info")
-    assert "from the stdlib" in writes.calls[2]
+    third = json.loads(writes.calls[2])  # other libraries' records: JSON lines too
+    assert (third["event"], third["logger"], third["level"]) == (
+        "from the stdlib",
+        "some.library",
+        "warning",
+    )
+    assert third["timestamp"].endswith("Z")
 
 
 def test_a_registered_secret_never_reaches_the_stream(writes: Writes) -> None:
