@@ -7,10 +7,12 @@ that ended in an error envelope).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -146,9 +148,10 @@ def _port(text: str) -> int:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def env_log_level() -> str | None:
-    """``LLM_GATEWAY_LOG_LEVEL``, upper-cased; :class:`ConfigError` if it is no level."""
-    raw = os.environ.get("LLM_GATEWAY_LOG_LEVEL", "").strip()
+def env_log_level(env: Mapping[str, str] | None = None) -> str | None:
+    """``LLM_GATEWAY_LOG_LEVEL`` of ``env`` (the process environment by default),
+    upper-cased; :class:`ConfigError` if it is no level."""
+    raw = (os.environ if env is None else env).get("LLM_GATEWAY_LOG_LEVEL", "").strip()
     if not raw:
         return None
     level = raw.upper()
@@ -200,9 +203,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _gateway(args: argparse.Namespace) -> Gateway:
     settings = _settings(args)
-    explicit = args.log_level or env_log_level()
-    if not explicit and args.command == "serve":
-        configure_logging(settings.gateway.log_level)
+    if not (args.log_level or env_log_level()):
+        # The .env beside routing.yaml holds unset variables too (the level included).
+        from_dotenv = env_log_level(settings.env)
+        if from_dotenv:
+            configure_logging(from_dotenv)
+        elif args.command == "serve":
+            configure_logging(settings.gateway.log_level)
     return build_gateway(settings)
 
 
@@ -217,12 +224,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .server import run_stdio
 
         server = build_server(gateway)
-        anyio.run(run_stdio, server)
+        with _sigterm_as_sigint() as terminated:
+            try:
+                anyio.run(run_stdio, server)
+            except KeyboardInterrupt:
+                if not terminated:
+                    raise
         return EXIT_OK
     try:
         server, run_kwargs = http_server(
             gateway,
-            token=os.environ.get(TOKEN_ENV),
+            # The process environment, else the .env beside routing.yaml (as every
+            # other variable).
+            token=gateway.settings.env.get(TOKEN_ENV),
             host=args.host,
             port=args.port,
             allow_remote=args.allow_remote,
@@ -246,6 +260,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sys.stderr.write("llmgw serve: the HTTP server could not start; see the log\n")
             return EXIT_FAIL
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[list[bool]]:
+    """While serving stdio, SIGTERM (what MCP clients send after closing stdin, and systemd
+    and docker to stop a service) stops the server the way Ctrl-C does: calls in flight
+    are cancelled and settled (sent ones charged as unknown), the frame being written is
+    finished, the ledger's queued writes commit. Without it the process died at once,
+    mid-frame, its reservations left to expire. Yields a list that holds True once a
+    SIGTERM came (the stop was asked for: exit 0)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    terminated: list[bool] = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        terminated.append(True)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):  # asyncio's (cancels the main task) or Python's default
+            handler(signal.SIGINT, frame)
+        else:  # SIGINT ignored (a background job) or reset: stop all the same
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cannot_listen(host: str, port: int) -> str | None:

@@ -690,18 +690,24 @@ async def run_stdio(server: MCPServer) -> None:
     from mcp.server.stdio import stdio_server
 
     lowlevel = server._lowlevel_server
-    async with _pipe_stdio() as pipes:
-        log.info("stdio.serving", transport="pipes" if pipes is not None else "sdk")
-        with contextlib.ExitStack() as stack:
-            if pipes is not None:
-                lines, out = pipes
-                streams = stdio_server(stdin=_SanitizedLines(lines, out.write), stdout=out)  # type: ignore[arg-type]
-            else:
-                stdin, stdout = stack.enter_context(_sdk_files())
-                streams = stdio_server(stdin=_SanitizedLines(stdin), stdout=stdout)  # type: ignore[arg-type]
-            async with streams as (read_stream, write_stream):
-                options = lowlevel.create_initialization_options()
-                await lowlevel.run(read_stream, write_stream, options)
+    try:
+        async with _pipe_stdio() as pipes:
+            log.info("stdio.serving", transport="pipes" if pipes is not None else "sdk")
+            with contextlib.ExitStack() as stack:
+                if pipes is not None:
+                    lines, out = pipes
+                    streams = stdio_server(stdin=_SanitizedLines(lines, out.write), stdout=out)  # type: ignore[arg-type]
+                else:
+                    stdin, stdout = stack.enter_context(_sdk_files())
+                    streams = stdio_server(stdin=_SanitizedLines(stdin), stdout=stdout)  # type: ignore[arg-type]
+                async with streams as (read_stream, write_stream):
+                    options = lowlevel.create_initialization_options()
+                    await lowlevel.run(read_stream, write_stream, options)
+    except* (BrokenPipeError, ConnectionResetError):
+        # The client went away (its process died, both pipes closed) while a reply was
+        # due: nobody is left to answer. The calls in flight are cancelled and settled as
+        # the server stops, as on EOF; not a crash.
+        log.warning("stdio.client_gone", note="the client closed the pipes mid-call")
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -170,8 +171,9 @@ def _free_port() -> int:
 TOKEN = "test-token-0123456789abcdef"
 
 
-@pytest.fixture
-def http_server(config_dir: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def _running_http(config_dir: Path, env: dict[str, str]) -> Iterator[str]:
+    """``llmgw serve --http`` on a free port; yields its /mcp URL once it accepts."""
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -185,7 +187,7 @@ def http_server(config_dir: Path) -> Iterator[str]:
             "--config",
             str(config_dir / "routing.yaml"),
         ],
-        env=_env(LLM_GATEWAY_HTTP_TOKEN=TOKEN),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -205,6 +207,12 @@ def http_server(config_dir: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def http_server(config_dir: Path) -> Iterator[str]:
+    with _running_http(config_dir, _env(LLM_GATEWAY_HTTP_TOKEN=TOKEN)) as url:
+        yield url
 
 
 INIT = {
@@ -287,6 +295,16 @@ async def test_http_client_session_and_duplicate_ids(http_server: str) -> None:
         text = msg["result"]["structuredContent"]["data"]["text"]
         assert text == f"echo[m1]: {p}"
     await hc.aclose()
+
+
+def test_http_token_from_the_dotenv_beside_the_config(config_dir: Path) -> None:
+    """The README: the .env beside routing.yaml holds unset variables. serve --http read
+    its token from the process environment only ("LLM_GATEWAY_HTTP_TOKEN is not set")."""
+    (config_dir / ".env").write_text(f"LLM_GATEWAY_HTTP_TOKEN={TOKEN}\n")
+    with _running_http(config_dir, _env()) as url:
+        ok = httpx2.post(url, json=INIT, headers={**ACCEPT, "authorization": f"Bearer {TOKEN}"})
+        refused = httpx2.post(url, json=INIT, headers=ACCEPT)
+    assert ok.status_code == 200 and refused.status_code == 401
 
 
 def test_http_refuses_to_start_without_token_or_on_a_public_bind(config_dir: Path) -> None:

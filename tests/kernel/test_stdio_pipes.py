@@ -458,3 +458,98 @@ def test_nesting_is_counted_outside_strings_only() -> None:
     text = json.dumps({"id": 1, "params": {"prompt": '["\\"' + "[{" * 500 + '"'}})
     assert not server.too_deep(text)
     assert server.too_deep(json.dumps({"p": json.loads("[" * 200 + '"]]"' + "]" * 200)}))
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job of a shell
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_finishes_the_frame_being_written_and_exits_0(config: Path, sigint: str) -> None:
+    """SIGTERM is how MCP clients (after closing stdin), systemd and docker stop a server:
+    it killed the process mid-frame (a torn 64 KiB line, exit -15). It now stops it as
+    Ctrl-C does, also when SIGINT is ignored, and exits 0: the stop was asked for."""
+    proc = serve(config)
+    if sigint == "ignored":
+        proc.kill()
+        proc.wait()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmgw.kernel.cli", "serve", "--config", str(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_ignore_sigint,
+        )
+        threading.Timer(60, proc.kill).start()
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    send(proc.stdin, INIT)
+    answer(proc.stdout, 1)
+    send(proc.stdin, INITIALIZED, call(2, "B" * 200_000))
+    time.sleep(1.5)  # the reply (more than a pipe holds) is half written: nobody reads
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=30) == 0
+    assert [json.loads(line)["id"] for line in out.splitlines()] == [2]
+    assert "Traceback" not in proc.stderr.read()
+
+
+SLOW = """
+import anyio
+from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin, flat_price
+
+class Slow(FakeProvider):
+    async def complete(self, request):
+        self.received.append(request)
+        await anyio.sleep(30)
+        raise AssertionError("not reached")
+
+plugin = lambda ctx: FakeProviderPlugin(Slow(prices={"m1": flat_price("1", "1")}))
+"""
+
+
+def test_sigterm_during_a_call_settles_it_before_exiting(tmp_path: Path) -> None:
+    """Killed by SIGTERM, a call in flight stayed `reserved` for the whole lease (600 s),
+    held against every cap; stopped like Ctrl-C, it is charged as `unknown` at once."""
+    import sqlite3
+
+    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW))
+    config = tmp_path / "routing.yaml"
+    config.write_text(
+        "plugins: [kill_switch, ledger, router, slow.py]\n"
+        f"ledger: {{path: '{tmp_path / 'ledger.db'}', caps: {{total_monthly_usd: 5}}}}\n"
+        "task_classes:\n  quick_answer: {provider: fake, model: m1, max_tokens: 50}\n"
+    )
+    proc = serve(config)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    send(proc.stdin, INIT)
+    answer(proc.stdout, 1)
+    send(proc.stdin, INITIALIZED, call(2, "slow one"))
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    with sqlite3.connect(tmp_path / "ledger.db") as db:
+        assert db.execute("SELECT state FROM entries").fetchall() == [("unknown",)]
+
+
+def test_a_client_that_goes_away_mid_call_is_not_a_crash(tmp_path: Path) -> None:
+    """Both pipes closed while a call ran: an ExceptionGroup[BrokenPipeError] traceback
+    and exit 1."""
+    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW.replace("30", "1")))
+    config = tmp_path / "routing.yaml"
+    config.write_text(
+        "plugins: [router, slow.py]\n"
+        "task_classes:\n  quick_answer: {provider: fake, model: m1, max_tokens: 50}\n"
+    )
+    proc = serve(config)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    send(proc.stdin, INIT)
+    answer(proc.stdout, 1)
+    send(proc.stdin, INITIALIZED, call(2, "bye"))
+    time.sleep(0.3)
+    proc.stdout.close()  # the client process died: both pipes close
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err[-1500:]
