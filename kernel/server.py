@@ -20,6 +20,7 @@ import re
 import stat
 import sys
 import threading
+import typing
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -31,7 +32,7 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import CallToolResult, TextContent
+from mcp_types import CallToolResult, TextContent, jsonrpc_message_adapter
 from pydantic import Field, ValidationError
 
 from . import __version__
@@ -104,8 +105,10 @@ def _progress_of(ctx: Context | None) -> Callable[[float, float, str], Awaitable
     return progress
 
 
-def _enum(values: list[str], description: str) -> Any:
-    enum: list[Any] = list(values)
+def _enum(values: list[str], description: str, *, nullable: bool = False) -> Any:
+    """A field limited to ``values``; ``nullable``: null is allowed too (an optional
+    parameter whose default is null must validate against its own schema)."""
+    enum: list[Any] = [*values, None] if nullable else list(values)
     return Field(description=description, json_schema_extra={"enum": enum})
 
 
@@ -259,7 +262,8 @@ def _adapt(spec: ToolSpec) -> Callable[..., Awaitable[CallToolResult]]:
         if name in spec.choices:
             values = list(spec.choices[name])
             base = ann if ann is not inspect.Parameter.empty else str
-            ann = Annotated[base, _enum(values, f"One of: {', '.join(values)}")]
+            nullable = type(None) in typing.get_args(base) or p.default is None
+            ann = Annotated[base, _enum(values, f"One of: {', '.join(values)}", nullable=nullable)]
         params.append(p.replace(annotation=ann, kind=inspect.Parameter.KEYWORD_ONLY))
     params.append(
         inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context, default=None)
@@ -363,7 +367,42 @@ class _SanitizedLines:
                     limit=MAX_FRAME_DEPTH,
                 )
                 continue
-            yield sanitize_frame(line)
+            line = sanitize_frame(line)
+            if not line.strip():
+                continue  # a blank line between frames
+            try:
+                # As the SDK's reader does next (~5 us): a frame it refuses, it drops
+                # without a word, and the client waits for an answer that never comes.
+                jsonrpc_message_adapter.validate_json(line, by_name=False)
+            except ValueError:
+                await self._refused(line)
+                continue
+            yield line
+
+    async def _refused(self, line: str) -> None:
+        """Answer a frame the SDK would drop: -32700 when it is not JSON this server can
+        read (a number over 4,300 digits among them), -32600 when it is JSON but no
+        JSON-RPC 2.0 message (``jsonrpc`` not "2.0", a method that is not a string)."""
+        try:
+            data = json.loads(line)
+        except ValueError:
+            data, code = None, -32700
+            message = "the message is not JSON this server can read (or holds a number too long)"
+        else:
+            code = -32600
+            message = 'the message is not a JSON-RPC 2.0 request (jsonrpc "2.0", a string method)'
+        request_id = data.get("id") if isinstance(data, dict) else None
+        if isinstance(request_id, bool) or not isinstance(request_id, int | str):
+            request_id = None
+        if data is None:
+            request_id = _frame_id(
+                line[:_ID_WINDOW].encode("utf-8", "replace"),
+                line[-_ID_WINDOW:].encode("utf-8", "replace"),
+            )
+        answered = request_id is not None and self._reply is not None
+        log.warning("stdio.frame_refused", code=code, answered=answered)
+        if self._reply is not None and request_id is not None:
+            await self._reply(_error_reply(request_id, message, code))
 
 
 #: The longest stdin frame the pipe transport reads; a longer one is dropped whole and
@@ -426,9 +465,10 @@ def too_deep_reply(request_id: int | str) -> str:
     )
 
 
-def _error_reply(request_id: int | str, message: str) -> str:
-    """A JSON-RPC Invalid Request error for a frame the server dropped, as one line."""
-    body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": message}}
+def _error_reply(request_id: int | str, message: str, code: int = -32600) -> str:
+    """A JSON-RPC error (Invalid Request by default) for a frame the server dropped, as
+    one line."""
+    body = {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
     return json.dumps(body) + "\n"
 
 

@@ -553,3 +553,42 @@ def test_a_client_that_goes_away_mid_call_is_not_a_crash(tmp_path: Path) -> None
     assert proc.wait(timeout=30) == 0
     err = proc.stderr.read()
     assert "Traceback" not in err, err[-1500:]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        # Valid JSON (RFC 8259 sets no limit on a number's size) the SDK cannot read.
+        (
+            '{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"llm_route",'
+            '"arguments":{"task_class":"quick_answer","prompt":"x","max_tokens":1'
+            + "0" * 4300
+            + "}}}",
+            -32700,
+        ),
+        (
+            '{"jsonrpc":"2.0","id":7,"method":"ping","params":{"_meta":{"n":1' + "0" * 4300 + "}}}",
+            -32700,
+        ),
+        # JSON, but no JSON-RPC 2.0 request: answered -32600 with its id.
+        ('{"jsonrpc":"2.0","id":7,"method":42}', -32600),
+        ('{"jsonrpc":"1.0","id":7,"method":"ping"}', -32600),
+        ('{"jsonrpc":"2.0","id":7,"method":"ping"', -32700),  # cut short
+    ],
+)
+def test_a_frame_the_sdk_would_drop_is_answered(config: Path, frame: str, code: int) -> None:
+    """The SDK's reader drops a frame it cannot validate without a word: the client
+    waited forever for request 7."""
+    proc = serve(config)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        send(proc.stdin, INIT)
+        answer(proc.stdout, 1)
+        send(proc.stdin, INITIALIZED, "", frame)
+        assert answer(proc.stdout, 7)["error"]["code"] == code
+        send(proc.stdin, {"jsonrpc": "2.0", "id": 8, "method": "ping"})
+        assert answer(proc.stdout, 8)["result"] == {}
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert '"stdio.frame_refused"' in proc.stderr.read()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+import jsonschema
 import pytest
 
 from llmgw.kernel import (
@@ -633,6 +634,16 @@ async def test_llm_orchestrate_over_mcp() -> None:
         assert "task" in schema["required"]
         assert "complex" in json.dumps(schema["properties"]["depth"])
         assert "progress" not in schema["properties"]
+        # Every default validates against its own schema: depth's default is null, which
+        # an enum of the depths alone refused (a client validating arguments could not
+        # send the default). Unknown depths stay refused.
+        jsonschema.Draft202012Validator.check_schema(schema)
+        for prop in schema["properties"].values():
+            if "default" in prop:
+                jsonschema.validate(prop["default"], prop)
+        jsonschema.validate({"task": TASK, "depth": None}, schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({"task": TASK, "depth": "extreme"}, schema)
         result = await client.call_tool(
             "llm_orchestrate", {"task": TASK, "depth": "complex"}, progress_callback=on_progress
         )
