@@ -38,6 +38,14 @@ def build_gateway(
         # Library use: never let the default structlog config print to stdout, which
         # belongs to the MCP stdio protocol.
         configure_logging(settings.gateway.log_level)
+    for old, new in settings.renamed:
+        log.warning(
+            "config.original_section",
+            section=old,
+            read_as=new,
+            file=settings.file_label,
+            fix=f"rename `{old}` to `{new}` (the original product's name still works)",
+        )
     clock = clock or SystemClock()
     ref: list[Gateway] = []
     pm, loaded = load_plugins(

@@ -182,6 +182,7 @@ class Settings(Model):
     _sections: dict[str, Any] = PrivateAttr(default_factory=dict)
     _env: dict[str, str] = PrivateAttr(default_factory=dict)
     _declared: frozenset[tuple[str, str]] | None = PrivateAttr(default=None)
+    _renamed: list[tuple[str, str]] = PrivateAttr(default_factory=list)
 
     @field_validator("task_classes")
     @classmethod
@@ -228,6 +229,12 @@ class Settings(Model):
     @property
     def sections(self) -> Mapping[str, Any]:
         return self._sections
+
+    @property
+    def renamed(self) -> list[tuple[str, str]]:
+        """The original product's section names this file used, each with the name it
+        was read as (:func:`original_sections`); logged when a gateway is built."""
+        return list(self._renamed)
 
     def declared_models(self) -> frozenset[tuple[str, str]]:
         """Every (provider, model) named anywhere in the file (computed once)."""
@@ -488,6 +495,99 @@ def parse_yaml(text: str, file: str) -> dict[str, Any]:
     return data
 
 
+#: The plugins a config without ``plugins:`` is told to list (the shipped routing.yaml's
+#: order, without the roles pipeline, which needs its own section).
+SUGGESTED_PLUGINS = (
+    "kill_switch, cost, breaker, ledger, retry, fallback, independence, router, "
+    "openai, anthropic, gemini, deepseek"
+)
+
+#: Keys of the fallback plugin's own section: any other key of an original ``fallback:``
+#: section is a task class and its list that class's chain.
+_FALLBACK_KEYS = frozenset({"chains", "on_content_refused", "larger_context", "provider_hold_s"})
+
+
+def original_sections(
+    data: dict[str, Any], file: str, renamed: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
+    """The original product's section names, read as this gateway's (each appended to
+    ``renamed`` as (old, new); a gateway logs them as ``config.original_section``, so its
+    routing.yaml keeps working while it is renamed):
+
+    - ``defaults.<task_class>`` is ``task_classes.<task_class>``;
+    - ``cost_preflight`` (``warn_usd`` / ``block_usd``) is ``cost``;
+    - ``visibility.<task_class>`` (``mode``, ``enforce``) is ``independence.panels``;
+    - ``fallback.<task_class>: [alternates]`` is ``fallback.chains.<task_class>``, an
+      alternate written ``provider/model`` read as ``{provider, model}``.
+
+    ``orchestration`` is refused with where each of its parts goes (``roles``): its roles
+    are this gateway's candidates per step, named differently. A section given under both
+    names is refused: which one is meant cannot be guessed."""
+    out = dict(data)
+    notes = renamed if renamed is not None else []
+
+    def rename(old: str, new: str, value: Any) -> None:
+        if new in out:
+            raise ConfigError(
+                f"both `{old}` (the original product's name) and `{new}` are given",
+                file=file,
+                path=old,
+                fix=f"keep one: move what `{old}` holds into `{new}`",
+            )
+        del out[old]
+        out[new] = value
+        notes.append((old, new))
+
+    if "defaults" in out:
+        rename("defaults", "task_classes", out["defaults"])
+    if "cost_preflight" in out:
+        rename("cost_preflight", "cost", out["cost_preflight"])
+    if "visibility" in out:
+        rename("visibility", "independence", {"panels": out["visibility"]})
+    fallback = out.get("fallback")
+    if isinstance(fallback, dict) and fallback.keys() - _FALLBACK_KEYS:
+        chains = dict(fallback.get("chains") or {})
+        moved = sorted(k for k in fallback if k not in _FALLBACK_KEYS)
+        for name in moved:
+            if name in chains:
+                raise ConfigError(
+                    f"task class {name!r} has a chain under fallback.chains and another "
+                    "directly under fallback (the original product's form)",
+                    file=file,
+                    path=f"fallback.{name}",
+                    fix=f"keep one: fallback.chains.{name}",
+                )
+            entries = fallback[name]
+            chains[name] = (
+                [_alternate(e) for e in entries] if isinstance(entries, list) else entries
+            )
+        out["fallback"] = {
+            **{k: v for k, v in fallback.items() if k in _FALLBACK_KEYS},
+            "chains": chains,
+        }
+        notes.extend((f"fallback.{name}", f"fallback.chains.{name}") for name in moved)
+    if "orchestration" in out:
+        raise ConfigError(
+            "`orchestration` is the original product's section; here the pipeline is the "
+            "`roles` plugin",
+            file=file,
+            path="orchestration",
+            fix="write it as `roles:` with `candidates: {planner: [...], worker: [...], "
+            "verifier: [...]}` ({provider, model} entries; the Thinker is the planner), "
+            "`instructions` per role and the `depth` table (docs/configuration.md, roles), "
+            "and add `roles` to plugins:",
+        )
+    return out
+
+
+def _alternate(entry: Any) -> Any:
+    """A fallback alternate written ``provider/model`` as ``{provider, model}``."""
+    if isinstance(entry, str) and entry.count("/") == 1:
+        provider, model = entry.split("/")
+        return {"provider": provider, "model": model}
+    return entry
+
+
 def pydantic_errors(
     exc: ValidationError, *, file: str, prefix: str = "", plugin: str | None = None
 ) -> ConfigErrors:
@@ -505,7 +605,9 @@ def pydantic_errors(
         kind = err["type"]
         msg = err["msg"].removeprefix("Value error, ")
         fix = ""
-        if kind == "missing":
+        if kind == "missing" and loc == ["plugins"] and not prefix:
+            fix = f"add `plugins: [{SUGGESTED_PLUGINS}]` (config order is call order)"
+        elif kind == "missing":
             fix = f"add `{loc[-1] if loc else path}`"
         elif kind == "extra_forbidden":
             msg = "unknown key"
@@ -551,7 +653,8 @@ def load_settings(
     merged_env = effective_env(file_path, env)
     raw = parse_yaml(text, label)
     _refuse_literal_secrets(raw, "", label)
-    data = interpolate(raw, merged_env, "", label)
+    renamed: list[tuple[str, str]] = []
+    data = original_sections(interpolate(raw, merged_env, "", label), label, renamed)
     kernel_part = {k: v for k, v in data.items() if k in KERNEL_SECTIONS}
     try:
         settings = Settings.model_validate(kernel_part)
@@ -560,4 +663,5 @@ def load_settings(
     settings._source = file_path
     settings._sections = {k: v for k, v in data.items() if k not in KERNEL_SECTIONS}
     settings._env = merged_env
+    settings._renamed = renamed
     return settings

@@ -54,7 +54,12 @@ ENV_VARS: list[tuple[str, str, str]] = [
         "Refuse calls whose worst case exceeds `kill_switch.expensive_threshold_usd` (same "
         "values and sources as LLM_GATEWAY_DISABLED).",
     ),
-    ("LLM_GATEWAY_LEDGER", "ledger", "`0` turns the ledger off (refused while a cap is set)."),
+    (
+        "LLM_GATEWAY_LEDGER",
+        "ledger",
+        "`0` turns the ledger off (refused while a cap is set); a file path (as the "
+        "original product took it) turns it on in that file, after LLM_GATEWAY_LEDGER_PATH.",
+    ),
     ("LLM_GATEWAY_LEDGER_PATH", "ledger", "Ledger file; overrides `ledger.path`."),
     (
         "LLM_GATEWAY_CAP_TOTAL_MONTHLY",
@@ -254,8 +259,39 @@ def render() -> str:
         "| --- | --- | --- |",
         *[f"| `{n}` | {who} | {what} |" for n, who, what in ENV_VARS],
         "",
+        "## Section names of the original product",
+        "",
+        "A routing.yaml written for the original product keeps working: its sections are",
+        "read as this gateway's and each is logged once (`config.original_section`) with",
+        "its new name. A section given under both names is refused.",
+        "",
+        "| original | read as |",
+        "| --- | --- |",
+        *[f"| {old} | {new} |" for old, new in ORIGINAL_SECTIONS],
+        "",
     ]
     return "\n".join(out)
+
+
+#: The original product's routing.yaml sections and what they are here
+#: (:func:`llmgw.kernel.config.original_sections`).
+ORIGINAL_SECTIONS = (
+    ("`defaults.<task_class>`", "`task_classes.<task_class>`"),
+    ("`cost_preflight`", "`cost` (`warn_usd`, `block_usd`)"),
+    ("`visibility.<task_class>`", "`independence.panels.<task_class>` (`mode`, `enforce`)"),
+    (
+        "`fallback.<task_class>`",
+        "`fallback.chains.<task_class>`; an alternate written `provider/model` is "
+        "`{provider, model}`",
+    ),
+    (
+        "`orchestration`",
+        "refused, with where each part goes: the `roles` plugin's `candidates` per step "
+        "(the Thinker is the planner), `instructions`, `depth`",
+    ),
+    ("no `plugins:` list", "refused, with the list to add (config order is call order)"),
+    ("`LLM_GATEWAY_LEDGER=<path>`", "the ledger on, in that file"),
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,9 +3,11 @@
 Kept apart from the plugin so that ``llmgw spend`` and the loader's ``essential`` check
 can resolve the path and caps without building a gateway.
 
-- ``LLM_GATEWAY_LEDGER``: 1/true/yes/on (default) or 0/false/no/off.
-- ``LLM_GATEWAY_LEDGER_PATH`` > ``ledger.path`` (relative to routing.yaml) >
-  ``platformdirs.user_data_dir("llm-gateway-mcp")/ledger.db``.
+- ``LLM_GATEWAY_LEDGER``: 1/true/yes/on (default) or 0/false/no/off; or, as the original
+  product read it, a file path (a value with a ``/`` or ending ``.db``): the ledger is
+  on, in that file.
+- ``LLM_GATEWAY_LEDGER_PATH`` > a path in ``LLM_GATEWAY_LEDGER`` > ``ledger.path``
+  (relative to routing.yaml) > ``platformdirs.user_data_dir("llm-gateway-mcp")/ledger.db``.
 - ``LLM_GATEWAY_CAP_TOTAL_MONTHLY`` > ``ledger.caps.total_monthly_usd``;
   ``LLM_GATEWAY_CAP_<PROVIDER>_MONTHLY`` > ``ledger.caps.providers.<provider>``
   (``<PROVIDER>`` is the provider name upper-cased, other characters as ``_``).
@@ -102,7 +104,7 @@ class LedgerConfig(Model):
 def ledger_enabled(env: Mapping[str, str]) -> bool:
     """``LLM_GATEWAY_LEDGER``; raises :class:`ConfigError` on a value it cannot read."""
     raw = env.get(LEDGER_ENV, "").strip().lower()
-    if not raw or raw in _ON:
+    if not raw or raw in _ON or _env_path(env) is not None:
         return True
     if raw in _OFF:
         return False
@@ -110,8 +112,17 @@ def ledger_enabled(env: Mapping[str, str]) -> bool:
         f"{LEDGER_ENV}={env[LEDGER_ENV]!r} is not understood",
         file="environment",
         path=LEDGER_ENV,
-        fix="use 1 (ledger on, the default) or 0 (off)",
+        fix=f"use 1 (ledger on, the default), 0 (off), or a file path ({PATH_ENV} also "
+        "sets the file)",
     )
+
+
+def _env_path(env: Mapping[str, str]) -> Path | None:
+    """A file path given in ``LLM_GATEWAY_LEDGER`` (the original product's form)."""
+    raw = env.get(LEDGER_ENV, "").strip()
+    if "/" in raw or "\\" in raw or raw.lower().endswith((".db", ".sqlite", ".sqlite3")):
+        return Path(raw).expanduser()
+    return None
 
 
 def ledger_path(settings: Settings, config: LedgerConfig | None) -> Path:
@@ -119,6 +130,9 @@ def ledger_path(settings: Settings, config: LedgerConfig | None) -> Path:
     raw = settings.env.get(PATH_ENV, "").strip()
     if raw:
         return Path(raw).expanduser()
+    from_switch = _env_path(settings.env)
+    if from_switch is not None:  # read as LLM_GATEWAY_LEDGER_PATH is
+        return from_switch
     if config is not None and config.path:
         p = Path(config.path).expanduser()
         return p if p.is_absolute() else settings.base_dir / p

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmgw.kernel import ConfigError, GatewayError, load_settings
+from llmgw.kernel import ConfigError, GatewayError, Request, load_settings
 from llmgw.kernel.build import build_gateway
 from llmgw.kernel.cli import main
 from llmgw.kernel.config import config_path
@@ -460,3 +460,81 @@ def test_route_exit_codes_follow_the_documented_meaning(
     finally:
         reset_logging()
     capsys.readouterr()
+
+
+ORIGINAL = """
+plugins: [kill_switch, cost, fallback, independence, router, fake]
+defaults:
+  quick_answer: {provider: fake, model: m1, max_tokens: 100}
+  duo:
+    members: [{provider: fake, model: m1}, {provider: fake, model: m2}]
+cost_preflight: {warn_usd: 0.5, block_usd: 2}
+visibility:
+  duo: {mode: blind, enforce: hard}
+fallback:
+  quick_answer: [fake/m2]
+  duo: []
+"""
+
+
+@pytest.mark.anyio
+async def test_the_original_products_section_names_are_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The seed's routing.yaml sections are the contract users know: `defaults`,
+    `cost_preflight`, `visibility`, `fallback.<task_class>` were each refused as unknown."""
+    from llmgw.kernel.testing import gateway_from_yaml
+
+    gw = gateway_from_yaml(ORIGINAL, providers=[FakeProvider()])
+    async with gw:
+        info = gw.routing_info()
+        panel = await gw.route(Request("duo", "hi"))
+    assert set(info["task_classes"]) == {"quick_answer", "duo"}
+    assert (info["cost"]["warn_usd"], info["cost"]["block_usd"]) == (0.5, 2.0)
+    assert info["independence"]["panels"]["duo"]["enforce"] == "hard"
+    assert info["fallback"]["chains"] == {"duo": [], "quick_answer": [{"target": "fake/m2"}]}
+    assert panel.meta["visibility"]["independence_certified"] is True
+    err = capsys.readouterr().err
+    for old in (
+        "defaults",
+        "cost_preflight",
+        "visibility",
+        "fallback.duo",
+        "fallback.quick_answer",
+    ):
+        assert old in err  # config.original_section, one warning each
+
+
+@pytest.mark.parametrize(
+    ("text", "needle", "fix"),
+    [
+        (
+            GOOD + "defaults:\n  other: {provider: fake, model: m1}\n",
+            "both `defaults` (the original product's name) and `task_classes`",
+            "move what `defaults` holds into `task_classes`",
+        ),
+        (
+            GOOD + "fallback:\n  chains: {quick_answer: [{provider: fake, model: m2}]}\n"
+            "  quick_answer: [fake/m3]\n",
+            "has a chain under fallback.chains and another",
+            "keep one: fallback.chains.quick_answer",
+        ),
+        (
+            GOOD + "orchestration: {depth: {}}\n",
+            "`orchestration` is the original product's section",
+            "candidates: {planner: [...]",
+        ),
+        (
+            "task_classes:\n  q: {provider: fake, model: m}\n",
+            "Field required",
+            "add `plugins: [kill_switch, cost, breaker, ledger",
+        ),
+    ],
+)
+def test_original_sections_that_cannot_be_read_say_where_to_move_them(
+    tmp_path: Path, text: str, needle: str, fix: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    rendered = str(info.value)
+    assert needle in rendered and fix in rendered

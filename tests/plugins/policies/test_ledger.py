@@ -177,6 +177,27 @@ def test_bad_environment_is_a_clear_config_error(
     assert "environment" in str(info.value)
 
 
+@pytest.mark.anyio
+async def test_a_path_in_llm_gateway_ledger_is_the_ledger_file(tmp_path: Path) -> None:
+    """The original product took LLM_GATEWAY_LEDGER as the ledger's file; it was refused
+    ("use 1 or 0"). A path there turns the ledger on in that file; the _PATH variable
+    still wins."""
+    env = {"LLM_GATEWAY_LEDGER": str(tmp_path / "seed.db")}
+    g = gateway_from_yaml(
+        BASE.format(plugins="ledger, router, fake", extra=""),
+        env=env,
+        providers=[fake(), fake("alt")],
+    )
+    async with g:
+        assert (await g.route(Request("quick", "hi"))).ok
+        assert g.routing_info()["ledger"]["enabled"] is True
+    assert (tmp_path / "seed.db").exists()
+    g, _p = gw(tmp_path, env=env)  # LLM_GATEWAY_LEDGER_PATH (l.db) set as well: it wins
+    async with g:
+        assert (await g.route(Request("quick", "hi"))).ok
+    assert (tmp_path / "l.db").exists()
+
+
 def test_caps_must_name_known_providers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"caps\.providers names 'nope'"):
         gw(tmp_path, extra=cap_yaml(nope=1))
