@@ -80,8 +80,14 @@ def build_gateway(
         _call_registration(impl, register)
 
     def register_tool(tool: ToolSpec) -> None:
-        if any(t.name == tool.name for t in gateway.tools):
-            raise PluginError(current[0], f"registers tool {tool.name!r} twice")
+        if tool.name in tool_origin:
+            first = tool_origin[tool.name]
+            raise PluginError(
+                current[0],
+                f"registers tool {tool.name!r}, already registered by "
+                + ("the same plugin" if first == current[0] else f"plugin {first!r}"),
+                fix="give one of the tools another name, or remove one plugin from plugins:",
+            )
         if tool.name in BUILTIN_TOOLS:
             raise PluginError(
                 current[0],
@@ -98,7 +104,9 @@ def build_gateway(
                 fix="rename the parameter",
             )
         gateway.tools.append(tool)
+        tool_origin[tool.name] = current[0]
 
+    tool_origin: dict[str, str] = {}
     for impl in gateway.hooks.impls("register_tools"):
         current[:] = [impl.plugin_name]
         _call_registration(impl, register_tool)

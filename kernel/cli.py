@@ -405,7 +405,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     gateway = build_gateway(settings, check_only=True)  # creates no ledger, no directory
     out = sys.stdout
-    out.write(f"{settings.file_label}: OK\n")
+    # A plugin reports a start-up problem (a ledger it cannot open) as an "error" key:
+    # then the file is not OK, whatever else holds.
+    sections = gateway.hooks.report_info()
+    problems = [
+        (name, section["error"])
+        for name, section in sections.items()
+        if isinstance(section, dict) and section.get("error")
+    ]
+    verdict = "OK" if not problems else f"NOT OK ({len(problems)} plugin(s) cannot work)"
+    out.write(f"{settings.file_label}: {verdict}\n")
     out.write(f"plugins (in order): {', '.join(p.name for p in gateway.plugins)}\n")
     out.write("task classes:\n")
     for name, spec in settings.task_classes.items():
@@ -419,15 +428,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         st = provider.status()
         state = "key present" if st.available else f"UNAVAILABLE ({st.reason})"
         out.write(f"  {name:<22} {state}\n")
-    # A plugin reports a start-up problem (a ledger it cannot open) as an "error" key.
     # "warnings" lists what a plugin will ignore (a fallback entry naming a provider
     # that no enabled plugin registers): printed, not fatal.
-    sections = gateway.hooks.report_info()
-    problems = [
-        (name, section["error"])
-        for name, section in sections.items()
-        if isinstance(section, dict) and section.get("error")
-    ]
     warnings = [
         (name, str(w))
         for name, section in sections.items()

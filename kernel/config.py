@@ -165,7 +165,13 @@ class GatewaySpec(Model):
     max_output_tokens: PositiveInt = Field(default=65_536, le=MAX_TOKENS_BOUND)
     """Largest max_tokens a caller may ask for."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    """Log level of `llmgw serve` (LLM_GATEWAY_LOG_LEVEL wins)."""
+    """Log level of `llmgw serve` (LLM_GATEWAY_LOG_LEVEL wins), in any case."""
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: Any) -> Any:
+        # As LLM_GATEWAY_LOG_LEVEL: `debug` is DEBUG.
+        return value.strip().upper() if isinstance(value, str) else value
 
 
 class Settings(Model):
@@ -588,6 +594,20 @@ def _alternate(entry: Any) -> Any:
     return entry
 
 
+#: The fix for a value of the wrong type, by pydantic's error kind (``int_parsing``:
+#: ``int``).
+_TYPE_FIXES = {
+    "string": "write it as text (quote it if YAML reads it as something else)",
+    "int": "write a whole number",
+    "float": "write a number",
+    "decimal": "write a number",
+    "bool": "write true or false",
+    "list": "write a list: [a, b] or one `- item` per line",
+    "dict": "write a mapping: key: value lines, indented under it",
+    "model": "write a mapping: key: value lines, indented under it",
+}
+
+
 def pydantic_errors(
     exc: ValidationError, *, file: str, prefix: str = "", plugin: str | None = None
 ) -> ConfigErrors:
@@ -614,8 +634,15 @@ def pydantic_errors(
             fix = "remove it or check its spelling against docs/configuration.md"
         elif kind.endswith("_type") or kind.endswith("_parsing"):
             msg = f"{msg} (got {type(err.get('input')).__name__} {err.get('input')!r:.40})"
+            fix = _TYPE_FIXES.get(kind.rsplit("_", 1)[0], "")
         elif kind in {"greater_than", "greater_than_equal", "less_than_equal", "less_than"}:
             fix = "use a value in the allowed range"
+        elif kind in {"literal_error", "enum"}:
+            fix = "use one of the values listed"
+        elif kind == "string_pattern_mismatch":
+            fix = "write it in the form the pattern shows"
+        if not fix:
+            fix = f"see `{path or 'the section'}` in docs/configuration.md"
         if plugin:
             msg = f"{msg} (section of plugin {plugin!r})"
         found.append(ConfigError(msg, file=file, path=path, fix=fix))

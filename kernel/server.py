@@ -126,11 +126,15 @@ class GatewayServer(MCPServer):
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> Any:
         tool = self._tool_manager.get_tool(name)
-        if tool is not None:
-            known = (tool.parameters or {}).get("properties", {})
-            unknown = [a for a in arguments if a not in known]
-            if unknown:
-                return to_result(_unknown_arguments(name, unknown, list(known)))
+        if tool is None:
+            # The SDK's "Unknown tool: <name>" echoed the whole name (100 KB of it).
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            tools = ", ".join(t.name for t in self._tool_manager.list_tools())
+            raise ToolError(f"Unknown tool: {shown!r}; the tools are {tools}")
+        known = (tool.parameters or {}).get("properties", {})
+        unknown = [a for a in arguments if a not in known]
+        if unknown:
+            return to_result(_unknown_arguments(name, unknown, list(known)))
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -149,6 +153,46 @@ class GatewayServer(MCPServer):
                     "(tools/list shows each argument's type and bounds)",
                 )
             )
+
+    def streamable_http_app(self, **kwargs: Any) -> Any:
+        """The SDK's app; stateless, a ``GET`` of the MCP path is answered 405 (as the
+        transport's specification allows a server that offers no stream of its own): the
+        SDK opened an event stream that never sent anything and never ended, one held
+        connection and task per GET."""
+        app = super().streamable_http_app(**kwargs)
+        if kwargs.get("stateless_http"):
+            app.add_middleware(_NoStreamOfItsOwn, path=kwargs.get("streamable_http_path", "/mcp"))
+        return app
+
+
+class _NoStreamOfItsOwn:
+    """ASGI middleware: ``GET path`` is 405 (``Allow: POST``); everything else passes."""
+
+    def __init__(self, app: Any, path: str) -> None:
+        self.app = app
+        self.path = path.rstrip("/")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"].rstrip("/") == self.path
+        ):
+            body = b'{"error": "this server is stateless: POST JSON-RPC requests to it"}'
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 405,
+                    "headers": [
+                        (b"allow", b"POST"),
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
 
 
 def _unknown_arguments(tool: str, unknown: list[str], known: list[str]) -> Envelope:

@@ -301,7 +301,9 @@ def test_check_config_fails_when_a_plugin_cannot_work(
         "task_classes:\n  q: {provider: fake, model: m}\n",
     )
     assert main(["check-config", "--config", str(cfg)]) == 2
-    assert "plugin 'ledger' cannot work" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "plugin 'ledger' cannot work" in err
+    assert ": NOT OK (1 plugin(s) cannot work)" in out and ": OK" not in out
 
 
 def test_check_config_prints_a_fallback_entry_that_will_be_skipped(
@@ -538,3 +540,32 @@ def test_original_sections_that_cannot_be_read_say_where_to_move_them(
         _load(tmp_path, text)
     rendered = str(info.value)
     assert needle in rendered and fix in rendered
+
+
+@pytest.mark.parametrize(
+    ("section", "fix"),
+    [
+        ("cost: {unknown_price: deny}", "use one of the values listed"),
+        ("gateway: {deadline_s: soon}", "write a number"),
+        ("gateway: {max_output_tokens: [1]}", "write a whole number"),
+        ("providers: {fake: {key_env: 'lower case'}}", "write it in the form the pattern shows"),
+        ("fallback: {on_content_refused: maybe}", "write true or false"),
+    ],
+)
+def test_every_config_error_says_how_to_fix_it(tmp_path: Path, section: str, fix: str) -> None:
+    """docs/plugins.md shows every config error with a fix line; type, enum and pattern
+    errors had none."""
+    with pytest.raises(ConfigError) as info:
+        _load(
+            tmp_path,
+            GOOD.replace("plugins: [router, fake]", "plugins: [cost, fallback, router, fake]")
+            + section
+            + "\n",
+        )
+    assert f"fix: {fix}" in str(info.value)
+
+
+def test_the_log_level_in_routing_yaml_is_read_in_any_case(tmp_path: Path) -> None:
+    cfg = tmp_path / "routing.yaml"
+    cfg.write_text(GOOD + "gateway: {log_level: debug}\n")
+    assert load_settings(cfg, env={}).gateway.log_level == "DEBUG"

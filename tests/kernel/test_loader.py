@@ -328,6 +328,21 @@ def test_tools_that_cannot_be_served_are_refused(name: str, fn: Any, needle: str
     assert needle in str(err.value)
 
 
+def test_a_tool_registered_by_two_plugins_names_the_first() -> None:
+    """It blamed the second plugin for registering the tool "twice"."""
+    from llmgw.kernel.tools import ToolSpec
+
+    spec = ToolSpec("mine", "d", _tool_fn)
+    with pytest.raises(PluginError) as err:
+        gateway_from_yaml(
+            BASE.format(names="router, fake, t1, t2"),
+            providers=[FakeProvider()],
+            extra_plugins={"t1": Tools(spec), "t2": Tools(spec)},
+        )
+    text = str(err.value)
+    assert "plugin 't2'" in text and "already registered by plugin 't1'" in text
+
+
 def test_a_hook_file_without_any_hookimpl_is_refused(tmp_path: Path) -> None:
     """A guard whose functions lacked @hookimpl loaded fine and let every prompt through."""
     (tmp_path / "guard.py").write_text(

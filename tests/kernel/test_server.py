@@ -246,6 +246,9 @@ def test_http_refuses_what_it_must(http_server: str) -> None:
         assert r.status_code == 413
         r = c.post(http_server, json=INIT, headers={**ACCEPT, **auth})
         assert r.status_code == 200
+        # Stateless: no stream of its own. A GET opened one that never sent nor ended.
+        r = c.get(http_server, headers={"accept": "text/event-stream", **auth})
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 @pytest.mark.anyio
@@ -405,3 +408,15 @@ def test_http_serve_reports_a_bad_or_busy_port_plainly(config_dir: Path) -> None
     assert r.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in r.stderr
     assert "serving MCP" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.anyio
+async def test_an_unknown_tool_is_named_briefly_with_the_tools_there_are() -> None:
+    """The SDK's answer echoed the whole name asked for (100 KB of it)."""
+    async with mcp_session(_gateway()) as client:
+        r = await client.call_tool("x" * 100_000, {})
+        typo = await client.call_tool("llm_rout", {})
+    text = r.content[0].text
+    assert r.is_error and len(text) < 300
+    assert "llm_route, llm_routing_info" in text
+    assert typo.is_error and "'llm_rout'" in typo.content[0].text
