@@ -317,7 +317,13 @@ class Gateway:
             move_on = False
             while True:
                 call.timeout_s = max(0.001, min(call.timeout_s, deadline - self.clock.monotonic()))
-                result = await self.hooks.run_attempt(call, functools.partial(self._send, call))
+                try:
+                    result = await self.hooks.run_attempt(call, functools.partial(self._send, call))
+                except BaseException:
+                    # Cancelled (the client went away, a panel's quorum was met, the server
+                    # stopping): the attempt still gets its audit line, sent or not.
+                    self._log_attempt(call, _interrupted(call), "cancelled", None)
+                    raise
                 outcome = result.outcome
                 stage = "refused" if result.refusal else "sent" if outcome.sent else "not_sent"
                 attempts.append(Attempt(target, attempt, outcome, stage, result.refused_by))
@@ -582,6 +588,16 @@ class Gateway:
             "plugins": [p.name for p in self.plugins],
             **self.hooks.report_info(),
         }
+
+
+def _interrupted(call: Call) -> Outcome:
+    """What an attempt that ended by an exception (a cancellation) is known to have done:
+    sent once the provider was called (the kernel keeps the request it handed over)."""
+    return Outcome.failure(
+        ErrorClass.CANCELLED,
+        "the call was cancelled",
+        sent="kernel.sent_request" in call.stash,
+    )
 
 
 def effective_system(request: Request, route: Route) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,15 @@ async def _cancel_when_entered(g: Any, request: Request, entered: anyio.Event) -
         tg.cancel_scope.cancel()
 
 
+def _attempt_lines(text: str) -> list[dict[str, Any]]:
+    lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    return [x for x in lines if x.get("event") == "llm.attempt"]
+
+
 @pytest.mark.anyio
-async def test_cancelled_while_sent_stays_charged_as_unknown(tmp_path: Path) -> None:
+async def test_cancelled_while_sent_stays_charged_as_unknown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     p = GatedProvider(prices={"m1": PRICE, "m2": PRICE}, hang=True)
     g = gw(tmp_path, p)
     await _cancel_when_entered(g, Request("quick", "hi"), p.entered)
@@ -128,6 +136,13 @@ async def test_cancelled_while_sent_stays_charged_as_unknown(tmp_path: Path) -> 
     got = rows(tmp_path / "l.db")
     assert [(r["state"], r["error_class"]) for r in got] == [("unknown", "cancelled")]
     assert states(tmp_path / "l.db")["reserved"] == 0
+    # The audit trail has the attempt too (it had no llm.attempt line): sent, cancelled.
+    (line,) = _attempt_lines(capsys.readouterr().err)
+    assert (line["error_class"], line["sent"], line["disposition"]) == (
+        "cancelled",
+        True,
+        "cancelled",
+    )
 
 
 @pytest.mark.anyio
@@ -156,7 +171,9 @@ class StallBefore:
 
 
 @pytest.mark.anyio
-async def test_cancelled_before_sending_is_released(tmp_path: Path) -> None:
+async def test_cancelled_before_sending_is_released(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     p = fake()
     stall = StallBefore()
     stall.entered = anyio.Event()
@@ -165,6 +182,8 @@ async def test_cancelled_before_sending_is_released(tmp_path: Path) -> None:
     await g.aclose()
     assert [r["state"] for r in rows(tmp_path / "l.db")] == ["released"]
     assert p.received == []
+    (line,) = _attempt_lines(capsys.readouterr().err)
+    assert (line["error_class"], line["sent"]) == ("cancelled", False)
 
 
 @pytest.mark.anyio
