@@ -122,7 +122,32 @@ class GatewayServer(MCPServer):
     the fix; nothing is sent. Values are never echoed back.
     """
 
+    #: How long stdin's end waits for the calls in flight (set from gateway.deadline_s).
+    drain_s = 120.0
+    #: Tool calls running now, and the event set when the last one ends (see drained).
+    _busy = 0
+    _idle: anyio.Event | None = None
+
     async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> Any:
+        self._busy += 1
+        try:
+            return await self._call_tool(name, arguments, context)
+        finally:
+            self._busy -= 1
+            if self._busy == 0 and self._idle is not None:
+                self._idle.set()
+
+    async def drained(self, timeout_s: float) -> int:
+        """Wait until no tool call runs, at most ``timeout_s``; the calls still running."""
+        with anyio.move_on_after(timeout_s):
+            while self._busy:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        return self._busy
+
+    async def _call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> Any:
         tool = self._tool_manager.get_tool(name)
@@ -230,6 +255,8 @@ def build_server(gateway: Gateway, *, own_gateway: bool = True, **server_kwargs:
         lifespan=lifespan,
         **server_kwargs,
     )
+    # A call outlives its deadline by at most its last after_call hooks.
+    server.drain_s = gateway.settings.gateway.deadline_s + 5.0
     classes = sorted(gateway.settings.task_classes)
     class_help = "; ".join(
         f"{n}: {gateway.settings.task_classes[n].description}".rstrip(": ") for n in classes
@@ -392,9 +419,15 @@ class _SanitizedLines:
     ``reply`` (when there is one: the pipe transport) with a JSON-RPC error for its id:
     the SDK would drop it unanswered and leave the client waiting."""
 
-    def __init__(self, inner: Any, reply: Callable[[str], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        reply: Callable[[str], Awaitable[None]] | None = None,
+        drain: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._inner = inner
         self._reply = reply
+        self._drain = drain
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._lines()
@@ -422,6 +455,12 @@ class _SanitizedLines:
                 await self._refused(line)
                 continue
             yield line
+        if self._drain is not None:
+            # stdin ended (MCP's way to ask a server to stop): the calls in flight are
+            # answered before the transport closes, not cancelled with their answers lost
+            # (paid for, charged at their worst case). A client that will not wait sends
+            # SIGTERM, which cancels them (cli: Ctrl-C's path).
+            await self._drain()
 
     async def _refused(self, line: str) -> None:
         """Answer a frame the SDK would drop: -32700 when it is not JSON this server can
@@ -774,16 +813,31 @@ async def run_stdio(server: MCPServer) -> None:
     from mcp.server.stdio import stdio_server
 
     lowlevel = server._lowlevel_server
+    drain: Callable[[], Awaitable[None]] | None = None
+    if isinstance(server, GatewayServer):
+        gateway_server = server
+
+        async def drain() -> None:
+            busy = gateway_server._busy
+            if not busy:
+                return
+            log.info("stdio.draining", calls=busy, timeout_s=gateway_server.drain_s)
+            left = await gateway_server.drained(gateway_server.drain_s)
+            if left:
+                log.warning("stdio.drain_timed_out", calls=left)
+
     try:
         async with _pipe_stdio() as pipes:
             log.info("stdio.serving", transport="pipes" if pipes is not None else "sdk")
             with contextlib.ExitStack() as stack:
                 if pipes is not None:
                     lines, out = pipes
-                    streams = stdio_server(stdin=_SanitizedLines(lines, out.write), stdout=out)  # type: ignore[arg-type]
+                    reader = _SanitizedLines(lines, out.write, drain)
+                    streams = stdio_server(stdin=reader, stdout=out)  # type: ignore[arg-type]
                 else:
                     stdin, stdout = stack.enter_context(_sdk_files())
-                    streams = stdio_server(stdin=_SanitizedLines(stdin), stdout=stdout)  # type: ignore[arg-type]
+                    reader = _SanitizedLines(stdin, drain=drain)
+                    streams = stdio_server(stdin=reader, stdout=stdout)  # type: ignore[arg-type]
                 async with streams as (read_stream, write_stream):
                     options = lowlevel.create_initialization_options()
                     await lowlevel.run(read_stream, write_stream, options)

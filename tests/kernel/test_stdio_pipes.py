@@ -592,3 +592,32 @@ def test_a_frame_the_sdk_would_drop_is_answered(config: Path, frame: str, code: 
         proc.stdin.close()
         proc.wait(timeout=30)
     assert '"stdio.frame_refused"' in proc.stderr.read()
+
+
+def test_the_calls_in_flight_at_the_end_of_stdin_are_answered(tmp_path: Path) -> None:
+    """Closing stdin is how MCP asks a stdio server to stop; the calls in flight were
+    cancelled, their answers lost although paid for, and a piped client
+    (`... | llmgw serve`) never got any."""
+    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW.replace("30", "1")))
+    (tmp_path / "slow.py").write_text(
+        (tmp_path / "slow.py")
+        .read_text()
+        .replace('raise AssertionError("not reached")', "return await super().complete(request)")
+    )
+    config = tmp_path / "routing.yaml"
+    config.write_text(
+        "plugins: [router, slow.py]\n"
+        "task_classes:\n  quick_answer: {provider: fake, model: m1, max_tokens: 50}\n"
+    )
+    proc = serve(config)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    send(proc.stdin, INIT, INITIALIZED, call(2, "piped"), call(3, "and another"))
+    proc.stdin.close()  # at once: both calls are still running
+    texts: dict[int, str] = {}
+    for line in proc.stdout:  # in whichever order the two calls end
+        msg = json.loads(line)
+        if msg.get("id") in (2, 3):
+            texts[msg["id"]] = msg["result"]["structuredContent"]["data"]["text"]
+    assert texts == {2: "echo[m1]: piped", 3: "echo[m1]: and another"}
+    assert proc.wait(timeout=30) == 0
+    assert '"stdio.draining"' in proc.stderr.read()
