@@ -164,6 +164,10 @@ class GatewaySpec(Model):
     """Largest prompt (and system prompt) accepted, in UTF-8 bytes."""
     max_output_tokens: PositiveInt = Field(default=65_536, le=MAX_TOKENS_BOUND)
     """Largest max_tokens a caller may ask for."""
+    max_response_bytes: PositiveInt = Field(default=16 * 1024 * 1024, le=1024 * 1024 * 1024)
+    """Largest upstream answer read, in bytes once decompressed (Chat Completions
+    providers); a larger one is not read on (an unreadable answer, charged at its worst
+    case), so an endpoint cannot fill the gateway's memory."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of `llmgw serve` (LLM_GATEWAY_LOG_LEVEL wins), in any case."""
 

@@ -60,6 +60,8 @@ class Connection:
     timeout_s: float
     connect_timeout_s: float
     base_url_from: str
+    #: The largest answer body read (decompressed); see ``gateway.max_response_bytes``.
+    max_response_bytes: int = 16 * 1024 * 1024
 
     @property
     def key_value(self) -> str:
@@ -150,6 +152,7 @@ def resolve_connection(
         timeout_s=spec.timeout_s if spec else 60.0,
         connect_timeout_s=spec.connect_timeout_s if spec else 10.0,
         base_url_from=source,
+        max_response_bytes=ctx.settings.gateway.max_response_bytes,
     )
 
 

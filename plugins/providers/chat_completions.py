@@ -6,6 +6,7 @@ in the :class:`Dialect` (output-bound field name, reasoning field, how a 402 rea
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from .http_errors import (
     detail_count,
     failure,
     finish_outcome,
+    read_capped,
     refine_invalid,
     retry_hint,
     status_class,
@@ -95,19 +97,37 @@ class ChatCompletionsProvider(BaseProvider):
         headers = {"content-type": "application/json", "accept": "application/json"}
         if self.conn.key is not None:
             headers["authorization"] = f"Bearer {self.conn.key_value}"
+        client = self.client()
+        outgoing = client.build_request(
+            "POST",
+            f"{self.conn.base_url}/chat/completions",
+            json=self.body(request),
+            headers=headers,
+            timeout=self.conn.timeout(request.timeout_s),
+        )
+        limit = self.conn.max_response_bytes
         try:
-            resp = await self.client().post(
-                f"{self.conn.base_url}/chat/completions",
-                json=self.body(request),
-                headers=headers,
-                timeout=self.conn.timeout(request.timeout_s),
-            )
+            resp = await client.send(outgoing, stream=True)
+            try:
+                content = await read_capped(resp, limit)
+            finally:
+                await resp.aclose()
         except httpx2.HTTPError as exc:
             return self.transport_failure(request, exc)
+        if content is None:
+            return failure(
+                self.name,
+                request.model,
+                ErrorClass.MALFORMED_RESPONSE,
+                sent=True,
+                status=resp.status_code,
+                reason="response_too_large",
+            )
         if not 200 <= resp.status_code < 300:
-            return self.http_error(request.model, resp)
+            answer = httpx2.Response(resp.status_code, headers=resp.headers, content=content)
+            return self.http_error(request.model, answer)
         try:
-            data = resp.json()
+            data = json.loads(content)
         except ValueError:
             return failure(
                 self.name,

@@ -259,6 +259,26 @@ def unusable_key(provider: str, key_env: str) -> Outcome:
     )
 
 
+# --- bodies ------------------------------------------------------------------------------
+
+
+async def read_capped(resp: httpx2.Response, limit: int) -> bytes | None:
+    """A streamed response's body, decompressed, or None once it exceeds ``limit`` bytes
+    (a Content-Length over it is not read at all): an endpoint that answers without end
+    cannot fill the gateway's memory, compressed or not."""
+    declared = resp.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 # --- usage ------------------------------------------------------------------------------
 
 

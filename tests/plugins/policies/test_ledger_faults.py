@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import itertools
-import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+import structlog.testing
 from _money_helpers import (
     PRICE,
     Advise,
@@ -23,6 +26,7 @@ from _money_helpers import (
 )
 
 from llmgw.kernel import ErrorClass, Outcome, ProviderRequest, Request, Target, Usage, hookimpl
+from llmgw.kernel.logs import configure_logging, reset_logging
 from llmgw.kernel.testing import FakeProvider, gateway_from_yaml
 
 YAML = """
@@ -120,24 +124,31 @@ async def _cancel_when_entered(g: Any, request: Request, entered: anyio.Event) -
         tg.cancel_scope.cancel()
 
 
-def _attempt_lines(text: str) -> list[dict[str, Any]]:
-    lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
-    return [x for x in lines if x.get("event") == "llm.attempt"]
+@contextlib.contextmanager
+def _attempt_log() -> Iterator[list[dict[str, Any]]]:
+    """The llm.attempt events logged meanwhile (INFO, whatever an earlier test set)."""
+    events: list[dict[str, Any]] = []
+    configure_logging("INFO", stream=io.StringIO())
+    try:
+        with structlog.testing.capture_logs() as captured:
+            yield events
+    finally:
+        reset_logging()
+    events += [x for x in captured if x.get("event") == "llm.attempt"]
 
 
 @pytest.mark.anyio
-async def test_cancelled_while_sent_stays_charged_as_unknown(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_cancelled_while_sent_stays_charged_as_unknown(tmp_path: Path) -> None:
     p = GatedProvider(prices={"m1": PRICE, "m2": PRICE}, hang=True)
     g = gw(tmp_path, p)
-    await _cancel_when_entered(g, Request("quick", "hi"), p.entered)
+    with _attempt_log() as events:
+        await _cancel_when_entered(g, Request("quick", "hi"), p.entered)
     await g.aclose()
     got = rows(tmp_path / "l.db")
     assert [(r["state"], r["error_class"]) for r in got] == [("unknown", "cancelled")]
     assert states(tmp_path / "l.db")["reserved"] == 0
     # The audit trail has the attempt too (it had no llm.attempt line): sent, cancelled.
-    (line,) = _attempt_lines(capsys.readouterr().err)
+    (line,) = events
     assert (line["error_class"], line["sent"], line["disposition"]) == (
         "cancelled",
         True,
@@ -171,18 +182,17 @@ class StallBefore:
 
 
 @pytest.mark.anyio
-async def test_cancelled_before_sending_is_released(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_cancelled_before_sending_is_released(tmp_path: Path) -> None:
     p = fake()
     stall = StallBefore()
     stall.entered = anyio.Event()
     g = gw(tmp_path, p, plugins="ledger, stall, router, fake", extra_plugins={"stall": stall})
-    await _cancel_when_entered(g, Request("quick", "hi"), stall.entered)
+    with _attempt_log() as events:
+        await _cancel_when_entered(g, Request("quick", "hi"), stall.entered)
     await g.aclose()
     assert [r["state"] for r in rows(tmp_path / "l.db")] == ["released"]
     assert p.received == []
-    (line,) = _attempt_lines(capsys.readouterr().err)
+    (line,) = events
     assert (line["error_class"], line["sent"]) == ("cancelled", False)
 
 

@@ -1,0 +1,74 @@
+"""An upstream answer larger than gateway.max_response_bytes is not read on.
+
+An OpenAI-compatible endpoint is any server a user points the gateway at: one that
+answers without end (or with a small gzip body that inflates to gigabytes) filled the
+gateway's memory, which every other caller shares.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from provider_support import KEYS, PROVIDERS, gateway_yaml, request
+
+from llmgw.kernel import ErrorClass, Request
+from llmgw.kernel.fake_upstream import FakeUpstream
+from llmgw.kernel.testing import gateway_from_yaml
+
+#: 64 MiB of JSON once inflated, ~64 KiB on the wire.
+BOMB = gzip.compress(b'{"choices": [{"message": {"content": "' + b"a" * (64 << 20) + b'"}}]}')
+
+
+class _Bomb(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-encoding", "gzip")
+        self.send_header("content-length", str(len(BOMB)))
+        self.end_headers()
+        self.wfile.write(BOMB)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def bomb() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Bomb)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.anyio
+async def test_an_answer_inflating_past_the_cap_is_not_read_on(bomb: str) -> None:
+    urls = {name: bomb for name in PROVIDERS}
+    gw = gateway_from_yaml(gateway_yaml(None, base_urls=urls), env=KEYS)
+    async with gw:
+        outcome = await gw.providers["local"].complete(request("local", model="llama3.2"))
+    assert (outcome.ok, outcome.sent) == (False, True)
+    assert outcome.error_class is ErrorClass.MALFORMED_RESPONSE
+    assert outcome.details["reason"] == "response_too_large"
+    assert outcome.usage is None  # charged at its worst case
+
+
+@pytest.mark.anyio
+async def test_the_cap_is_configured_and_ordinary_answers_pass(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    small = gateway_yaml(upstream, extra="gateway: {max_response_bytes: 200}\n")
+    async with gateway_from_yaml(small, env=KEYS) as gw:
+        refused = await gw.route(Request("ask_openai", "hello"))
+    assert refused.meta["error_class"] == "malformed_response"
+    async with gateway_from_yaml(gateway_yaml(upstream), env=KEYS) as gw:
+        fine = await gw.route(Request("ask_openai", "hello"))
+    assert fine.ok and fine.text == "echo[gpt-4o-mini]: hello"
