@@ -115,29 +115,21 @@ class ChatCompletionsProvider(BaseProvider):
         except httpx2.HTTPError as exc:
             return self.transport_failure(request, exc)
         if content is None:
-            return failure(
-                self.name,
-                request.model,
-                ErrorClass.MALFORMED_RESPONSE,
-                sent=True,
-                status=resp.status_code,
-                reason="response_too_large",
-            )
+            return self.unreadable(request.model, resp.status_code, "response_too_large")
         if not 200 <= resp.status_code < 300:
             answer = httpx2.Response(resp.status_code, headers=resp.headers, content=content)
             return self.http_error(request.model, answer)
         try:
             data = json.loads(content)
         except ValueError:
-            return failure(
-                self.name,
-                request.model,
-                ErrorClass.MALFORMED_RESPONSE,
-                sent=True,
-                status=resp.status_code,
-                reason="not_json",
-            )
+            return self.unreadable(request.model, resp.status_code, "not_json")
         return self.parse(request.model, data)
+
+    def unreadable(self, model: str, status: int, reason: str) -> Outcome:
+        """A sent request whose answer could not be read: charged at its worst case."""
+        return failure(
+            self.name, model, ErrorClass.MALFORMED_RESPONSE, sent=True, status=status, reason=reason
+        )
 
     def http_error(self, model: str, resp: httpx2.Response) -> Outcome:
         status = resp.status_code

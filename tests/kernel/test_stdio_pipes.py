@@ -501,12 +501,29 @@ from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin, flat_price
 
 class Slow(FakeProvider):
     async def complete(self, request):
-        self.received.append(request)
-        await anyio.sleep(30)
-        raise AssertionError("not reached")
+        await anyio.sleep({seconds})
+        return await super().complete(request)
 
-plugin = lambda ctx: FakeProviderPlugin(Slow(prices={"m1": flat_price("1", "1")}))
+plugin = lambda ctx: FakeProviderPlugin(Slow(prices={{"m1": flat_price("1", "1")}}))
 """
+
+
+def _slow_config(tmp_path: Path, seconds: float, *, ledger: bool = False) -> Path:
+    """routing.yaml with a provider that answers after ``seconds`` (with the ledger and a
+    cap: the reservations can be looked at)."""
+    (tmp_path / "slow.py").write_text(SLOW.format(seconds=seconds))
+    plugins = "kill_switch, ledger, router, slow.py" if ledger else "router, slow.py"
+    ledger_section = (
+        f"ledger: {{path: '{tmp_path / 'ledger.db'}', caps: {{total_monthly_usd: 5}}}}\n"
+        if ledger
+        else ""
+    )
+    config = tmp_path / "routing.yaml"
+    config.write_text(
+        f"plugins: [{plugins}]\n{ledger_section}"
+        "task_classes:\n  quick_answer: {provider: fake, model: m1, max_tokens: 50}\n"
+    )
+    return config
 
 
 def test_sigterm_during_a_call_settles_it_before_exiting(tmp_path: Path) -> None:
@@ -514,14 +531,7 @@ def test_sigterm_during_a_call_settles_it_before_exiting(tmp_path: Path) -> None
     held against every cap; stopped like Ctrl-C, it is charged as `unknown` at once."""
     import sqlite3
 
-    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW))
-    config = tmp_path / "routing.yaml"
-    config.write_text(
-        "plugins: [kill_switch, ledger, router, slow.py]\n"
-        f"ledger: {{path: '{tmp_path / 'ledger.db'}', caps: {{total_monthly_usd: 5}}}}\n"
-        "task_classes:\n  quick_answer: {provider: fake, model: m1, max_tokens: 50}\n"
-    )
-    proc = serve(config)
+    proc = serve(_slow_config(tmp_path, 30, ledger=True))
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     send(proc.stdin, INIT)
     answer(proc.stdout, 1)
@@ -536,13 +546,7 @@ def test_sigterm_during_a_call_settles_it_before_exiting(tmp_path: Path) -> None
 def test_a_client_that_goes_away_mid_call_is_not_a_crash(tmp_path: Path) -> None:
     """Both pipes closed while a call ran: an ExceptionGroup[BrokenPipeError] traceback
     and exit 1."""
-    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW.replace("30", "1")))
-    config = tmp_path / "routing.yaml"
-    config.write_text(
-        "plugins: [router, slow.py]\n"
-        "task_classes:\n  quick_answer: {provider: fake, model: m1, max_tokens: 50}\n"
-    )
-    proc = serve(config)
+    proc = serve(_slow_config(tmp_path, 1))
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     send(proc.stdin, INIT)
     answer(proc.stdout, 1)
@@ -598,18 +602,7 @@ def test_the_calls_in_flight_at_the_end_of_stdin_are_answered(tmp_path: Path) ->
     """Closing stdin is how MCP asks a stdio server to stop; the calls in flight were
     cancelled, their answers lost although paid for, and a piped client
     (`... | llmgw serve`) never got any."""
-    (tmp_path / "slow.py").write_text(textwrap.dedent(SLOW.replace("30", "1")))
-    (tmp_path / "slow.py").write_text(
-        (tmp_path / "slow.py")
-        .read_text()
-        .replace('raise AssertionError("not reached")', "return await super().complete(request)")
-    )
-    config = tmp_path / "routing.yaml"
-    config.write_text(
-        "plugins: [router, slow.py]\n"
-        "task_classes:\n  quick_answer: {provider: fake, model: m1, max_tokens: 50}\n"
-    )
-    proc = serve(config)
+    proc = serve(_slow_config(tmp_path, 1))
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     send(proc.stdin, INIT, INITIALIZED, call(2, "piped"), call(3, "and another"))
     proc.stdin.close()  # at once: both calls are still running
