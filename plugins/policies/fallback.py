@@ -9,11 +9,8 @@ on the same fallback at runtime). Without this plugin a route has only its prima
 ``after_call`` advises ``fallback`` for the classes that allow it
 (``errors.FALLBACK_OK``); ``content_refused`` only with ``on_content_refused: true``;
 ``context_length_exceeded`` only when a later target of the route is listed in
-``larger_context`` (and then ``preflight`` skips the targets in between). The
-``larger_context`` entries a route does not already hold are appended to it, after its
-chain: ``preflight`` skips them unless the request overflowed a context window, so they
-are tried for that and nothing else. The kernel ranks ``retry`` over ``fallback``, so the
-retry plugin wins while attempts remain.
+``larger_context`` (and then ``preflight`` skips the targets in between). The kernel
+ranks ``retry`` over ``fallback``, so the retry plugin wins while attempts remain.
 
 Within one request, after a provider answered ``quota_exhausted`` or ``auth_error``,
 later targets of the same provider are skipped: they share the account and the key.
@@ -83,9 +80,10 @@ class FallbackPlugin:
         on_content_refused: bool = False
         """Fall back when a model refuses or a provider filters the content."""
         larger_context: list[str] = Field(default_factory=list)
-        """`provider/model` keys tried after `context_length_exceeded`, and only then: in a
-        route that overflowed, the other later targets are skipped; those the route does
-        not hold are appended after its chain (default: none)."""
+        """`provider/model` keys, among a route's targets (a primary or a `chains` entry),
+        worth trying after `context_length_exceeded`; the route's other targets are then
+        skipped. A key no route holds is never tried: add it to the class's chain
+        (check-config warns). Default: none."""
         provider_hold_s: float = Field(default=60.0, ge=0, le=86_400)
         """After a provider answered quota_exhausted or auth_error, seconds during which
         new routes try its targets after every other provider's (0: only within one
@@ -101,11 +99,6 @@ class FallbackPlugin:
         self.ctx = ctx
         self.cfg: FallbackPlugin.Config = ctx.config or FallbackPlugin.Config()
         self.larger_context = frozenset(self.cfg.larger_context)
-        #: The larger_context keys as entries appended to routes (labelled apart).
-        self._larger = [
-            ChainEntry(provider=key.split("/", 1)[0], model=key.split("/", 1)[1])
-            for key in self.cfg.larger_context
-        ]
         self._warned: set[str] = set()
         #: Provider -> (monotonic time the mark ends, the class that set it).
         self._held: dict[str, tuple[float, ErrorClass]] = {}
@@ -126,15 +119,13 @@ class FallbackPlugin:
         the targets of a provider held by an earlier request (quota, key) moved last."""
         chain = self.cfg.chains.get(route.task_class)
         held = self._held_now()
-        if not chain and not held and not self._larger:
+        if not chain and not held:
             return route
         explicit = request.max_tokens if request is not None else None
 
         def amended(targets: tuple[Target, ...], skip: set[str]) -> tuple[Target, ...]:
             if chain:
                 targets = self._extend(targets, chain, explicit, skip)
-            if self._larger:
-                targets = self._extend(targets, self._larger, explicit, skip, _LARGER)
             return _defer(targets, held) if held else targets
 
         if not route.is_panel:
@@ -158,7 +149,6 @@ class FallbackPlugin:
         chain: list[ChainEntry],
         explicit_max_tokens: int | None,
         skip: set[str],
-        label: str = "fallback",
     ) -> tuple[Target, ...]:
         if not targets:
             return targets
@@ -174,7 +164,7 @@ class FallbackPlugin:
                 continue
             taken.add(entry.key)
             max_tokens = explicit_max_tokens or entry.max_tokens or primary.max_tokens
-            added.append(Target(entry.provider, entry.model, max_tokens, label=f"{label}[{i}]"))
+            added.append(Target(entry.provider, entry.model, max_tokens, label=f"fallback[{i}]"))
         return (*targets, *added)
 
     def _registered(self) -> set[str] | None:
@@ -213,16 +203,6 @@ class FallbackPlugin:
         overflowed = any(
             o.error_class is ErrorClass.CONTEXT_LENGTH_EXCEEDED for _, o in call.history
         )
-        if not overflowed and target.label.startswith(_LARGER + "["):
-            # Not a failure of its own: the route ends with what happened before it (the
-            # last answer's class and message), not with this skip.
-            before = call.history[-1][1]
-            return Rejection(
-                before.error_class or ErrorClass.PROVIDER_UNAVAILABLE,
-                f"{before.message} ({target.key}, in fallback.larger_context, is tried "
-                "only after a context window overflowed)",
-                fallback=True,
-            )
         if overflowed and target.key not in self.larger_context:
             return Rejection(
                 ErrorClass.CONTEXT_LENGTH_EXCEEDED,
@@ -284,11 +264,30 @@ class FallbackPlugin:
             "provider_hold_s": self.cfg.provider_hold_s,
             "held_providers": held,
         }
-        if registered is not None:
-            warnings = self._inactive_warnings(registered)
-            if warnings:
-                info["warnings"] = warnings
+        warnings = self._inactive_warnings(registered) if registered is not None else []
+        warnings += self._unreachable_larger()
+        if warnings:
+            info["warnings"] = warnings
         return info
+
+    def _unreachable_larger(self) -> list[str]:
+        """larger_context entries that no route holds (no task class, member or chain
+        names them): they are never tried, whatever overflows."""
+        try:
+            settings = self.ctx.gateway().settings
+        except RuntimeError:
+            return []
+        held = {key for chain in self.cfg.chains.values() for key in (e.key for e in chain)}
+        for spec in settings.task_classes.values():
+            held.update(f"{m.provider}/{m.model}" for m in spec.members or ())
+            if spec.provider and spec.model:
+                held.add(f"{spec.provider}/{spec.model}")
+        return [
+            f"fallback.larger_context[{i}]: {key} is in no task class and no chain, so it "
+            "is never tried; add it to the chain of each class that may overflow"
+            for i, key in enumerate(self.cfg.larger_context)
+            if key not in held
+        ]
 
     def _inactive_warnings(self, registered: set[str]) -> list[str]:
         """One line per chain or larger_context entry whose provider no enabled plugin
@@ -372,10 +371,6 @@ def check_chains(cfg: FallbackPlugin.Config, settings: Settings | None) -> None:
                     fix="remove the repeated entry",
                 )
             seen[entry.key] = i
-
-
-#: The label of the targets a route gets from ``larger_context`` (``larger_context[i]``).
-_LARGER = "larger_context"
 
 
 def _defer(targets: tuple[Target, ...], held: set[str]) -> tuple[Target, ...]:

@@ -29,6 +29,8 @@ from .http_errors import (
 from .pricing import PriceBook
 
 _REFUSED_CODES = {"content_filter", "content_policy_violation"}
+#: Headers of an encoded body, dropped once the body is read and decoded.
+_BODY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,10 @@ class ChatCompletionsProvider(BaseProvider):
         if content is None:
             return self.unreadable(request.model, resp.status_code, "response_too_large")
         if not 200 <= resp.status_code < 300:
-            answer = httpx2.Response(resp.status_code, headers=resp.headers, content=content)
+            # The body is read (and decompressed) already: the headers that describe the
+            # encoded body would have it decoded twice.
+            kept = [(k, v) for k, v in resp.headers.items() if k.lower() not in _BODY_HEADERS]
+            answer = httpx2.Response(resp.status_code, headers=kept, content=content)
             return self.http_error(request.model, answer)
         try:
             data = json.loads(content)

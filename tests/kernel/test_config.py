@@ -324,6 +324,24 @@ def test_check_config_prints_a_fallback_entry_that_will_be_skipped(
     assert "did you mean 'fake'?" in err
 
 
+def test_check_config_warns_of_a_larger_context_entry_no_route_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """larger_context names which of a route's targets may take an overflow; an entry in
+    no class and no chain was silently never tried."""
+    cfg = _with_fakes(
+        tmp_path,
+        "plugins: [kill_switch, fallback, router, fakes.py]\n"
+        "task_classes:\n  q: {provider: fake, model: m}\n"
+        "fallback:\n  larger_context: [fake/big, fake/m2]\n"
+        "  chains:\n    q: [{provider: fake, model: m2}]\n",
+    )
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "fallback.larger_context[0]: fake/big is in no task class and no chain" in err
+    assert "larger_context[1]" not in err
+
+
 def test_a_config_that_no_plugin_can_route_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

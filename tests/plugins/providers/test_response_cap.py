@@ -7,7 +7,9 @@ gateway's memory, which every other caller shares.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,29 +26,43 @@ from llmgw.kernel.testing import gateway_from_yaml
 BOMB = gzip.compress(b'{"choices": [{"message": {"content": "' + b"a" * (64 << 20) + b'"}}]}')
 
 
-class _Bomb(BaseHTTPRequestHandler):
+class _Gzipped(BaseHTTPRequestHandler):
+    """Answers every POST with ``answer``: (status, gzip-encoded body, extra headers)."""
+
+    answer: tuple[int, bytes, dict[str, str]] = (200, BOMB, {})
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", "0")))
-        self.send_response(200)
+        status, body, extra = self.answer
+        self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-encoding", "gzip")
-        self.send_header("content-length", str(len(BOMB)))
+        self.send_header("content-length", str(len(body)))
+        for name, value in extra.items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(BOMB)
+        self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass
 
 
-@pytest.fixture
-def bomb() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Bomb)
+@contextlib.contextmanager
+def _serving(answer: tuple[int, bytes, dict[str, str]]) -> Iterator[str]:
+    handler = type("Handler", (_Gzipped,), {"answer": answer})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def bomb() -> Iterator[str]:
+    with _serving((200, BOMB, {})) as url:
+        yield url
 
 
 @pytest.mark.anyio
@@ -72,3 +88,37 @@ async def test_the_cap_is_configured_and_ordinary_answers_pass(
     async with gateway_from_yaml(gateway_yaml(upstream), env=KEYS) as gw:
         fine = await gw.route(Request("ask_openai", "hello"))
     assert fine.ok and fine.text == "echo[gpt-4o-mini]: hello"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "error", "headers", "cls", "hint"),
+    [
+        (
+            429,
+            {"message": "slow down", "code": "rate_limit_exceeded"},
+            {"retry-after": "3"},
+            ErrorClass.RATE_LIMITED,
+            3.0,
+        ),
+        (
+            400,
+            {"message": "maximum context length is 8192 tokens", "code": "context_length_exceeded"},
+            {},
+            ErrorClass.CONTEXT_LENGTH_EXCEEDED,
+            None,
+        ),
+    ],
+)
+async def test_a_compressed_error_answer_keeps_its_class(
+    status: int, error: dict[str, str], headers: dict[str, str], cls: ErrorClass, hint: float | None
+) -> None:
+    """Servers behind a proxy compress their error bodies too. Read once for the cap, the
+    body was then decoded a second time: every such error was an unreadable answer,
+    charged at its worst case (a 429 is not billed)."""
+    body = gzip.compress(json.dumps({"error": error}).encode())
+    with _serving((status, body, headers)) as url:
+        urls = {name: url for name in PROVIDERS}
+        async with gateway_from_yaml(gateway_yaml(None, base_urls=urls), env=KEYS) as gw:
+            outcome = await gw.providers["openai"].complete(request("openai"))
+    assert (outcome.error_class, outcome.status_code, outcome.retry_after_s) == (cls, status, hint)
