@@ -124,27 +124,52 @@ class GatewayServer(MCPServer):
 
     #: How long stdin's end waits for the calls in flight (set from gateway.deadline_s).
     drain_s = 120.0
-    #: Tool calls running now, and the event set when the last one ends (see drained).
+    #: Tool calls running now; tools/call requests the transport has read, and those that
+    #: reached call_tool; the event set at each start and end (see drained).
     _busy = 0
-    _idle: anyio.Event | None = None
+    _read = 0
+    _started = 0
+    _change: anyio.Event | None = None
+
+    def request_read(self) -> None:
+        """The transport read a tools/call request (it reaches call_tool a moment later)."""
+        self._read += 1
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> Any:
         self._busy += 1
+        self._started += 1
+        self._changed()
         try:
             return await self._call_tool(name, arguments, context)
         finally:
             self._busy -= 1
-            if self._busy == 0 and self._idle is not None:
-                self._idle.set()
+            self._changed()
 
-    async def drained(self, timeout_s: float) -> int:
-        """Wait until no tool call runs, at most ``timeout_s``; the calls still running."""
+    def _changed(self) -> None:
+        if self._change is not None:
+            self._change.set()
+
+    async def _next_change(self) -> None:
+        self._change = anyio.Event()
+        await self._change.wait()
+
+    @property
+    def in_flight(self) -> int:
+        """Tool calls read and not yet answered (started or about to start)."""
+        return self._busy + max(0, self._read - self._started)
+
+    async def drained(self, timeout_s: float, start_s: float = 2.0) -> int:
+        """Wait until every tool call read has started (at most ``start_s``: a request the
+        SDK answers itself never does) and none runs (at most ``timeout_s`` in all);
+        returns the calls still running."""
         with anyio.move_on_after(timeout_s):
+            with anyio.move_on_after(start_s):
+                while self._started < self._read:
+                    await self._next_change()
             while self._busy:
-                self._idle = anyio.Event()
-                await self._idle.wait()
+                await self._next_change()
         return self._busy
 
     async def _call_tool(
@@ -424,10 +449,12 @@ class _SanitizedLines:
         inner: Any,
         reply: Callable[[str], Awaitable[None]] | None = None,
         drain: Callable[[], Awaitable[None]] | None = None,
+        on_call: Callable[[], None] | None = None,
     ) -> None:
         self._inner = inner
         self._reply = reply
         self._drain = drain
+        self._on_call = on_call
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._lines()
@@ -450,10 +477,12 @@ class _SanitizedLines:
             try:
                 # As the SDK's reader does next (~5 us): a frame it refuses, it drops
                 # without a word, and the client waits for an answer that never comes.
-                jsonrpc_message_adapter.validate_json(line, by_name=False)
+                message = jsonrpc_message_adapter.validate_json(line, by_name=False)
             except ValueError:
                 await self._refused(line)
                 continue
+            if self._on_call is not None and getattr(message, "method", None) == "tools/call":
+                self._on_call()  # counted before its handler starts (see drain)
             yield line
         if self._drain is not None:
             # stdin ended (MCP's way to ask a server to stop): the calls in flight are
@@ -814,11 +843,13 @@ async def run_stdio(server: MCPServer) -> None:
 
     lowlevel = server._lowlevel_server
     drain: Callable[[], Awaitable[None]] | None = None
+    on_call: Callable[[], None] | None = None
     if isinstance(server, GatewayServer):
         gateway_server = server
+        on_call = server.request_read
 
         async def drain() -> None:
-            busy = gateway_server._busy
+            busy = gateway_server.in_flight
             if not busy:
                 return
             log.info("stdio.draining", calls=busy, timeout_s=gateway_server.drain_s)
@@ -832,11 +863,11 @@ async def run_stdio(server: MCPServer) -> None:
             with contextlib.ExitStack() as stack:
                 if pipes is not None:
                     lines, out = pipes
-                    reader = _SanitizedLines(lines, out.write, drain)
+                    reader = _SanitizedLines(lines, out.write, drain, on_call)
                     streams = stdio_server(stdin=reader, stdout=out)  # type: ignore[arg-type]
                 else:
                     stdin, stdout = stack.enter_context(_sdk_files())
-                    reader = _SanitizedLines(stdin, drain=drain)
+                    reader = _SanitizedLines(stdin, drain=drain, on_call=on_call)
                     streams = stdio_server(stdin=reader, stdout=stdout)  # type: ignore[arg-type]
                 async with streams as (read_stream, write_stream):
                     options = lowlevel.create_initialization_options()

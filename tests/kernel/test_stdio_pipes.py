@@ -598,19 +598,23 @@ def test_a_frame_the_sdk_would_drop_is_answered(config: Path, frame: str, code: 
     assert '"stdio.frame_refused"' in proc.stderr.read()
 
 
-def test_the_calls_in_flight_at_the_end_of_stdin_are_answered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("calls", [1, 2])
+def test_the_calls_in_flight_at_the_end_of_stdin_are_answered(tmp_path: Path, calls: int) -> None:
     """Closing stdin is how MCP asks a stdio server to stop; the calls in flight were
     cancelled, their answers lost although paid for, and a piped client
     (`... | llmgw serve`) never got any."""
     proc = serve(_slow_config(tmp_path, 1))
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    send(proc.stdin, INIT, INITIALIZED, call(2, "piped"), call(3, "and another"))
-    proc.stdin.close()  # at once: both calls are still running
+    prompts = {2: "piped", 3: "and another"}
+    wanted = dict(list(prompts.items())[:calls])
+    # One call alone is the hard case: its handler has not started when stdin ends.
+    send(proc.stdin, INIT, INITIALIZED, *(call(i, p) for i, p in wanted.items()))
+    proc.stdin.close()  # at once: the calls are read, not answered
     texts: dict[int, str] = {}
-    for line in proc.stdout:  # in whichever order the two calls end
+    for line in proc.stdout:  # in whichever order the calls end
         msg = json.loads(line)
-        if msg.get("id") in (2, 3):
+        if msg.get("id") in wanted:
             texts[msg["id"]] = msg["result"]["structuredContent"]["data"]["text"]
-    assert texts == {2: "echo[m1]: piped", 3: "echo[m1]: and another"}
+    assert texts == {i: f"echo[m1]: {p}" for i, p in wanted.items()}
     assert proc.wait(timeout=30) == 0
     assert '"stdio.draining"' in proc.stderr.read()
