@@ -253,6 +253,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stderr.write(f"llmgw serve: cannot listen on {args.host}:{args.port}: {problem}\n")
         return EXIT_FAIL
     sys.stderr.write(f"llmgw: serving MCP on http://{args.host}:{args.port}/mcp\n")
+    from sse_starlette.sse import AppStatus
+
+    # On SIGTERM, sse-starlette ended every open response stream at once: a call in flight
+    # lost its answer (charged as unknown). Stateless, every stream is one call's answer
+    # and ends with it (a GET stream is refused: 405), so uvicorn's graceful shutdown can
+    # wait for them, each bounded by gateway.deadline_s; a second signal still forces it.
+    AppStatus.enable_automatic_graceful_drain = False
     try:
         server.run("streamable-http", **run_kwargs)
     except SystemExit as exc:  # uvicorn exits 3 when it cannot start

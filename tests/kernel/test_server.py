@@ -172,7 +172,7 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 @contextlib.contextmanager
-def _running_http(config_dir: Path, env: dict[str, str]) -> Iterator[str]:
+def _running_http(config_dir: Path, env: dict[str, str], keep: bool = False) -> Iterator[str]:
     """``llmgw serve --http`` on a free port; yields its /mcp URL once it accepts."""
     port = _free_port()
     proc = subprocess.Popen(
@@ -202,11 +202,24 @@ def _running_http(config_dir: Path, env: dict[str, str]) -> Iterator[str]:
                     proc.stderr.read().decode() if proc.stderr else "exited"
                 ) from None
             time.sleep(0.05)
+    if keep:
+        _LAST[:] = [proc]
     try:
         yield f"http://127.0.0.1:{port}/mcp"
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def _running_http_proc(config_dir: Path, env: dict[str, str]) -> Iterator[tuple[str, Any]]:
+    """As :func:`_running_http`, with the server's process."""
+    with _running_http(config_dir, env, keep=True) as url:
+        yield url, _LAST[0]
+
+
+_LAST: list[Any] = []
 
 
 @pytest.fixture
@@ -420,3 +433,56 @@ async def test_an_unknown_tool_is_named_briefly_with_the_tools_there_are() -> No
     assert r.is_error and len(text) < 300
     assert "llm_route, llm_routing_info" in text
     assert typo.is_error and "'llm_rout'" in typo.content[0].text
+
+
+SLOW_HOOK = """
+import anyio
+from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin
+
+class Slow(FakeProvider):
+    async def complete(self, request):
+        await anyio.sleep(2)
+        return await super().complete(request)
+
+plugin = lambda ctx: FakeProviderPlugin(Slow(), FakeProvider(name="fake2"))
+"""
+
+
+def test_sigterm_lets_an_http_call_in_flight_finish(config_dir: Path) -> None:
+    """sse-starlette ended every response stream at SIGTERM: the call in flight lost its
+    answer ("incomplete chunked read"), charged as unknown. uvicorn's graceful shutdown
+    now waits for it."""
+    import signal
+    import threading
+
+    (config_dir / "fakes.py").write_text(SLOW_HOOK)
+    got: list[httpx2.Response] = []
+    with _running_http_proc(config_dir, _env(LLM_GATEWAY_HTTP_TOKEN=TOKEN)) as (url, proc):
+        body = {
+            "jsonrpc": "2.0",
+            "id": 7,
+            "method": "tools/call",
+            "params": {
+                "name": "llm_route",
+                "arguments": {"task_class": "quick_answer", "prompt": "last"},
+            },
+        }
+        headers = {**ACCEPT, "authorization": f"Bearer {TOKEN}"}
+        worker = threading.Thread(
+            target=lambda: got.append(httpx2.post(url, json=body, headers=headers, timeout=30))
+        )
+        worker.start()
+        time.sleep(0.7)  # the call is with the provider
+        proc.send_signal(signal.SIGTERM)
+        worker.join(30)
+        # uvicorn raises the signal again once it has shut down (the conventional exit).
+        assert proc.wait(timeout=30) in {0, -signal.SIGTERM}
+    (reply,) = got
+    assert reply.status_code == 200
+    data = next(
+        json.loads(line[len("data: ") :])
+        for line in reply.text.splitlines()
+        if line.startswith("data: ")
+    )
+    assert data["id"] == 7
+    assert data["result"]["structuredContent"]["data"]["text"] == "echo[m1]: last"
