@@ -21,6 +21,7 @@ import anyio
 from . import __version__
 from .build import build_gateway
 from .config import Settings, config_path, effective_env, load_settings
+from .envelope import Envelope
 from .errors import ConfigError, PluginError
 from .gateway import Gateway
 from .logs import configure_logging
@@ -333,17 +334,15 @@ def cmd_route(args: argparse.Namespace) -> int:
 
     envelope = anyio.run(run)
     _print_envelope(envelope.to_dict(), args.json, sys.stdout)
-    return _exit_code(envelope.to_dict())
+    return _exit_code(envelope)
 
 
-def _exit_code(envelope: dict[str, Any]) -> int:
+def _exit_code(envelope: Envelope) -> int:
     """0 success; 2 a request the gateway refused as it was given (an unknown task class,
     a bound out of range: nothing sent); 1 any other failure."""
-    if envelope.get("status") == "success":
+    if envelope.status == "success":
         return EXIT_OK
-    if (envelope.get("meta") or {}).get("error_class") in _USAGE_CLASSES:
-        return EXIT_USAGE
-    return EXIT_FAIL
+    return EXIT_USAGE if envelope.error_class in _USAGE_CLASSES else EXIT_FAIL
 
 
 _USAGE_CLASSES = frozenset({"bad_argument", "unknown_task_class"})
@@ -366,7 +365,7 @@ def cmd_orchestrate(args: argparse.Namespace) -> int:
 
     envelope = anyio.run(run)
     _print_envelope(envelope.to_dict(), args.json, sys.stdout)
-    return _exit_code(envelope.to_dict())
+    return _exit_code(envelope)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -160,6 +160,16 @@ class GatewayServer(MCPServer):
         """Tool calls read and not yet answered (started or about to start)."""
         return self._busy + max(0, self._read - self._started)
 
+    async def drain(self) -> None:
+        """At the end of stdin: wait (at most :attr:`drain_s`) for the calls in flight."""
+        busy = self.in_flight
+        if not busy:
+            return
+        log.info("stdio.draining", calls=busy, timeout_s=self.drain_s)
+        left = await self.drained(self.drain_s)
+        if left:
+            log.warning("stdio.drain_timed_out", calls=left)
+
     async def drained(self, timeout_s: float, start_s: float = 2.0) -> int:
         """Wait until every tool call read has started (at most ``start_s``: a request the
         SDK answers itself never does) and none runs (at most ``timeout_s`` in all);
@@ -448,13 +458,12 @@ class _SanitizedLines:
         self,
         inner: Any,
         reply: Callable[[str], Awaitable[None]] | None = None,
-        drain: Callable[[], Awaitable[None]] | None = None,
-        on_call: Callable[[], None] | None = None,
+        calls: GatewayServer | None = None,
     ) -> None:
         self._inner = inner
         self._reply = reply
-        self._drain = drain
-        self._on_call = on_call
+        #: The server whose tool calls are counted as read and drained at EOF.
+        self._calls = calls
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._lines()
@@ -481,15 +490,15 @@ class _SanitizedLines:
             except ValueError:
                 await self._refused(line)
                 continue
-            if self._on_call is not None and getattr(message, "method", None) == "tools/call":
-                self._on_call()  # counted before its handler starts (see drain)
+            if self._calls is not None and getattr(message, "method", None) == "tools/call":
+                self._calls.request_read()  # counted before its handler starts (see drain)
             yield line
-        if self._drain is not None:
+        if self._calls is not None:
             # stdin ended (MCP's way to ask a server to stop): the calls in flight are
             # answered before the transport closes, not cancelled with their answers lost
             # (paid for, charged at their worst case). A client that will not wait sends
             # SIGTERM, which cancels them (cli: Ctrl-C's path).
-            await self._drain()
+            await self._calls.drain()
 
     async def _refused(self, line: str) -> None:
         """Answer a frame the SDK would drop: -32700 when it is not JSON this server can
@@ -842,32 +851,18 @@ async def run_stdio(server: MCPServer) -> None:
     from mcp.server.stdio import stdio_server
 
     lowlevel = server._lowlevel_server
-    drain: Callable[[], Awaitable[None]] | None = None
-    on_call: Callable[[], None] | None = None
-    if isinstance(server, GatewayServer):
-        gateway_server = server
-        on_call = server.request_read
-
-        async def drain() -> None:
-            busy = gateway_server.in_flight
-            if not busy:
-                return
-            log.info("stdio.draining", calls=busy, timeout_s=gateway_server.drain_s)
-            left = await gateway_server.drained(gateway_server.drain_s)
-            if left:
-                log.warning("stdio.drain_timed_out", calls=left)
-
+    calls = server if isinstance(server, GatewayServer) else None
     try:
         async with _pipe_stdio() as pipes:
             log.info("stdio.serving", transport="pipes" if pipes is not None else "sdk")
             with contextlib.ExitStack() as stack:
                 if pipes is not None:
                     lines, out = pipes
-                    reader = _SanitizedLines(lines, out.write, drain, on_call)
+                    reader = _SanitizedLines(lines, out.write, calls)
                     streams = stdio_server(stdin=reader, stdout=out)  # type: ignore[arg-type]
                 else:
                     stdin, stdout = stack.enter_context(_sdk_files())
-                    reader = _SanitizedLines(stdin, drain=drain, on_call=on_call)
+                    reader = _SanitizedLines(stdin, calls=calls)
                     streams = stdio_server(stdin=reader, stdout=stdout)  # type: ignore[arg-type]
                 async with streams as (read_stream, write_stream):
                     options = lowlevel.create_initialization_options()

@@ -202,7 +202,8 @@ class GeminiProvider(BaseProvider):
         )
 
     def parse(self, model: str, r: Any) -> Outcome:
-        usage = _usage(getattr(r, "usage_metadata", None), _answer_text(r))
+        text = _answer_text(r)
+        usage = _usage(getattr(r, "usage_metadata", None), text)
         feedback = getattr(r, "prompt_feedback", None)
         block = _name(getattr(feedback, "block_reason", None)) if feedback is not None else ""
         if block and block != "BLOCKED_REASON_UNSPECIFIED":
@@ -227,7 +228,6 @@ class GeminiProvider(BaseProvider):
             )
         cand = candidates[0]
         finish = _name(getattr(cand, "finish_reason", None)) or "STOP"
-        text = _answer_text(r)
         if finish in _REFUSED:
             return failure(
                 self.name,

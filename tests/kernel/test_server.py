@@ -172,8 +172,9 @@ TOKEN = "test-token-0123456789abcdef"
 
 
 @contextlib.contextmanager
-def _running_http(config_dir: Path, env: dict[str, str], keep: bool = False) -> Iterator[str]:
-    """``llmgw serve --http`` on a free port; yields its /mcp URL once it accepts."""
+def _running_http(config_dir: Path, env: dict[str, str]) -> Iterator[tuple[str, Any]]:
+    """``llmgw serve --http`` on a free port; yields its /mcp URL, once it accepts, and
+    its process."""
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -202,29 +203,17 @@ def _running_http(config_dir: Path, env: dict[str, str], keep: bool = False) -> 
                     proc.stderr.read().decode() if proc.stderr else "exited"
                 ) from None
             time.sleep(0.05)
-    if keep:
-        _LAST[:] = [proc]
     try:
-        yield f"http://127.0.0.1:{port}/mcp"
+        yield f"http://127.0.0.1:{port}/mcp", proc
     finally:
         if proc.poll() is None:
             proc.terminate()
         proc.wait(timeout=30)
 
 
-@contextlib.contextmanager
-def _running_http_proc(config_dir: Path, env: dict[str, str]) -> Iterator[tuple[str, Any]]:
-    """As :func:`_running_http`, with the server's process."""
-    with _running_http(config_dir, env, keep=True) as url:
-        yield url, _LAST[0]
-
-
-_LAST: list[Any] = []
-
-
 @pytest.fixture
 def http_server(config_dir: Path) -> Iterator[str]:
-    with _running_http(config_dir, _env(LLM_GATEWAY_HTTP_TOKEN=TOKEN)) as url:
+    with _running_http(config_dir, _env(LLM_GATEWAY_HTTP_TOKEN=TOKEN)) as (url, _proc):
         yield url
 
 
@@ -239,6 +228,19 @@ INIT = {
     },
 }
 ACCEPT = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
+
+def _route_call(msg_id: int, prompt: str) -> dict[str, Any]:
+    """A raw JSON-RPC tools/call of llm_route for quick_answer."""
+    return {
+        "jsonrpc": "2.0",
+        "id": msg_id,
+        "method": "tools/call",
+        "params": {
+            "name": "llm_route",
+            "arguments": {"task_class": "quick_answer", "prompt": prompt},
+        },
+    }
 
 
 def test_http_refuses_what_it_must(http_server: str) -> None:
@@ -277,15 +279,7 @@ async def test_http_client_session_and_duplicate_ids(http_server: str) -> None:
 
     # Two raw calls with the same JSON-RPC id at once each get their own answer.
     def call(prompt: str) -> dict[str, Any]:
-        body = {
-            "jsonrpc": "2.0",
-            "id": 7,
-            "method": "tools/call",
-            "params": {
-                "name": "llm_route",
-                "arguments": {"task_class": "quick_answer", "prompt": prompt},
-            },
-        }
+        body = _route_call(7, prompt)
         headers = {
             **ACCEPT,
             "authorization": f"Bearer {TOKEN}",
@@ -317,7 +311,7 @@ def test_http_token_from_the_dotenv_beside_the_config(config_dir: Path) -> None:
     """The README: the .env beside routing.yaml holds unset variables. serve --http read
     its token from the process environment only ("LLM_GATEWAY_HTTP_TOKEN is not set")."""
     (config_dir / ".env").write_text(f"LLM_GATEWAY_HTTP_TOKEN={TOKEN}\n")
-    with _running_http(config_dir, _env()) as url:
+    with _running_http(config_dir, _env()) as (url, _proc):
         ok = httpx2.post(url, json=INIT, headers={**ACCEPT, "authorization": f"Bearer {TOKEN}"})
         refused = httpx2.post(url, json=INIT, headers=ACCEPT)
     assert ok.status_code == 200 and refused.status_code == 401
@@ -457,16 +451,8 @@ def test_sigterm_lets_an_http_call_in_flight_finish(config_dir: Path) -> None:
 
     (config_dir / "fakes.py").write_text(SLOW_HOOK)
     got: list[httpx2.Response] = []
-    with _running_http_proc(config_dir, _env(LLM_GATEWAY_HTTP_TOKEN=TOKEN)) as (url, proc):
-        body = {
-            "jsonrpc": "2.0",
-            "id": 7,
-            "method": "tools/call",
-            "params": {
-                "name": "llm_route",
-                "arguments": {"task_class": "quick_answer", "prompt": "last"},
-            },
-        }
+    with _running_http(config_dir, _env(LLM_GATEWAY_HTTP_TOKEN=TOKEN)) as (url, proc):
+        body = _route_call(7, "last")
         headers = {**ACCEPT, "authorization": f"Bearer {TOKEN}"}
         worker = threading.Thread(
             target=lambda: got.append(httpx2.post(url, json=body, headers=headers, timeout=30))
