@@ -230,7 +230,7 @@ INIT = {
 ACCEPT = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
-def _route_call(msg_id: int, prompt: str) -> dict[str, Any]:
+def route_call(msg_id: int, prompt: str) -> dict[str, Any]:
     """A raw JSON-RPC tools/call of llm_route for quick_answer."""
     return {
         "jsonrpc": "2.0",
@@ -279,7 +279,7 @@ async def test_http_client_session_and_duplicate_ids(http_server: str) -> None:
 
     # Two raw calls with the same JSON-RPC id at once each get their own answer.
     def call(prompt: str) -> dict[str, Any]:
-        body = _route_call(7, prompt)
+        body = route_call(7, prompt)
         headers = {
             **ACCEPT,
             "authorization": f"Bearer {TOKEN}",
@@ -452,7 +452,7 @@ def test_sigterm_lets_an_http_call_in_flight_finish(config_dir: Path) -> None:
     (config_dir / "fakes.py").write_text(SLOW_HOOK)
     got: list[httpx2.Response] = []
     with _running_http(config_dir, _env(LLM_GATEWAY_HTTP_TOKEN=TOKEN)) as (url, proc):
-        body = _route_call(7, "last")
+        body = route_call(7, "last")
         headers = {**ACCEPT, "authorization": f"Bearer {TOKEN}"}
         worker = threading.Thread(
             target=lambda: got.append(httpx2.post(url, json=body, headers=headers, timeout=30))

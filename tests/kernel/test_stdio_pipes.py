@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import pytest
 from test_server import INIT
+from test_server import route_call as call
 
 from llmgw.kernel import server
 
@@ -52,18 +53,6 @@ plugin = lambda ctx: FakeProviderPlugin(Noisy())
 """
 
 INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-
-
-def call(msg_id: int, prompt: str) -> dict[str, Any]:
-    return {
-        "jsonrpc": "2.0",
-        "id": msg_id,
-        "method": "tools/call",
-        "params": {
-            "name": "llm_route",
-            "arguments": {"task_class": "quick_answer", "prompt": prompt},
-        },
-    }
 
 
 def send(stdin: IO[str], *frames: dict[str, Any] | str) -> None:
