@@ -46,6 +46,24 @@ Speed without weakening any of that (figures in docs/performance.md):
   queued before it. When the gateway goes idle, the last settles commit within ~15 ms
   (the writer's own look at its queue, then the linger); until then another process
   sharing the file sees their worst case still held.
+
+Holds (``hold_ahead``, on by default): the one durable commit left on a call's path is
+its reservation's. So a reservation also reserves, in the same transaction and under the
+same cap check, a hold: ``hold_ahead`` more worst cases of that attempt for its provider
+(whole units, at most a quarter of what each cap leaves). The next attempts to that
+provider are covered by the hold, on disk before they are made: each takes its worst case
+out of the hold in memory, all or nothing for a panel, and is sent without waiting for a
+write. Its own entry is drawn from the hold on the writer thread (:class:`Draw`: the
+amount moves from the hold's entry to the attempt's, the totals do not change), and the
+settle follows as before. A hold is topped up as it is drawn from (:class:`Grow`, cap
+checked; only what has committed is drawn from), given back when no attempt has drawn
+from it for ``hold_idle_s`` and at shutdown, and replaced (given back in the reservation's
+transaction, so its headroom counts) when it cannot cover an attempt. The invariant holds
+throughout: a hold is counted as reserved from its commit until each amount leaves it
+into an attempt's reservation or is released. A process that dies keeps its hold charged:
+its lease turns what is left ``unknown`` at the next start, as any reservation; that may
+include attempts drawn but not yet written, which is why it is never released. Near a cap
+the holds shrink to nothing and each attempt reserves for itself again.
 """
 
 from __future__ import annotations
@@ -53,6 +71,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import threading
+import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -78,8 +99,9 @@ from .ledger_config import (
     resolve_caps,
 )
 from .ledger_messages import cap_message, ledger_failed, scope_label, totals_damaged
-from .ledger_ops import MarkUnknown, Op, Release, Reserve, Settle
+from .ledger_ops import Ahead, Draw, Grow, MarkUnknown, Op, Release, Reserve, Settle
 from .ledger_report import build_report, format_spend, spend_report
+from .ledger_sql import HOLD_MODEL
 from .ledger_store import (
     TOTAL,
     CapExceeded,
@@ -96,6 +118,24 @@ __all__ = ["LedgerPlugin", "format_spend", "spend_report"]
 #: While the totals are damaged and a cap is set, how often a call re-reads them (a repair
 #: made meanwhile lets calls through again without a restart).
 DAMAGE_RECHECK_S = 5.0
+
+#: A hold's request id (its model and task class are ``HOLD_MODEL``, its attempt 0).
+HOLD_REQUEST = "hold"
+
+
+@dataclass(eq=False)
+class _Hold:
+    """A hold of this gateway: reserved on disk for ``provider``'s next attempts in
+    ``month``. ``free`` is what no attempt has drawn yet (only what has committed)."""
+
+    id: str
+    month: str
+    provider: str
+    #: The worst case of the attempt that took it: holds are sized and grown by it.
+    unit: int
+    free: int
+    #: A :class:`Grow` is queued (at most one at a time).
+    growing: bool = False
 
 
 class LedgerPlugin:
@@ -138,6 +178,14 @@ class LedgerPlugin:
         self.damage: list[str] = []
         self.damage_capped: list[str] = []
         self._damage_checked = 0.0
+        #: This gateway's holds by (month, provider); changed under ``_holds_lock`` (the
+        #: writer thread completes a hold's growth).
+        self.holds: dict[tuple[str, str], _Hold] = {}
+        # Re-entrant: a write refused at once (the ledger closed) completes its future,
+        # and so runs a growth's callback, on the thread that queued it, lock held.
+        self._holds_lock = threading.RLock()
+        self._last_draw = 0.0
+        self._idle_timer: threading.Timer | None = None
         if self.enabled:
             if ctx.check_only:
                 self.open_error = path_problem(self.path, self.config.busy_timeout_s)
@@ -245,31 +293,8 @@ class LedgerPlugin:
         items = [self._item(c) for c in calls]
         now = self.ctx.clock.now()
         self._free_unsent_first(call, now)
-
-        def release_all(_: None) -> None:
-            for item in items:
-                self._later(
-                    Release(item.id, now, "cancelled"),
-                    item.id,
-                )
-
-        try:
-            await self.writer.run(
-                Reserve(items, self.caps, now, self.config.lease_s),
-                if_abandoned=release_all,
-                # A panel's reservation is committed on the thread even when alone: see
-                # "Inline when alone" in the module docstring.
-                inline=self.in_flight == 0 and not call.is_panel,
-            )
-        except CapExceeded as exc:
-            raise CallRefused(
-                ErrorClass.BUDGET_EXCEEDED,
-                cap_message(exc, call, self.caps, self.cap_origin),
-                fallback=exc.provider_only and not call.is_panel,
-                details={"scopes": [b.use.scope for b in exc.breaches]},
-            ) from None
-        except LedgerError as exc:
-            raise ledger_failed(str(exc), self.caps, self.cap_origin) from None
+        if not self._draw(items, now):
+            await self._reserve(call, items, now)
         if call.is_panel:
             for member, item in zip(call.members, items, strict=True):
                 member.stash[self.ctx.name] = {
@@ -289,6 +314,147 @@ class LedgerPlugin:
             call.limit_cost(items[0].amount_micro)
         # Last: after_call runs (and counts it back) once before_call has completed.
         self.in_flight += 1
+
+    async def _reserve(self, call: Call, items: list[Item], now: datetime) -> None:
+        """Reserve ``items`` in a transaction of their own, waiting for its commit, and
+        take holds for their providers as the caps allow (see "Holds" above)."""
+        ahead = self._ahead(items, now)
+
+        def release_all(taken: list[tuple[str, int]] | None) -> None:
+            for rid in [*(i.id for i in items), *(h for h, _ in taken or ())]:
+                self._later(Release(rid, now, "cancelled"), rid)
+
+        try:
+            taken = await self.writer.run(
+                Reserve(items, self.caps, now, self.config.lease_s, ahead),
+                if_abandoned=release_all,
+                # A panel's reservation is committed on the thread even when alone: see
+                # "Inline when alone" in the module docstring.
+                inline=self.in_flight == 0 and not call.is_panel,
+            )
+        except CapExceeded as exc:
+            raise CallRefused(
+                ErrorClass.BUDGET_EXCEEDED,
+                cap_message(exc, call, self.caps, self.cap_origin),
+                fallback=exc.provider_only and not call.is_panel,
+                details={"scopes": [b.use.scope for b in exc.breaches]},
+            ) from None
+        except LedgerError as exc:
+            raise ledger_failed(str(exc), self.caps, self.cap_origin) from None
+        if taken:
+            self._took(taken, ahead, now)
+
+    # --- holds -------------------------------------------------------------------------
+
+    def _draw(self, items: list[Item], now: datetime) -> bool:
+        """Cover every item from this gateway's holds, all or none: True when drawn (each
+        item's entry is queued, drawn from its hold, and the holds are topped up)."""
+        if not self.holds:
+            return False
+        month = month_of(now)
+        need: dict[str, int] = {}
+        for item in items:
+            need[item.provider] = need.get(item.provider, 0) + item.amount_micro
+        with self._holds_lock:
+            found = []
+            for provider, amount in need.items():
+                hold = self.holds.get((month, provider))
+                if hold is None or hold.free < amount or amount <= 0:
+                    return False
+                found.append((hold, amount))
+            by_provider = {}
+            for hold, amount in found:
+                hold.free -= amount
+                by_provider[hold.provider] = hold
+            self._last_draw = time.monotonic()
+            # Queued under the lock: a hold given back (idle, replaced) is released after
+            # every draw from it, in the writer's order.
+            for item in items:
+                hold = by_provider[item.provider]
+                self._later(Draw(hold.id, item, now, self.config.lease_s), item.id)
+            for hold in by_provider.values():
+                if not hold.growing and hold.free < hold.unit * self.config.hold_ahead:
+                    hold.growing = True
+                    self._grow(hold, now)
+        return True
+
+    def _grow(self, hold: _Hold, now: datetime) -> None:
+        """Top ``hold`` up to its size (lazily: it commits with the next write), the lock
+        held. What it adds is drawn from only once committed."""
+        want = hold.unit * self.config.hold_ahead - hold.free
+        op = Grow(hold.id, hold.unit, want, self.caps, now, self.config.lease_s)
+
+        def done(f: concurrent.futures.Future[int | None]) -> None:
+            added = None if f.cancelled() or f.exception() is not None else f.result()
+            with self._holds_lock:
+                hold.growing = False
+                if added is None:  # failed, or no longer a live hold: drawn from no more
+                    if self.holds.get((hold.month, hold.provider)) is hold:
+                        del self.holds[(hold.month, hold.provider)]
+                else:
+                    hold.free += added
+
+        self.writer.submit(op, lazy=True).add_done_callback(done)
+
+    def _ahead(self, items: list[Item], now: datetime) -> list[Ahead]:
+        """The holds to ask for with a reservation of ``items``: one per provider, sized by
+        its largest item. The holds they replace (too small, or of another month) are
+        given back first, in the same transaction, so their headroom counts."""
+        if not self.config.hold_ahead:
+            return []
+        ahead = []
+        for provider in dict.fromkeys(i.provider for i in items):
+            unit = max(i.amount_micro for i in items if i.provider == provider)
+            if unit <= 0:
+                continue
+            self._give_back(now, provider)
+            item = Item(new_id(), provider, HOLD_MODEL, HOLD_MODEL, HOLD_REQUEST, 0, attempt=0)
+            ahead.append(Ahead(item, unit, self.config.hold_ahead))
+        return ahead
+
+    def _took(self, taken: list[tuple[str, int]], ahead: list[Ahead], now: datetime) -> None:
+        """Keep the holds a reservation made at ``now`` took (replacing any another call
+        of this gateway took meanwhile) and see that they are given back when unused."""
+        asked = {a.item.id: a for a in ahead}
+        month = month_of(now)
+        with self._holds_lock:
+            for hold_id, amount in taken:
+                a = asked[hold_id]
+                hold = _Hold(hold_id, month, a.item.provider, a.unit, amount)
+                old = self.holds.get((month, hold.provider))
+                if old is not None:
+                    self._later(Release(old.id, now), old.id)
+                self.holds[(month, hold.provider)] = hold
+            self._last_draw = time.monotonic()
+            if self._idle_timer is None and self.holds:
+                self._arm(self.config.hold_idle_s)
+
+    def _give_back(self, now: datetime, provider: str | None = None) -> None:
+        """Release the holds (of ``provider``'s, any month; None: all), queued in order
+        after every draw from them."""
+        with self._holds_lock:
+            for key in [k for k in self.holds if provider in (None, k[1])]:
+                hold = self.holds.pop(key)
+                self._later(Release(hold.id, now), hold.id)
+
+    def _arm(self, delay: float) -> None:
+        timer = threading.Timer(delay, self._idle)
+        timer.daemon = True
+        self._idle_timer = timer
+        timer.start()
+
+    def _idle(self) -> None:
+        """On the timer's thread: give every hold back once no attempt has drawn from one
+        for ``hold_idle_s``; otherwise look again when that time is up."""
+        with self._holds_lock:
+            self._idle_timer = None
+            if not self.holds:
+                return
+            left = self._last_draw + self.config.hold_idle_s - time.monotonic()
+            if left > 0:
+                self._arm(left)
+                return
+        self._give_back(self.ctx.clock.now())
 
     def _free_unsent_first(self, call: Call, now: datetime) -> None:
         """A panel member attempting past its first attempt, which never reached this
@@ -380,14 +546,20 @@ class LedgerPlugin:
         mine["settled"] = True
 
     def _later(self, op: Op, rid: str) -> None:
-        """Hand a settle, unknown or release to the writer without waiting for its commit
-        (see the module docstring for why that is safe); a failure is logged."""
+        """Hand a settle, unknown, release or draw to the writer without waiting for its
+        commit (see the module docstring for why that is safe); a failure is logged."""
 
         def done(f: concurrent.futures.Future[bool]) -> None:
             exc = None if f.cancelled() else f.exception()
             if exc is not None:
-                # The entry stays reserved; its lease turns it unknown (charged) at next start.
-                self.ctx.log.error("ledger.settle_failed", reservation=rid, error=str(exc))
+                # The entry (or the hold it was drawn from) stays reserved; its lease turns
+                # it unknown (charged) at the next start.
+                self.ctx.log.error(
+                    "ledger.write_failed",
+                    write=type(op).__name__.lower(),
+                    reservation=rid,
+                    error=str(exc),
+                )
 
         self.writer.submit(op, lazy=True).add_done_callback(done)
 
@@ -444,7 +616,12 @@ class LedgerPlugin:
 
     @hookimpl
     def shutdown(self) -> None:
-        """Commit every queued write, then close the file."""
+        """Give the holds back, commit every queued write, then close the file."""
+        with self._holds_lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+        self._give_back(self.ctx.clock.now())
         self.writer.close()
         self.store.close()
 

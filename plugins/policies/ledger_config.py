@@ -21,7 +21,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from llmgw.kernel import ConfigError, Settings
 from llmgw.kernel.config import MAX_USD, Model
@@ -88,6 +88,16 @@ class LedgerConfig(Model):
     process) become unknown and stay charged. Must exceed gateway.deadline_s."""
     busy_timeout_s: float = Field(default=5.0, gt=0, le=120)
     """How long to wait for another process's write lock before refusing the call."""
+    hold_ahead: int = Field(default=8, ge=0, le=1000)
+    """How many more attempts' worst cases a reservation also holds for its provider: the
+    next attempts to it are then covered by money already reserved on disk and go out
+    without a disk write of their own (each gets its entry right after, drawn from the
+    hold). A hold takes at most a quarter of what a cap leaves, is given back when unused
+    for hold_idle_s and at shutdown, and a process that dies keeps it charged as unknown,
+    as any reservation. 0: every attempt waits for its own reservation's commit."""
+    hold_idle_s: float = Field(default=30.0, gt=0)
+    """Seconds without an attempt after which this gateway gives its holds back. Must be
+    shorter than lease_s."""
 
     @field_validator("lease_s")
     @classmethod
@@ -99,6 +109,15 @@ class LedgerConfig(Model):
                 f"({settings.gateway.deadline_s}): a live call's reservation must not expire"
             )
         return lease
+
+    @model_validator(mode="after")
+    def _idle_within_lease(self) -> LedgerConfig:
+        if self.hold_idle_s >= self.lease_s:
+            raise ValueError(
+                f"hold_idle_s ({self.hold_idle_s}) must be shorter than lease_s "
+                f"({self.lease_s}): a hold kept past its lease would be charged as unknown"
+            )
+        return self
 
 
 def ledger_enabled(env: Mapping[str, str]) -> bool:

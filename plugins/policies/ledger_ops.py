@@ -63,8 +63,11 @@ from .ledger_sql import (
 )
 
 __all__ = [
+    "Ahead",
     "Batch",
+    "Draw",
     "ExpireLeases",
+    "Grow",
     "MarkUnknown",
     "Op",
     "Release",
@@ -166,6 +169,7 @@ class _Entry:
         "id",
         "input_tokens",
         "insert",
+        "lease_until",
         "month",
         "output_tokens",
         "priced",
@@ -202,6 +206,8 @@ class _Entry:
         self.output_tokens = output_tokens
         self.updated_at = updated_at
         self.insert = insert
+        #: A new lease end (a hold drawn from or grown keeps its lease); None: unchanged.
+        self.lease_until: float | None = None
         self.dirty = False
 
     def changes(self) -> list[Any]:
@@ -215,12 +221,16 @@ class _Entry:
             self.input_tokens,
             self.output_tokens,
             self.updated_at,
+            self.reserved,
+            self.lease_until,
         ]
 
     def row(self) -> list[Any]:
         """The ``INSERT`` row (see ``_INSERT_ENTRIES``)."""
         assert self.insert is not None
         model, task_class, request_id, attempt, created_at, lease_until = self.insert
+        if self.lease_until is not None:
+            lease_until = self.lease_until
         return [
             self.id,
             self.month,
@@ -263,7 +273,9 @@ _INSERT_ENTRIES = f"INSERT INTO entries ({_INSERT_COLUMNS}) VALUES {{}}"  # noqa
 _UPDATE_ENTRIES = (
     "UPDATE entries SET state = v.column2, cost_micro = v.column3, priced = v.column4, "
     "error_class = v.column5, input_tokens = v.column6, output_tokens = v.column7, "
-    "updated_at = v.column8 FROM (VALUES {}) AS v WHERE entries.id = v.column1"
+    "updated_at = v.column8, reserved_micro = v.column9, "
+    "lease_until = COALESCE(v.column10, lease_until) "
+    "FROM (VALUES {}) AS v WHERE entries.id = v.column1"
 )
 _UPDATE_TOTALS = (
     "UPDATE totals SET settled_micro = settled_micro + v.column3, "
@@ -279,7 +291,8 @@ _INSERT_TOTALS = (
 # The same updates for a row or two: a plain UPDATE per row is cheaper than a join.
 _UPDATE_ENTRY = (
     "UPDATE entries SET state = ?2, cost_micro = ?3, priced = ?4, error_class = ?5, "
-    "input_tokens = ?6, output_tokens = ?7, updated_at = ?8 WHERE id = ?1"
+    "input_tokens = ?6, output_tokens = ?7, updated_at = ?8, reserved_micro = ?9, "
+    "lease_until = COALESCE(?10, lease_until) WHERE id = ?1"
 )
 _UPDATE_TOTAL = (
     "UPDATE totals SET settled_micro = settled_micro + ?3, "
@@ -434,6 +447,48 @@ class Batch:
             entry.dirty = True
             self._touched.append(entry)
 
+    def touch(self, entry: _Entry, now: datetime) -> None:
+        """``entry`` was changed in place (a hold drawn from or grown): write it."""
+        entry.updated_at = now.isoformat()
+        self._touch(entry)
+
+    def hold(self, month: str, provider: str, amount: int, caps: Caps | None) -> None:
+        """Count ``amount`` more as reserved in both of ``provider``'s scopes: the caller
+        checked ``caps`` (recorded with the rows, as a reservation does), or, None, must
+        count it whatever they say (the rows' caps are left as they are)."""
+        for name in (TOTAL, provider_scope(provider)):
+            s = self.scope(month, name, read=True)
+            s.d_reserved += amount
+            if caps is not None:
+                s.cap = caps.for_scope(name)
+                s.cap_set = True
+            s.dirty = True
+
+    def shift_to_reserved(self, month: str, provider: str, amount: int) -> None:
+        """Move ``amount`` from ``unknown`` to ``reserved`` in both of ``provider``'s scopes
+        (drawn from a hold whose lease another process expired: still charged, now as an
+        attempt's reservation). A scope without a row is left alone, as in :meth:`move`."""
+        for name in (TOTAL, provider_scope(provider)):
+            s = self.scope(month, name, read=self.stepwise)
+            if not s.exists and not s.cap_set:
+                continue
+            s.d_unknown -= amount
+            s.d_reserved += amount
+            s.low_unknown = min(s.low_unknown, s.d_unknown)
+            s.dirty = True
+
+    def room(self, month: str, provider: str, caps: Caps, share: int) -> int | None:
+        """The least headroom, divided by ``share``, of ``provider``'s scopes that have a
+        cap (None: neither has one)."""
+        least: int | None = None
+        for name in (TOTAL, provider_scope(provider)):
+            cap = caps.for_scope(name)
+            if cap is None:
+                continue
+            left = max(0, cap - self.scope(month, name, read=True).use(name).used_micro)
+            least = left if least is None else min(least, left)
+        return None if least is None else least // max(1, share)
+
     def move(
         self, entry: _Entry, state: str, *, settled: int = 0, overage: int = 0, now: datetime
     ) -> None:
@@ -539,8 +594,16 @@ class Reserve(Op):
     caps: Caps
     now: datetime
     lease_s: float
+    #: Holds to take with the items when the caps leave room (see :class:`Ahead`); never a
+    #: reason to refuse the items.
+    ahead: Sequence[Ahead] = ()
+    #: A hold takes at most this share of a capped scope's headroom left after the items
+    #: (4: a quarter), so holds shrink to nothing as a cap nears.
+    ahead_share: int = 4
 
-    def apply(self, batch: Batch) -> None:
+    def apply(self, batch: Batch) -> list[tuple[str, int]] | None:
+        """Reserve the items (or raise :class:`CapExceeded`), then each hold the caps leave
+        room for: the ``(id, amount)`` of each hold taken (None when none was asked)."""
         month = month_of(self.now)
         deltas: dict[str, int] = {}
         for item in self.items:
@@ -564,25 +627,125 @@ class Reserve(Op):
             s.cap = self.caps.for_scope(name)
             s.cap_set = True
             s.dirty = True
-        stamp = self.now.isoformat()
         lease_until = self.now.timestamp() + self.lease_s
         for i in self.items:
-            batch.add(
-                _Entry(
-                    i.id,
-                    month,
-                    i.provider,
-                    "reserved",
-                    i.amount_micro,
-                    None,
-                    int(i.priced),
-                    None,
-                    None,
-                    None,
-                    stamp,
-                    insert=(i.model, i.task_class, i.request_id, i.attempt, stamp, lease_until),
-                )
-            )
+            batch.add(_new_entry(i, month, i.amount_micro, self.now, lease_until))
+        taken = []
+        for ahead in self.ahead:
+            amount = ahead.fit(batch.room(month, ahead.item.provider, self.caps, self.ahead_share))
+            if amount:
+                batch.hold(month, ahead.item.provider, amount, self.caps)
+                batch.add(_new_entry(ahead.item, month, amount, self.now, lease_until))
+                taken.append((ahead.item.id, amount))
+        return taken if self.ahead else None
+
+
+def _new_entry(item: Item, month: str, amount: int, now: datetime, lease_until: float) -> _Entry:
+    """A ``reserved`` entry for ``item``, new in this batch (inserted when written)."""
+    stamp = now.isoformat()
+    return _Entry(
+        item.id,
+        month,
+        item.provider,
+        "reserved",
+        amount,
+        None,
+        int(item.priced),
+        None,
+        None,
+        None,
+        stamp,
+        insert=(item.model, item.task_class, item.request_id, item.attempt, stamp, lease_until),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """A hold to take: money reserved for a provider's next attempts before they are made,
+    so each of them is covered by a reservation already on disk when it is sent (its own
+    entry is drawn from the hold afterwards, :class:`Draw`). Up to ``units`` attempts of
+    ``unit`` micro-dollars (the worst case of the attempt that asked for it); taken in
+    whole units, as far as the caps leave room. ``item.amount_micro`` is not used."""
+
+    item: Item
+    unit: int
+    units: int
+
+    def fit(self, room: int | None) -> int:
+        """The amount to take given ``room`` (None: no cap applies): whole units only."""
+        if self.unit <= 0 or self.units <= 0:
+            return 0
+        units = self.units if room is None else min(self.units, room // self.unit)
+        return max(0, units) * self.unit
+
+
+@dataclass(frozen=True, slots=True)
+class Grow(Op):
+    """Add up to ``want`` to a live hold (whole units, as far as the caps leave room) and
+    renew its lease; returns the amount added (0: no room, or the hold is no longer
+    ``reserved``, e.g. released or expired by another process)."""
+
+    entry_id: str
+    unit: int
+    want: int
+    caps: Caps
+    now: datetime
+    lease_s: float
+    share: int = 4
+
+    def apply(self, batch: Batch) -> int:
+        hold = batch.entry(self.entry_id)
+        if hold is None or hold.state != "reserved" or self.unit <= 0:
+            return 0
+        ahead = Ahead(_HOLD_PROBE, self.unit, self.want // self.unit)
+        amount = ahead.fit(batch.room(hold.month, hold.provider, self.caps, self.share))
+        if amount:
+            batch.hold(hold.month, hold.provider, amount, self.caps)
+            hold.reserved += amount
+        hold.lease_until = self.now.timestamp() + self.lease_s
+        batch.touch(hold, self.now)
+        return amount
+
+
+_HOLD_PROBE = Item("", "", "", "", "", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Draw(Op):
+    """Give an attempt carved from a hold its own ``reserved`` entry, moving its amount out
+    of the hold (the totals do not change: the money was reserved with the hold) and
+    renewing the hold's lease. True when drawn from the hold.
+
+    A hold that another process's start found expired is ``unknown``: the amount moves
+    from ``unknown`` to the attempt's reservation, charged all along. A hold that cannot
+    cover it (gone: released, or edited by hand) leaves the attempt reserved on its own,
+    counted without a cap check (False): the attempt may be out already, so it must be
+    counted, and the cap was checked when its hold was taken."""
+
+    entry_id: str
+    item: Item
+    now: datetime
+    lease_s: float
+
+    def apply(self, batch: Batch) -> bool:
+        hold = batch.entry(self.entry_id)
+        amount = self.item.amount_micro
+        lease_until = self.now.timestamp() + self.lease_s
+        drawn = hold is not None and hold.reserved >= amount
+        if hold is not None and drawn:
+            month = hold.month
+            hold.reserved -= amount
+            if hold.state == "unknown":
+                batch.shift_to_reserved(month, hold.provider, amount)
+            else:
+                hold.lease_until = lease_until
+            batch.touch(hold, self.now)
+        else:
+            month = month_of(self.now)
+            batch.hold(month, self.item.provider, amount, None)
+        batch.add(_new_entry(self.item, month, amount, self.now, lease_until))
+        return drawn
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from llmgw.kernel import Settings
 from llmgw.kernel.config import pydantic_errors
 
 from .ledger_config import LedgerConfig, ledger_enabled, ledger_path, resolve_caps
-from .ledger_sql import Audit
+from .ledger_sql import HOLD_MODEL, Audit
 from .ledger_store import (
     TOTAL,
     Caps,
@@ -37,11 +37,16 @@ def _usd(micro: int | None) -> float | None:
     return None if micro is None else micro / MICRO
 
 
-def _scope_dict(use: ScopeUse, cap: int | None, source: str | None) -> dict[str, Any]:
+def _scope_dict(
+    use: ScopeUse, cap: int | None, source: str | None, held: int = 0
+) -> dict[str, Any]:
+    """One scope's figures. ``reserved_usd`` is what attempts out now hold, ``held_usd``
+    what holds keep ahead for the next ones; both count against the cap."""
     return {
         "settled_usd": _usd(use.settled_micro),
         "unknown_usd": _usd(use.unknown_micro),
-        "reserved_usd": _usd(use.reserved_micro),
+        "reserved_usd": _usd(max(0, use.reserved_micro - held)),
+        "held_usd": _usd(held),
         "committed_usd": _usd(use.used_micro),
         "overage_usd": _usd(use.overage_micro),
         "cap_usd": _usd(cap),
@@ -73,17 +78,28 @@ def build_report(
     """The spend report of ``month`` from an open store (or an empty one if None)."""
     scopes, rows = store.snapshot(month) if store is not None else ({}, [])
     total = scopes.get(TOTAL, ScopeUse(TOTAL))
+    held: dict[str, int] = {}
+    for r in rows:
+        if r["model"] == HOLD_MODEL and r["state"] == "reserved":
+            held[r["provider"]] = held.get(r["provider"], 0) + (r["micro"] or 0)
     providers: dict[str, Any] = {}
     names = {s.removeprefix("provider:") for s in scopes if s != TOTAL} | set(caps.providers)
     for name in sorted(names):
         scope = f"provider:{name}"
         providers[name] = _scope_dict(
-            scopes.get(scope, ScopeUse(scope)), caps.providers.get(name), origin.get(scope)
+            scopes.get(scope, ScopeUse(scope)),
+            caps.providers.get(name),
+            origin.get(scope),
+            held.get(name, 0),
         )
     by_model: dict[str, dict[str, Any]] = {}
     by_class: dict[str, dict[str, Any]] = {}
     unpriced = 0
     for r in rows:
+        if r["model"] == HOLD_MODEL and r["state"] != "unknown":
+            # Not attempts: what holds keep is in held_usd, what they gave back is nothing.
+            # A hold whose lease ran out (its process died) stays listed: it is charged.
+            continue
         unpriced += r["unpriced"] or 0
         for key, table in (
             (f"{r['provider']}/{r['model']}", by_model),
@@ -109,7 +125,7 @@ def build_report(
         "path": path,
         "month": month,
         "error": error,
-        "total": _scope_dict(total, caps.total, origin.get(TOTAL)),
+        "total": _scope_dict(total, caps.total, origin.get(TOTAL), sum(held.values())),
         "providers": providers,
         "by_model": by_model,
         "by_task_class": by_class,
@@ -250,6 +266,8 @@ def format_spend(report: dict[str, Any]) -> str:
             f"{_money(s['reserved_usd']):>12}{_money(s['cap_usd']):>12}"
             f"{_money(s['headroom_usd']):>12}"
         )
+        if s.get("held_usd"):
+            lines.append(f"{'':<24}held ahead for the next attempts: {_money(s['held_usd'])}")
         if s.get("overage_usd"):
             lines.append(f"{'':<24}overage above reservations: {_money(s['overage_usd'])}")
     for title, table in (("model", report["by_model"]), ("task class", report["by_task_class"])):
@@ -273,6 +291,11 @@ def format_spend(report: dict[str, Any]) -> str:
         "\nunknown = sent but no usage came back (timeout, reset, crash): "
         "charged at the reserved worst case"
     )
+    if report["total"].get("held_usd"):
+        lines.append(
+            "held ahead = reserved by a running gateway for its next attempts (counted "
+            "against the caps; given back when unused)"
+        )
     damage = report.get("totals_damage")
     if damage and report.get("check") is None:
         lines.append(f"\nWARNING: this month's totals do not match its entries ({len(damage)}):")

@@ -13,7 +13,10 @@ recorded with it: a second line of defence behind the check in
 
 Money is integer micro-dollars. Entry states: ``reserved`` (worst case held),
 ``settled`` (usage known, its cost counted), ``unknown`` (possibly billed, no usage:
-the reservation stays charged), ``released`` (never sent, nothing charged).
+the reservation stays charged), ``released`` (never sent, nothing charged). A hold (model
+:data:`HOLD_MODEL`, attempt 0) is a reservation for a provider's next attempts: each one
+made is moved out of it into an entry of its own, and what is left is released when
+unused, or turned ``unknown`` as any reservation when its lease runs out.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 TOTAL = "total"
+#: A hold's entry (money reserved ahead for a provider's next attempts, drawn from as they
+#: are made: see :mod:`.ledger`) carries this model and task class, and attempt 0.
+HOLD_MODEL = "(held ahead)"
 
 #: The current definition of each index that has had another one, and the earlier
 #: definitions a ledger file may still carry: :func:`migrate_indexes` rebuilds an index

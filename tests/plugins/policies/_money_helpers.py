@@ -93,21 +93,23 @@ def store(path: Path) -> LedgerStore:
     return s
 
 
-def states(path: Path) -> dict[str, int]:
-    """How many ledger entries are in each state."""
-    s = store(path)
-    try:
-        return {st: s.count(st) for st in ("reserved", "settled", "unknown", "released")}
-    finally:
-        s.close()
+def states(path: Path, *, holds: bool = False) -> dict[str, int]:
+    """How many attempts' ledger entries (``holds``: holds' entries) are in each state."""
+    found = {st: 0 for st in ("reserved", "settled", "unknown", "released")}
+    for row in rows(path, holds=holds):
+        found[row["state"]] += 1
+    return found
 
 
-def rows(path: Path) -> list[dict[str, Any]]:
+def rows(path: Path, *, holds: bool = False) -> list[dict[str, Any]]:
+    """The attempts' ledger entries in the order they were made (``holds``: the holds'
+    entries instead: attempt 0, money reserved ahead for a provider's next attempts)."""
     import sqlite3
 
     db = sqlite3.connect(path)
     try:
-        cur = db.execute("SELECT * FROM entries ORDER BY created_at, rowid")
+        which = "attempt = 0" if holds else "attempt > 0"
+        cur = db.execute(f"SELECT * FROM entries WHERE {which} ORDER BY created_at, rowid")  # noqa: S608
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     finally:

@@ -26,12 +26,14 @@ from llmgw.plugins.policies.ledger_writer import LedgerWriter
 
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=UTC)
 HERE = Path(__file__).parent
+# Every attempt reserves for itself (no holds): how that reservation commits is tested.
 YAML = """
 plugins: [ledger, router, fake]
 task_classes:
   quick: {provider: fake, model: m1, max_tokens: 100}
 ledger:
   caps: {total_monthly_usd: 5}
+  hold_ahead: 0
 """
 
 
@@ -220,6 +222,7 @@ task_classes:
   quick: {provider: fake, model: m1, max_tokens: 100}
 ledger:
   caps: {total_monthly_usd: 5}
+  hold_ahead: 0
 '''
 
 async def main():

@@ -357,7 +357,7 @@ def test_plain_functions_run_between_set_wise_writes_in_order(form: str, tmp_pat
     [
         ops._READ_ENTRIES_JSON.format(ops._marks(3, 0)),
         ops._READ_ENTRIES.format(ops._marks(3, 0)),
-        ops._UPDATE_ENTRIES.format(ops._marks(3, 8)),
+        ops._UPDATE_ENTRIES.format(ops._marks(3, 10)),
         ops._UPDATE_TOTALS.format(ops._marks(3, 8)),
     ],
 )
