@@ -53,12 +53,15 @@ same cap check, a hold: ``hold_ahead`` more worst cases of that attempt for its 
 (whole units, at most a quarter of what each cap leaves). The next attempts to that
 provider are covered by the hold, on disk before they are made: each takes its worst case
 out of the hold in memory, all or nothing for a panel, and is sent without waiting for a
-write. Its own entry is drawn from the hold on the writer thread (:class:`Draw`: the
-amount moves from the hold's entry to the attempt's, the totals do not change), and the
-settle follows as before. A hold is topped up as it is drawn from (:class:`Grow`, cap
-checked; only what has committed is drawn from), given back when no attempt has drawn
-from it for ``hold_idle_s`` and at shutdown, and replaced (given back in the reservation's
-transaction, so its headroom counts) when it cannot cover an attempt. The invariant holds
+write. Its own entry is drawn from the hold later, with the writes queued (:class:`Draw`:
+the amount moves from the hold's entry to the attempt's, the totals do not change), and
+the settle follows as before. An attempt the hold cannot cover reserves for itself and
+takes a new hold; the old one is given back in that same transaction (first, so its
+headroom counts). So one call in ``hold_ahead + 1`` waits for a commit. Topping a hold up
+in the background was tried: on this kind of machine its commit took ~13 ms (the writer
+thread waits for the event loop's GIL at each step), longer than the hold lasted. A hold
+is given back when no attempt has drawn from it for ``hold_idle_s``, and at shutdown.
+The invariant holds
 throughout: a hold is counted as reserved from its commit until each amount leaves it
 into an attempt's reservation or is released. A process that dies keeps its hold charged:
 its lease turns what is left ``unknown`` at the next start, as any reservation; that may
@@ -99,7 +102,7 @@ from .ledger_config import (
     resolve_caps,
 )
 from .ledger_messages import cap_message, ledger_failed, scope_label, totals_damaged
-from .ledger_ops import Ahead, Draw, Grow, MarkUnknown, Op, Release, Reserve, Settle
+from .ledger_ops import Ahead, Draw, MarkUnknown, Op, Release, Reserve, Settle
 from .ledger_report import build_report, format_spend, spend_report
 from .ledger_sql import HOLD_MODEL
 from .ledger_store import (
@@ -131,11 +134,9 @@ class _Hold:
     id: str
     month: str
     provider: str
-    #: The worst case of the attempt that took it: holds are sized and grown by it.
+    #: The worst case of the attempt that took it, which sized it.
     unit: int
     free: int
-    #: A :class:`Grow` is queued (at most one at a time).
-    growing: bool = False
 
 
 class LedgerPlugin:
@@ -348,7 +349,7 @@ class LedgerPlugin:
 
     def _draw(self, items: list[Item], now: datetime) -> bool:
         """Cover every item from this gateway's holds, all or none: True when drawn (each
-        item's entry is queued, drawn from its hold, and the holds are topped up)."""
+        item's entry is queued, to be drawn from its hold)."""
         if not self.holds:
             return False
         month = month_of(now)
@@ -372,29 +373,7 @@ class LedgerPlugin:
             for item in items:
                 hold = by_provider[item.provider]
                 self._later(Draw(hold.id, item, now, self.config.lease_s), item.id)
-            for hold in by_provider.values():
-                if not hold.growing and hold.free < hold.unit * self.config.hold_ahead:
-                    hold.growing = True
-                    self._grow(hold, now)
         return True
-
-    def _grow(self, hold: _Hold, now: datetime) -> None:
-        """Top ``hold`` up to its size (lazily: it commits with the next write), the lock
-        held. What it adds is drawn from only once committed."""
-        want = hold.unit * self.config.hold_ahead - hold.free
-        op = Grow(hold.id, hold.unit, want, self.caps, now, self.config.lease_s)
-
-        def done(f: concurrent.futures.Future[int | None]) -> None:
-            added = None if f.cancelled() or f.exception() is not None else f.result()
-            with self._holds_lock:
-                hold.growing = False
-                if added is None:  # failed, or no longer a live hold: drawn from no more
-                    if self.holds.get((hold.month, hold.provider)) is hold:
-                        del self.holds[(hold.month, hold.provider)]
-                else:
-                    hold.free += added
-
-        self.writer.submit(op, lazy=True).add_done_callback(done)
 
     def _ahead(self, items: list[Item], now: datetime) -> list[Ahead]:
         """The holds to ask for with a reservation of ``items``: one per provider, sized by

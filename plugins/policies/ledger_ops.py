@@ -67,7 +67,6 @@ __all__ = [
     "Batch",
     "Draw",
     "ExpireLeases",
-    "Grow",
     "MarkUnknown",
     "Op",
     "Release",
@@ -677,37 +676,6 @@ class Ahead:
             return 0
         units = self.units if room is None else min(self.units, room // self.unit)
         return max(0, units) * self.unit
-
-
-@dataclass(frozen=True, slots=True)
-class Grow(Op):
-    """Add up to ``want`` to a live hold (whole units, as far as the caps leave room) and
-    renew its lease; returns the amount added (0: no room, or the hold is no longer
-    ``reserved``, e.g. released or expired by another process)."""
-
-    entry_id: str
-    unit: int
-    want: int
-    caps: Caps
-    now: datetime
-    lease_s: float
-    share: int = 4
-
-    def apply(self, batch: Batch) -> int:
-        hold = batch.entry(self.entry_id)
-        if hold is None or hold.state != "reserved" or self.unit <= 0:
-            return 0
-        ahead = Ahead(_HOLD_PROBE, self.unit, self.want // self.unit)
-        amount = ahead.fit(batch.room(hold.month, hold.provider, self.caps, self.share))
-        if amount:
-            batch.hold(hold.month, hold.provider, amount, self.caps)
-            hold.reserved += amount
-        hold.lease_until = self.now.timestamp() + self.lease_s
-        batch.touch(hold, self.now)
-        return amount
-
-
-_HOLD_PROBE = Item("", "", "", "", "", 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,7 +110,8 @@ async def test_a_target_or_price_changed_after_approval_is_never_sent(
     assert f"a plugin changed the attempt's {what} in before_call" in (env.error or "")
     assert fake.received == [] and other.received == []
     total = gw.routing_info()["ledger"]["total"]
-    assert total["reserved_usd"] == total["committed_usd"] == 0
+    # Nothing charged: all that counts is the hold the reservation took for later attempts.
+    assert total["reserved_usd"] == 0 and total["committed_usd"] == total["held_usd"]
     await gw.aclose()
 
 
@@ -308,7 +309,7 @@ async def test_a_request_whose_deadline_passed_in_before_call_is_not_sent(
     assert env.error_class == ErrorClass.DEADLINE_EXCEEDED.value
     assert "nothing was sent" in (env.error or "")
     assert fake.received == []
-    assert totals["committed_usd"] == 0
+    assert totals["committed_usd"] == totals["held_usd"]  # only held ahead, nothing charged
 
 
 PANEL_YAML = """
