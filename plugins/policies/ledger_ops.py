@@ -454,13 +454,13 @@ class Batch:
     def hold(self, month: str, provider: str, amount: int, caps: Caps | None) -> None:
         """Count ``amount`` more as reserved in both of ``provider``'s scopes: the caller
         checked ``caps`` (recorded with the rows, as a reservation does), or, None, must
-        count it whatever they say (the rows' caps are left as they are)."""
+        count it whatever they say (the rows keep the caps they have)."""
         for name in (TOTAL, provider_scope(provider)):
-            s = self.scope(month, name, read=True)
+            s = self.scope(month, name, read=True)  # with its cap, as stored
             s.d_reserved += amount
             if caps is not None:
                 s.cap = caps.for_scope(name)
-                s.cap_set = True
+            s.cap_set = True  # written with the row (created if it had none)
             s.dirty = True
 
     def shift_to_reserved(self, month: str, provider: str, amount: int) -> None:
@@ -688,7 +688,8 @@ class Draw(Op):
     from ``unknown`` to the attempt's reservation, charged all along. A hold that cannot
     cover it (gone: released, or edited by hand) leaves the attempt reserved on its own,
     counted without a cap check (False): the attempt may be out already, so it must be
-    counted, and the cap was checked when its hold was taken."""
+    counted, and the cap was checked when its hold was taken. A hold of another provider
+    never covers it (each provider's scope holds its own money)."""
 
     entry_id: str
     item: Item
@@ -699,7 +700,9 @@ class Draw(Op):
         hold = batch.entry(self.entry_id)
         amount = self.item.amount_micro
         lease_until = self.now.timestamp() + self.lease_s
-        drawn = hold is not None and hold.reserved >= amount
+        drawn = (
+            hold is not None and hold.provider == self.item.provider and hold.reserved >= amount
+        )
         if hold is not None and drawn:
             month = hold.month
             hold.reserved -= amount
