@@ -700,9 +700,7 @@ class Draw(Op):
         hold = batch.entry(self.entry_id)
         amount = self.item.amount_micro
         lease_until = self.now.timestamp() + self.lease_s
-        drawn = (
-            hold is not None and hold.provider == self.item.provider and hold.reserved >= amount
-        )
+        drawn = hold is not None and hold.provider == self.item.provider and hold.reserved >= amount
         if hold is not None and drawn:
             month = hold.month
             hold.reserved -= amount
@@ -716,7 +714,6 @@ class Draw(Op):
             batch.hold(month, self.item.provider, amount, None)
         batch.add(_new_entry(self.item, month, amount, self.now, lease_until))
         return drawn
-
 
 
 @dataclass(frozen=True, slots=True)
