@@ -33,7 +33,8 @@ def _breach_text(b: Breach, caps: Caps, origin: dict[str, str]) -> str:
     u = b.use
     return (
         f"{scope_label(u.scope, caps, origin)}: used {usd(u.used_micro)} (settled "
-        f"{usd(u.settled_micro)}, reserved {usd(u.reserved_micro)}, unknown "
+        f"{usd(u.settled_micro)}, reserved in flight or held ahead {usd(u.reserved_micro)}, "
+        "unknown "
         f"{usd(u.unknown_micro)}), headroom {usd(b.headroom_micro)}, this needs up to "
         f"{usd(b.needed_micro)}"
     )
@@ -56,7 +57,8 @@ def cap_message(exc: CapExceeded, call: Call, caps: Caps, origin: dict[str, str]
     return (
         f"{what} would exceed the " + "; and the ".join(parts) + f"{sent}. Fix: lower "
         f"max_tokens, wait for next month (UTC), or raise the cap ({', '.join(names)} or "
-        "ledger.caps)"
+        "ledger.caps); what other gateways on this ledger hold ahead is given back when "
+        "they go idle (ledger.hold_idle_s)"
     )
 
 
