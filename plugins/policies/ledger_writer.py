@@ -17,10 +17,14 @@ reserved, charged at the worst case, until the lease turns it ``unknown`` at the
 start). The batch is not retried: a COMMIT fails on a disk error, which a second try at
 once would meet again, and a retry would only delay the refusals.
 
-Writes nobody waits for (settles, marked ``lazy``) may wait up to :attr:`LedgerWriter.linger_s`
-(5 ms) for a write somebody waits for (a reservation) and join its commit: a gateway serving
-one call after another then pays one ``fsync`` per call, not two. Waiting longer only keeps
-the worst case counted a little longer (see :mod:`.ledger`). So a lazy write does not even
+Writes nobody waits for (settles, draws from a hold, marked ``lazy``) may wait up to
+:attr:`LedgerWriter.linger_s` (50 ms) for a write somebody waits for (a reservation) and join
+its commit: a gateway serving one call after another then pays one ``fsync`` per
+reservation, not one per write, and with holds (one reservation per ``hold_ahead + 1``
+calls) the thread has nothing left to do in the background, where its statements would
+take the GIL from the busy event loop (5 ms here before holds: measured in
+bench/README.md). Waiting longer only keeps the worst case counted a little longer (see
+:mod:`.ledger`). So a lazy write does not even
 wake the thread: the thread finds it when an urgent write, a flush, a close or a full batch
 wakes it, or at its own look at the queue every 10 ms; then it waits out what is left of
 the linger. Waking the thread for every settle cost two thread switches per call (the wake
@@ -119,7 +123,7 @@ class LedgerWriter:
     poll_s = 0.01
     #: How long lazy writes (settles) may wait for an urgent one (a reservation) to share
     #: its commit; a flush, a close or a full batch commits them at once.
-    linger_s = 0.005
+    linger_s = 0.05
     #: Under load, apply batches on the event loop and commit them on the thread (see the
     #: module docstring); False: the thread runs them whole (as the tests compare).
     loop_batches = True

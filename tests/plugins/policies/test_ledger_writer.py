@@ -431,6 +431,7 @@ def test_a_settle_queued_just_after_an_inline_batch_commits_within_the_poll(
     # queued does not notify it, nor does the settle queued right after: the thread must
     # look again within poll_s, not sleep a tenth of a second.
     writer = LedgerWriter(st)
+    writer.linger_s = 0.005  # the thread's look is tested here, not the linger
     writer.submit(reserve("a", 10, Caps())).result(5)  # the thread runs, then idles
     real = st.try_batch
 
