@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
-from _money_helpers import PRICE, fake, flush, rows, store, worst_micro
+from _money_helpers import PRICE, GatedProvider, fake, flush, rows, store, worst_micro
 
 from llmgw.kernel import ConfigError, Outcome, ProviderRequest, Request, Usage
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
@@ -214,6 +215,26 @@ async def test_a_panel_one_provider_short_reserves_every_member(tmp_path: Path) 
         ("reserved", 2 * W),
     ]
     await g.aclose()
+    audit_ok(tmp_path / "l.db", month_of(datetime.now(UTC)))
+
+
+@pytest.mark.anyio
+async def test_calls_in_flight_ask_for_one_hold_at_a_time(tmp_path: Path) -> None:
+    # Forty calls at once: the ones that find the hold used up reserve for themselves,
+    # and only the first of them asks for a new hold (not forty holds, forty given back).
+    g = gw(
+        tmp_path,
+        "  hold_ahead: 8\n  caps: {total_monthly_usd: 5}",
+        providers=[GatedProvider(prices={"m1": PRICE}, delay=lambda: 0.002), fake("alt")],
+    )
+    async with anyio.create_task_group() as tg:
+        for _ in range(40):
+            tg.start_soon(g.route, Request("quick", "hi"))
+    await g.aclose()
+    assert [r["state"] for r in rows(tmp_path / "l.db")] == ["settled"] * 40
+    holds = rows(tmp_path / "l.db", holds=True)
+    assert 1 <= len(holds) <= 5, len(holds)
+    assert {r["state"] for r in holds} == {"released"}
     audit_ok(tmp_path / "l.db", month_of(datetime.now(UTC)))
 
 
