@@ -60,8 +60,14 @@ takes a new hold; the old one is given back in that same transaction (first, so 
 headroom counts). So one call in ``hold_ahead + 1`` waits for a commit. Topping a hold up
 in the background was tried: on this kind of machine its commit took ~13 ms (the writer
 thread waits for the event loop's GIL at each step), longer than the hold lasted. A hold
-is given back when no attempt has drawn from it for ``hold_idle_s``, and at shutdown.
-The invariant holds
+is given back when no attempt has drawn from it for ``hold_idle_s`` (each hold on its own:
+its lease, renewed only by its draws, must never run out while this gateway lives), and at
+shutdown. Giving back releases exactly what no attempt took (:class:`GiveBack`): if an
+attempt's draw could not be written (the ledger locked past ``busy_timeout_s``), its
+amount stays in the hold, reserved, and turns unknown with the lease; it was sent. A
+reservation refused by a cap while this gateway holds money gives every hold back, first
+in the next transaction, and is checked again: this gateway's holds never refuse a call
+that fits without them (another gateway's may, until it goes idle). The invariant holds
 throughout: a hold is counted as reserved from its commit until each amount leaves it
 into an attempt's reservation or is released. A process that dies keeps its hold charged:
 its lease turns what is left ``unknown`` at the next start, as any reservation; that may
@@ -102,7 +108,7 @@ from .ledger_config import (
     resolve_caps,
 )
 from .ledger_messages import cap_message, ledger_failed, scope_label, totals_damaged
-from .ledger_ops import Ahead, Draw, MarkUnknown, Op, Release, Reserve, Settle
+from .ledger_ops import Ahead, Draw, GiveBack, MarkUnknown, Op, Release, Reserve, Settle
 from .ledger_report import build_report, format_spend, spend_report
 from .ledger_sql import HOLD_MODEL
 from .ledger_store import (
@@ -137,6 +143,9 @@ class _Hold:
     #: The worst case of the attempt that took it, which sized it.
     unit: int
     free: int
+    #: ``time.monotonic()`` of its taking or last draw: unused for ``hold_idle_s``, it is
+    #: given back (well before its lease, which only its draws renew, runs out).
+    used: float = 0.0
 
 
 class LedgerPlugin:
@@ -180,12 +189,9 @@ class LedgerPlugin:
         self.damage_capped: list[str] = []
         self._damage_checked = 0.0
         #: This gateway's holds by (month, provider); changed under ``_holds_lock`` (the
-        #: writer thread completes a hold's growth).
+        #: event loop draws and takes them, the idle timer's thread gives them back).
         self.holds: dict[tuple[str, str], _Hold] = {}
-        # Re-entrant: a write refused at once (the ledger closed) completes its future,
-        # and so runs a growth's callback, on the thread that queued it, lock held.
         self._holds_lock = threading.RLock()
-        self._last_draw = 0.0
         self._idle_timer: threading.Timer | None = None
         #: Providers a reservation out now asks a hold for: the calls that miss meanwhile
         #: reserve without asking for one more (50 calls in flight would take 50 holds).
@@ -328,29 +334,38 @@ class LedgerPlugin:
             for rid in [*(i.id for i in items), *(h for h, _ in taken or ())]:
                 self._later(Release(rid, now, "cancelled"), rid)
 
-        try:
-            taken = await self.writer.run(
-                Reserve(items, self.caps, now, self.config.lease_s, ahead),
-                if_abandoned=release_all,
-                # A panel's reservation is committed on the thread even when alone: see
-                # "Inline when alone" in the module docstring.
-                inline=self.in_flight == 0 and not call.is_panel,
-            )
-        except CapExceeded as exc:
-            self._asked(ahead)
-            raise CallRefused(
-                ErrorClass.BUDGET_EXCEEDED,
-                cap_message(exc, call, self.caps, self.cap_origin),
-                fallback=exc.provider_only and not call.is_panel,
-                details={"scopes": [b.use.scope for b in exc.breaches]},
-            ) from None
-        except LedgerError as exc:
-            self._asked(ahead)
-            raise ledger_failed(str(exc), self.caps, self.cap_origin) from None
-        except BaseException:  # cancelled: if_abandoned gives back what it took
-            self._asked(ahead)
-            raise
-        self._took(taken or [], ahead, now)
+        while True:
+            try:
+                taken = await self.writer.run(
+                    Reserve(items, self.caps, now, self.config.lease_s, ahead),
+                    if_abandoned=release_all,
+                    # A panel's reservation is committed on the thread even when alone:
+                    # see "Inline when alone" in the module docstring.
+                    inline=self.in_flight == 0 and not call.is_panel,
+                )
+            except CapExceeded as exc:
+                self._asked(ahead)
+                ahead = []
+                if self.holds:
+                    # This gateway's own holds (for other providers, or taken by another
+                    # call meanwhile) must never refuse a call that fits without them:
+                    # give them all back, first in the next transaction, and check again.
+                    self._give_back(now)
+                    continue
+                raise CallRefused(
+                    ErrorClass.BUDGET_EXCEEDED,
+                    cap_message(exc, call, self.caps, self.cap_origin),
+                    fallback=exc.provider_only and not call.is_panel,
+                    details={"scopes": [b.use.scope for b in exc.breaches]},
+                ) from None
+            except LedgerError as exc:
+                self._asked(ahead)
+                raise ledger_failed(str(exc), self.caps, self.cap_origin) from None
+            except BaseException:  # cancelled: if_abandoned gives back what it took
+                self._asked(ahead)
+                raise
+            self._took(taken or [], ahead, now)
+            return
 
     # --- holds -------------------------------------------------------------------------
 
@@ -371,10 +386,11 @@ class LedgerPlugin:
                     return False
                 found.append((hold, amount))
             by_provider = {}
+            used = time.monotonic()
             for hold, amount in found:
                 hold.free -= amount
+                hold.used = used
                 by_provider[hold.provider] = hold
-            self._last_draw = time.monotonic()
             # Queued under the lock: a hold given back (idle, replaced) is released after
             # every draw from it, in the writer's order.
             for item in items:
@@ -417,24 +433,33 @@ class LedgerPlugin:
             self._asked(ahead)
             for hold_id, amount in taken:
                 a = asked[hold_id]
-                hold = _Hold(hold_id, month, a.item.provider, a.unit, amount)
-                old = self.holds.get((month, hold.provider))
+                hold = _Hold(hold_id, month, a.item.provider, a.unit, amount, time.monotonic())
+                old = self.holds.pop((month, hold.provider), None)
                 if old is not None:
-                    self._later(Release(old.id, now), old.id)
+                    self._return(old, now)
                 self.holds[(month, hold.provider)] = hold
-            if not taken:
-                return
-            self._last_draw = time.monotonic()
-            if self._idle_timer is None and self.holds:
+            if taken and self._idle_timer is None:
                 self._arm(self.config.hold_idle_s)
 
-    def _give_back(self, now: datetime, provider: str | None = None) -> None:
-        """Release the holds (of ``provider``'s, any month; None: all), queued in order
-        after every draw from them."""
+    def _give_back(
+        self, now: datetime, provider: str | None = None, idle_before: float | None = None
+    ) -> None:
+        """Give back the holds of ``provider`` (any month; None: every provider), or
+        those last used before ``idle_before`` (monotonic)."""
         with self._holds_lock:
-            for key in [k for k in self.holds if provider in (None, k[1])]:
-                hold = self.holds.pop(key)
-                self._later(Release(hold.id, now), hold.id)
+            for key, hold in list(self.holds.items()):
+                if provider not in (None, key[1]):
+                    continue
+                if idle_before is not None and hold.used > idle_before:
+                    continue
+                del self.holds[key]
+                self._return(hold, now)
+
+    def _return(self, hold: _Hold, now: datetime) -> None:
+        """Queue the release of what no attempt has drawn from ``hold`` (after every draw
+        from it, in the writer's order). Only that: if a draw's write failed, its amount
+        stays in the hold, reserved, and turns unknown with the lease (it was sent)."""
+        self._later(GiveBack(hold.id, hold.free, now), hold.id)
 
     def _arm(self, delay: float) -> None:
         timer = threading.Timer(delay, self._idle)
@@ -443,17 +468,16 @@ class LedgerPlugin:
         timer.start()
 
     def _idle(self) -> None:
-        """On the timer's thread: give every hold back once no attempt has drawn from one
-        for ``hold_idle_s``; otherwise look again when that time is up."""
+        """On the timer's thread: give back each hold no attempt has drawn from for
+        ``hold_idle_s``, and look again when the next one would be."""
+        idle_s = self.config.hold_idle_s
         with self._holds_lock:
             self._idle_timer = None
-            if not self.holds:
-                return
-            left = self._last_draw + self.config.hold_idle_s - time.monotonic()
-            if left > 0:
-                self._arm(left)
-                return
-        self._give_back(self.ctx.clock.now())
+            self._give_back(self.ctx.clock.now(), idle_before=time.monotonic() - idle_s)
+            if self.holds:
+                self._arm(
+                    max(0.01, min(h.used for h in self.holds.values()) + idle_s - time.monotonic())
+                )
 
     def _free_unsent_first(self, call: Call, now: datetime) -> None:
         """A panel member attempting past its first attempt, which never reached this

@@ -67,6 +67,7 @@ __all__ = [
     "Batch",
     "Draw",
     "ExpireLeases",
+    "GiveBack",
     "MarkUnknown",
     "Op",
     "Release",
@@ -452,12 +453,14 @@ class Batch:
         self._touch(entry)
 
     def hold(self, month: str, provider: str, amount: int, caps: Caps | None) -> None:
-        """Count ``amount`` more as reserved in both of ``provider``'s scopes: the caller
+        """Count ``amount`` more (less, if negative) as reserved in both of ``provider``'s
+        scopes: the caller
         checked ``caps`` (recorded with the rows, as a reservation does), or, None, must
         count it whatever they say (the rows keep the caps they have)."""
         for name in (TOTAL, provider_scope(provider)):
             s = self.scope(month, name, read=True)  # with its cap, as stored
             s.d_reserved += amount
+            s.low_reserved = min(s.low_reserved, s.d_reserved)
             if caps is not None:
                 s.cap = caps.for_scope(name)
             s.cap_set = True  # written with the row (created if it had none)
@@ -770,6 +773,34 @@ class _LeaveReserved(Op):
         if self.to == "released":
             entry.cost = 0
         entry.error_class = self.error_class
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class GiveBack(Op):
+    """Release ``amount`` of a ``reserved`` hold: what no attempt drew from it (the rest
+    of the entry stays reserved). Released in full, it is ``released`` (its amount kept,
+    as a release keeps it); with anything
+    left (an attempt drawn from it whose own entry could not be written), it stays
+    ``reserved`` and its lease turns it ``unknown``: that attempt was sent. False, and
+    nothing changed, for an entry not ``reserved``."""
+
+    entry_id: str
+    amount: int
+    now: datetime
+
+    def apply(self, batch: Batch) -> bool:
+        entry = batch.entry(self.entry_id)
+        if entry is None or entry.state != "reserved":
+            return False
+        give = max(0, min(self.amount, entry.reserved))
+        if give == entry.reserved:  # all of it: released, recording what it held
+            batch.move(entry, "released", now=self.now)
+            entry.cost = 0
+        elif give:
+            batch.hold(entry.month, entry.provider, -give, None)
+            entry.reserved -= give
+            batch.touch(entry, self.now)
         return True
 
 

@@ -296,6 +296,12 @@ def format_spend(report: dict[str, Any]) -> str:
             "held ahead = reserved by a running gateway for its next attempts (counted "
             "against the caps; given back when unused)"
         )
+    if any(key.endswith(f"/{HOLD_MODEL}") for key in report["by_model"]):
+        lines.append(
+            f"{HOLD_MODEL} unknown = a hold a gateway never gave back (it stopped without "
+            "shutting down, or an attempt's entry could not be written): it may cover "
+            "attempts it sent, so it stays charged"
+        )
     damage = report.get("totals_damage")
     if damage and report.get("check") is None:
         lines.append(f"\nWARNING: this month's totals do not match its entries ({len(damage)}):")

@@ -4,6 +4,7 @@ those attempts go out without a commit of their own, under the same caps and inv
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,9 +27,12 @@ HERE = Path(__file__).parent
 W = worst_micro("hi", 100)  # one attempt of `quick`'s worst case
 YAML = """
 plugins: [ledger, router, fake]
+gateway: {{deadline_s: 1}}
 task_classes:
   quick: {{provider: fake, model: m1, max_tokens: 100}}
   big: {{provider: fake, model: m1, max_tokens: 750}}
+  other: {{provider: alt, model: m1, max_tokens: 100}}
+  bigalt: {{provider: alt, model: m1, max_tokens: 750}}
   duo:
     members: [{{provider: fake, model: m1}}, {{provider: alt, model: m1}}]
     max_tokens: 100
@@ -343,6 +347,9 @@ def test_a_process_killed_while_holding_keeps_what_is_left_charged(tmp_path: Pat
     assert [(r["state"], r["error_class"]) for r in holds] == [("unknown", "lease_expired")]
     assert all(r["state"] in ("settled", "unknown") for r in rows(tmp_path / "l.db"))
     audit_ok(tmp_path / "l.db", month_of(clock.now()))
+    report = g.routing_info()["ledger"]
+    assert report["by_model"][f"fake/{HOLD_MODEL}"]["unknown_usd"] > 0  # listed: charged
+    assert f"{HOLD_MODEL} unknown = a hold a gateway never gave back" in format_spend(report)
 
 
 def test_a_hold_expired_by_another_process_is_still_drawn_from(tmp_path: Path) -> None:
@@ -383,3 +390,74 @@ def test_a_draw_no_hold_covers_is_counted_on_its_own(tmp_path: Path) -> None:
         assert s.month_audit("2027-03").problems == []
     finally:
         s.close()
+
+
+@pytest.mark.anyio
+async def test_an_attempt_whose_draw_could_not_be_written_stays_charged(tmp_path: Path) -> None:
+    # Another connection holds the write lock past busy_timeout_s (a repair, a backup)
+    # while the second call's draw and settle wait to be written: that batch fails. The
+    # call was sent, so giving the hold back must leave its worst case reserved (to turn
+    # unknown with the lease), not release it with what no attempt took.
+    g = gw(tmp_path, "  hold_ahead: 3\n  busy_timeout_s: 0.3")
+    assert (await g.route(Request("quick", "hi", request_id="r1"))).ok
+    await flush(g)
+    other = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    assert (await g.route(Request("quick", "hi", request_id="r2"))).ok  # drawn, sent
+    await flush(g)  # its draw and settle failed: the database was locked
+    other.execute("ROLLBACK")
+    other.close()
+    await g.aclose()  # gives back what no attempt drew
+    assert [r["request_id"] for r in rows(tmp_path / "l.db")] == ["r1"]
+    holds = rows(tmp_path / "l.db", holds=True)
+    assert [(r["state"], r["reserved_micro"]) for r in holds] == [("reserved", W)]
+    s = store(tmp_path / "l.db")
+    try:
+        assert s.scopes(month_of(datetime.now(UTC)))["total"].reserved_micro == W
+        assert s.month_audit(month_of(datetime.now(UTC))).problems == []
+    finally:
+        s.close()
+
+
+@pytest.mark.anyio
+async def test_a_hold_unused_while_others_are_drawn_from_is_given_back_before_its_lease(
+    tmp_path: Path,
+) -> None:
+    # alt is called once (a fallback, say) while fake keeps the gateway busy: alt's hold
+    # is idle on its own and must be given back before its lease runs out, or another
+    # gateway starting later would turn it unknown (charged, never sent).
+    ledger = "  hold_ahead: 3\n  hold_idle_s: 1\n  lease_s: 2"
+    g = gw(tmp_path, ledger)
+    assert (await g.route(Request("other", "hi"))).ok
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        assert (await g.route(Request("quick", "hi"))).ok
+        await anyio.sleep(0.3)
+    assert (month_of(datetime.now(UTC)), "alt") not in plugin(g).holds
+    assert (month_of(datetime.now(UTC)), "fake") in plugin(g).holds
+    await flush(g)
+    g2 = gw(tmp_path, ledger)  # another gateway starts: it expires what is past its lease
+    await g2.aclose()
+    await g.aclose()
+    alt = [r for r in rows(tmp_path / "l.db", holds=True) if r["provider"] == "alt"]
+    assert [(r["state"], r["reserved_micro"]) for r in alt] == [("released", 3 * W)]
+
+
+@pytest.mark.anyio
+async def test_a_hold_for_one_provider_never_refuses_a_call_to_another(tmp_path: Path) -> None:
+    # The total cap leaves room for the small call (settled far below its worst case) and
+    # then the large one to alt, if fake's hold is given back: the gateway gives its own
+    # holds back and checks again before refusing.
+    cap = worst_micro("hi", 750) + 2 * W
+    result = {}
+    for hold_ahead in (0, 8):
+        path = tmp_path / str(hold_ahead)
+        path.mkdir()
+        g = gw(path, f"  hold_ahead: {hold_ahead}\n  caps: {{total_monthly_usd: {cap / 1e6}}}")
+        assert (await g.route(Request("quick", "hi"))).ok
+        await flush(g)
+        env = await g.route(Request("bigalt", "hi"))
+        result[hold_ahead] = (env.ok, env.error_class)
+        await g.aclose()
+        audit_ok(path / "l.db", month_of(datetime.now(UTC)))
+    assert result == {0: (True, None), 8: (True, None)}

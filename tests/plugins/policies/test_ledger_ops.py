@@ -151,6 +151,18 @@ class Model:
                     return False, "check"
             self._new(op.item.id, amount, month, op.item.provider)
             return True, False
+        if isinstance(op, ops.GiveBack):
+            e = self.entries.get(op.entry_id)
+            if e is None or e["state"] != "reserved":
+                return True, False
+            give = max(0, min(op.amount, e["reserved"]))
+            for t in self._scopes(e["month"], e["provider"]):
+                t[2] -= give
+            if give == e["reserved"]:
+                e.update(state="released", cost=0)
+            else:
+                e["reserved"] -= give
+            return True, True
         assert isinstance(op, ops.Settle | ops.MarkUnknown | ops.Release)
         e = self.entries.get(op.entry_id)
         allowed = ("reserved", "unknown") if isinstance(op, ops.Settle) else ("reserved",)
@@ -253,6 +265,7 @@ later_op = hs.one_of(
     ),
     hs.builds(ops.MarkUnknown, any_id, moment, hs.sampled_from([None, "timeout"])),
     hs.builds(ops.Release, any_id, moment, hs.sampled_from([None, "cancelled"])),
+    hs.builds(ops.GiveBack, any_id, hs.integers(0, 80), moment),
 )
 
 
