@@ -16,7 +16,7 @@ digests of what the provider received.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 
@@ -36,8 +36,8 @@ from llmgw.kernel import (
 from llmgw.kernel.config import MAX_TOKENS_BOUND, Model
 from llmgw.kernel.gateway import ProgressFn
 
-from .compose import RunBudget, StepWatch
-from .pipeline import Orchestration
+if TYPE_CHECKING:
+    from .compose import RunBudget, StepWatch
 from .visibility import CANONICAL_FORM, CONTENT_FORM, REQUEST_FORM, call_request_sha256
 from .visibility import content_sha256 as _content_sha256
 
@@ -229,6 +229,10 @@ class RolesPlugin:
                 f"task is larger than {limit} bytes (gateway.max_prompt_bytes)",
                 meta,
             )
+        # Loaded by the first run, not at start: the pipeline, its step composition and
+        # the verdict parser are ~5 ms of a gateway's start that most calls never use.
+        from .pipeline import Orchestration
+
         return await Orchestration(self, progress).run(task, chosen)
 
     def certificate(self, violations: list[str], notes: list[str]) -> dict[str, Any]:
