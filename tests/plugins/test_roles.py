@@ -793,3 +793,35 @@ async def test_each_steps_tag_rebuilds_its_prompt_and_digest() -> None:
         assert step["content_sha256"] == sha(
             {"system": system, "messages": [{"role": "user", "content": prompt}]}
         )
+
+
+LAZY_PIPELINE = """
+import json, os, sys
+from llmgw.kernel.build import build_gateway
+from llmgw.kernel.config import load_settings
+
+settings = load_settings(sys.argv[1], env={"LLM_GATEWAY_LEDGER": "0"})
+gw = build_gateway(settings)
+names = [p.name for p in gw.plugins]
+lazy = ("llmgw.plugins.pipeline", "llmgw.plugins.compose", "llmgw.plugins.verdict")
+print(json.dumps({"roles": "roles" in names, "loaded": [m for m in lazy if m in sys.modules]}))
+"""
+
+
+def test_the_pipeline_is_loaded_by_the_first_orchestration_not_at_start() -> None:
+    """A gateway with the roles plugin starts without the pipeline's modules (a cold-start
+    cost); every orchestration test here runs them, loaded on first use."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "routing.yaml"
+    result = subprocess.run(
+        [sys.executable, "-c", LAZY_PIPELINE, str(shipped)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"roles": True, "loaded": []}
