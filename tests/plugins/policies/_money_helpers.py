@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,20 @@ def rows(path: Path, *, holds: bool = False) -> list[dict[str, Any]]:
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     finally:
         db.close()
+
+
+def run_child(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` as a child process (``python child.py *args``) with a bare
+    environment and error-level logs: the crash tests kill it or let it exit."""
+    path = tmp_path / "child.py"
+    path.write_text(script)
+    return subprocess.run(
+        [sys.executable, str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "LLM_GATEWAY_LOG_LEVEL": "ERROR"},
+    )
 
 
 def fail_once(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _money_helpers import PRICE, GatedProvider, fake, flush, rows, store, worst_micro
+from _money_helpers import PRICE, GatedProvider, fake, flush, rows, run_child, store, worst_micro
 
 from llmgw.kernel import ConfigError, Outcome, ProviderRequest, Request, Usage
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
@@ -323,15 +321,7 @@ anyio.run(main)
 
 
 def test_a_process_killed_while_holding_keeps_what_is_left_charged(tmp_path: Path) -> None:
-    script = tmp_path / "child.py"
-    script.write_text(CRASH_CHILD)
-    out = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(HERE)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "LLM_GATEWAY_LOG_LEVEL": "ERROR"},
-    )
+    out = run_child(tmp_path, CRASH_CHILD, str(tmp_path), str(HERE))
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     # The next start, after the lease: whatever the child had committed, the five calls
     # it made stay paid for (settled, or inside what is left of the hold, now unknown),

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -16,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _money_helpers import fake, flush, rows, worst_micro
+from _money_helpers import fake, flush, rows, run_child, worst_micro
 
 from llmgw.kernel import Request
 from llmgw.kernel.testing import FakeClock, gateway_from_yaml
@@ -238,15 +236,7 @@ anyio.run(main)
 
 def test_a_sigkill_right_after_an_inline_reservation_loses_nothing(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
-    script = tmp_path / "child.py"
-    script.write_text(CRASH_CHILD)
-    out = subprocess.run(
-        [sys.executable, str(script), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "LLM_GATEWAY_LOG_LEVEL": "ERROR"},
-    )
+    out = run_child(tmp_path, CRASH_CHILD, str(path))
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     # reserved inline (no writer thread ever started), then killed
     assert out.stdout.split() == ["1", "True"]

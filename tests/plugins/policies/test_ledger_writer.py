@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -19,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from _money_helpers import PRICE, fail_once, fake, flush, rows, worst_micro
+from _money_helpers import PRICE, fail_once, fake, flush, rows, run_child, worst_micro
 
 from llmgw.kernel import Outcome, ProviderRequest, Request
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
@@ -244,15 +242,7 @@ def test_a_crash_after_the_call_returned_leaves_the_reservation_charged(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "l.db"
-    script = tmp_path / "child.py"
-    script.write_text(CRASH_CHILD)
-    out = subprocess.run(
-        [sys.executable, str(script), str(path), str(HERE)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": "/usr/bin:/bin", "LLM_GATEWAY_LOG_LEVEL": "ERROR"},
-    )
+    out = run_child(tmp_path, CRASH_CHILD, str(path), str(HERE))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "['reserved']"
     # the next start, after the lease: the reservation is charged as unknown, not lost
