@@ -146,6 +146,9 @@ class _Hold:
     #: ``time.monotonic()`` of its taking or last draw: unused for ``hold_idle_s``, it is
     #: given back (well before its lease, which only its draws renew, runs out).
     used: float = 0.0
+    #: When its lease ends (wall clock, as stored): a hold is not drawn from, and is given
+    #: back, within ``hold_idle_s`` of it (a machine that slept, a commit that waited).
+    lease_end: float = 0.0
 
 
 class LedgerPlugin:
@@ -193,6 +196,11 @@ class LedgerPlugin:
         self.holds: dict[tuple[str, str], _Hold] = {}
         self._holds_lock = threading.RLock()
         self._idle_timer: threading.Timer | None = None
+        #: Holds given back so far: a reservation refused by the cap checks again if any
+        #: was given back while it was out (it may have counted against it).
+        self._given_back = 0
+        #: Shutting down: a hold a reservation still committing takes is released at once.
+        self._closing = False
         #: Providers a reservation out now asks a hold for: the calls that miss meanwhile
         #: reserve without asking for one more (50 calls in flight would take 50 holds).
         self._asking: set[str] = set()
@@ -330,23 +338,39 @@ class LedgerPlugin:
         take holds for their providers as the caps allow (see "Holds" above)."""
         ahead = self._ahead(items, now)
 
-        def release_all(taken: list[tuple[str, int]] | None) -> None:
-            for rid in [*(i.id for i in items), *(h for h, _ in taken or ())]:
-                self._later(Release(rid, now, "cancelled"), rid)
+        def release_all(_: object) -> None:
+            # Its holds, if any, were kept when it committed (see below): only the items.
+            for item in items:
+                self._later(Release(item.id, now, "cancelled"), item.id)
 
-        while True:
+        for tries in range(1, 4):
+            given_back = self._given_back
+
+            def done(
+                taken: list[tuple[str, int]] | None,
+                exc: BaseException | None,
+                ahead: list[Ahead] = ahead,
+            ) -> None:
+                # On the thread that completed the write, before any later write is
+                # handed back: a call refused by the cap right after this one already
+                # finds its holds here, and can give them back.
+                if exc is None:
+                    self._took(taken or [], ahead, now)
+                else:
+                    self._asked(ahead)
+
             try:
-                taken = await self.writer.run(
+                await self.writer.run(
                     Reserve(items, self.caps, now, self.config.lease_s, ahead),
                     if_abandoned=release_all,
                     # A panel's reservation is committed on the thread even when alone:
                     # see "Inline when alone" in the module docstring.
                     inline=self.in_flight == 0 and not call.is_panel,
+                    on_done=done,
                 )
             except CapExceeded as exc:
-                self._asked(ahead)
                 ahead = []
-                if self.holds:
+                if tries < 3 and (self.holds or self._given_back != given_back):
                     # This gateway's own holds (for other providers, or taken by another
                     # call meanwhile) must never refuse a call that fits without them:
                     # give them all back, first in the next transaction, and check again.
@@ -359,12 +383,7 @@ class LedgerPlugin:
                     details={"scopes": [b.use.scope for b in exc.breaches]},
                 ) from None
             except LedgerError as exc:
-                self._asked(ahead)
                 raise ledger_failed(str(exc), self.caps, self.cap_origin) from None
-            except BaseException:  # cancelled: if_abandoned gives back what it took
-                self._asked(ahead)
-                raise
-            self._took(taken or [], ahead, now)
             return
 
     # --- holds -------------------------------------------------------------------------
@@ -378,11 +397,13 @@ class LedgerPlugin:
         need: dict[str, int] = {}
         for item in items:
             need[item.provider] = need.get(item.provider, 0) + item.amount_micro
+        wall = now.timestamp()
+        soon = wall + self.config.hold_idle_s
         with self._holds_lock:
             found = []
             for provider, amount in need.items():
                 hold = self.holds.get((month, provider))
-                if hold is None or hold.free < amount or amount <= 0:
+                if hold is None or hold.free < amount or amount <= 0 or hold.lease_end < soon:
                     return False
                 found.append((hold, amount))
             by_provider = {}
@@ -390,6 +411,7 @@ class LedgerPlugin:
             for hold, amount in found:
                 hold.free -= amount
                 hold.used = used
+                hold.lease_end = wall + self.config.lease_s  # what its draws renew
                 by_provider[hold.provider] = hold
             # Queued under the lock: a hold given back (idle, replaced) is released after
             # every draw from it, in the writer's order.
@@ -429,13 +451,21 @@ class LedgerPlugin:
         of this gateway took meanwhile) and see that they are given back when unused."""
         asked = {a.item.id: a for a in ahead}
         month = month_of(now)
+        lease_end = now.timestamp() + self.config.lease_s
         with self._holds_lock:
             self._asked(ahead)
+            if self._closing:  # taken as the gateway shuts down: nothing will draw on it
+                for hold_id, _ in taken:
+                    self._later(Release(hold_id, now), hold_id)
+                return
             for hold_id, amount in taken:
                 a = asked[hold_id]
-                hold = _Hold(hold_id, month, a.item.provider, a.unit, amount, time.monotonic())
+                hold = _Hold(
+                    hold_id, month, a.item.provider, a.unit, amount, time.monotonic(), lease_end
+                )
                 old = self.holds.pop((month, hold.provider), None)
                 if old is not None:
+                    self._given_back += 1
                     self._return(old, now)
                 self.holds[(month, hold.provider)] = hold
             if taken and self._idle_timer is None:
@@ -445,14 +475,17 @@ class LedgerPlugin:
         self, now: datetime, provider: str | None = None, idle_before: float | None = None
     ) -> None:
         """Give back the holds of ``provider`` (any month; None: every provider), or
-        those last used before ``idle_before`` (monotonic)."""
+        those last used before ``idle_before`` (monotonic) or whose lease ends within
+        ``hold_idle_s`` of ``now``."""
+        soon = now.timestamp() + self.config.hold_idle_s
         with self._holds_lock:
             for key, hold in list(self.holds.items()):
                 if provider not in (None, key[1]):
                     continue
-                if idle_before is not None and hold.used > idle_before:
+                if idle_before is not None and hold.used > idle_before and hold.lease_end >= soon:
                     continue
                 del self.holds[key]
+                self._given_back += 1
                 self._return(hold, now)
 
     def _return(self, hold: _Hold, now: datetime) -> None:
@@ -641,6 +674,7 @@ class LedgerPlugin:
     def shutdown(self) -> None:
         """Give the holds back, commit every queued write, then close the file."""
         with self._holds_lock:
+            self._closing = True
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
                 self._idle_timer = None

@@ -96,8 +96,8 @@ class LedgerConfig(Model):
     for hold_idle_s and at shutdown, and a process that dies keeps it charged as unknown,
     as any reservation. 0: every attempt waits for its own reservation's commit."""
     hold_idle_s: float = Field(default=30.0, gt=0)
-    """Seconds without an attempt after which this gateway gives its holds back. Must be
-    shorter than lease_s."""
+    """Seconds without an attempt after which this gateway gives a hold back. With
+    busy_timeout_s, must be shorter than lease_s."""
 
     @field_validator("lease_s")
     @classmethod
@@ -112,10 +112,11 @@ class LedgerConfig(Model):
 
     @model_validator(mode="after")
     def _idle_within_lease(self) -> LedgerConfig:
-        if self.hold_idle_s >= self.lease_s:
+        if self.hold_idle_s + self.busy_timeout_s >= self.lease_s:
             raise ValueError(
-                f"hold_idle_s ({self.hold_idle_s}) must be shorter than lease_s "
-                f"({self.lease_s}): a hold kept past its lease would be charged as unknown"
+                f"hold_idle_s ({self.hold_idle_s}) plus busy_timeout_s "
+                f"({self.busy_timeout_s}) must be shorter than lease_s ({self.lease_s}): a "
+                "hold kept past its lease would be charged as unknown"
             )
         return self
 

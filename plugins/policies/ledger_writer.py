@@ -205,6 +205,7 @@ class LedgerWriter:
         *,
         if_abandoned: Callable[[T], object] | None = None,
         inline: bool = False,
+        on_done: Callable[[T | None, BaseException | None], object] | None = None,
     ) -> T:
         """Queue a write and wait for its commit on the event loop.
 
@@ -215,10 +216,21 @@ class LedgerWriter:
 
         ``inline``: first try :meth:`run_inline` (no ``await`` at all, so nothing to
         abandon); when it cannot run at once, queue as above.
+
+        ``on_done``: called with ``(result, None)`` or ``(None, exception)`` as soon as the
+        write is over, on whichever thread completed it, before any write committed after
+        it is handed back, and also when this task was cancelled meanwhile.
         """
         if inline:
-            done, value = self.run_inline(op)
+            try:
+                done, value = self.run_inline(op)
+            except BaseException as exc:
+                if on_done is not None:
+                    on_done(None, exc)
+                raise
             if done:
+                if on_done is not None:
+                    on_done(value, None)
                 return cast(T, value)
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = loop.create_future()
@@ -231,6 +243,18 @@ class LedgerWriter:
                 loop_batch=self.loop_batches,
             )
         )
+        if on_done is not None:
+            report = on_done
+
+            def over(f: cf.Future[T]) -> None:
+                if f.cancelled():
+                    report(None, asyncio.CancelledError())
+                elif (exc := f.exception()) is not None:
+                    report(None, exc)
+                else:
+                    report(f.result(), None)
+
+            job.add_done_callback(over)
         if job.done():  # refused at once (closed): no batch will resolve the waiter
             _resolve([(waiter, job)])
         elif self.loop_batches:

@@ -296,7 +296,9 @@ async def test_held_money_is_reported_apart_and_counts_against_the_cap(tmp_path:
 
 
 def test_hold_settings_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"hold_idle_s \(700.0\) must be shorter than lease_s"):
+    with pytest.raises(
+        ConfigError, match=r"hold_idle_s \(700.0\) plus busy_timeout_s \(5.0\) must"
+    ):
         gw(tmp_path, "  hold_idle_s: 700")
     with pytest.raises(ConfigError, match="hold_ahead"):
         gw(tmp_path, "  hold_ahead: -1")
@@ -416,7 +418,7 @@ async def test_a_hold_unused_while_others_are_drawn_from_is_given_back_before_it
     # alt is called once (a fallback, say) while fake keeps the gateway busy: alt's hold
     # is idle on its own and must be given back before its lease runs out, or another
     # gateway starting later would turn it unknown (charged, never sent).
-    ledger = "  hold_ahead: 3\n  hold_idle_s: 1\n  lease_s: 2"
+    ledger = "  hold_ahead: 3\n  hold_idle_s: 1\n  lease_s: 2\n  busy_timeout_s: 0.5"
     g = gw(tmp_path, ledger)
     assert (await g.route(Request("other", "hi"))).ok
     end = time.monotonic() + 3
@@ -451,3 +453,51 @@ async def test_a_hold_for_one_provider_never_refuses_a_call_to_another(tmp_path:
         await g.aclose()
         audit_ok(path / "l.db", month_of(datetime.now(UTC)))
     assert result == {0: (True, None), 8: (True, None)}
+
+
+@pytest.mark.anyio
+async def test_a_hold_committed_just_before_a_refusal_is_given_back_for_it(
+    tmp_path: Path,
+) -> None:
+    # A panel's reservation (asking holds for fake and alt) waits for the loop's batch; a
+    # call started in the same loop turn commits inline with the panel's write ahead of
+    # it in the same transaction, and is refused by the cap. The panel's holds are kept
+    # as that write completes, before the refusal is handed back, so the refused call
+    # finds them, gives them back and fits.
+    cap = worst_micro("hi", 750) + 2 * W + 10
+    got = {}
+    for hold_ahead in (0, 8):
+        path = tmp_path / str(hold_ahead)
+        path.mkdir()
+        g = gw(path, f"  hold_ahead: {hold_ahead}\n  caps: {{total_monthly_usd: {cap / 1e6}}}")
+        envs: dict[str, Any] = {}
+
+        async def one(name: str, cls: str, g: Any = g, envs: dict[str, Any] = envs) -> None:
+            envs[name] = await g.route(Request(cls, "hi"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "panel", "duo")
+            tg.start_soon(one, "big", "bigalt")
+        await g.aclose()
+        got[hold_ahead] = {k: (v.ok, v.error_class) for k, v in envs.items()}
+        audit_ok(path / "l.db", month_of(datetime.now(UTC)))
+    assert got[0] == got[8] == {"panel": (True, None), "big": (True, None)}
+
+
+@pytest.mark.anyio
+async def test_a_hold_taken_while_the_gateway_shuts_down_is_released(tmp_path: Path) -> None:
+    g = gw(
+        tmp_path,
+        "  hold_ahead: 8",
+        providers=[GatedProvider(prices={"m1": PRICE}, delay=lambda: 0.05), fake("alt")],
+    )
+    assert (await g.route(Request("quick", "hi"))).ok
+    plugin(g)._give_back(datetime.now(UTC))  # none held: the panel below asks for holds
+    await flush(g)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(g.route, Request("duo", "hi"))
+        await anyio.sleep(0)  # the panel's reservation, with its holds, is queued
+        plugin(g).shutdown()  # what the gateway's close runs: the queue is committed
+    held = [r for r in rows(tmp_path / "l.db", holds=True) if r["state"] == "reserved"]
+    assert held == [] and plugin(g).holds == {}
