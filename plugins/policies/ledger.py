@@ -61,12 +61,17 @@ headroom counts). So one call in ``hold_ahead + 1`` waits for a commit. Topping 
 in the background was tried: on this kind of machine its commit took ~13 ms (the writer
 thread waits for the event loop's GIL at each step), longer than the hold lasted. A hold
 is given back when no attempt has drawn from it for ``hold_idle_s`` (each hold on its own:
-its lease, renewed only by its draws, must never run out while this gateway lives), and at
-shutdown. Giving back releases exactly what no attempt took (:class:`GiveBack`): if an
+its lease, renewed only by its draws, must never run out while this gateway lives), when
+its lease ends within ``hold_idle_s`` on the wall clock (a machine that slept), and at
+shutdown; one taken by a reservation that commits during shutdown is released at once.
+A hold is kept as its reservation completes, on whichever thread completes it, before any
+later write is handed back (``on_done``), so a call refused in the same batch finds it.
+Giving back releases exactly what no attempt took (:class:`GiveBack`): if an
 attempt's draw could not be written (the ledger locked past ``busy_timeout_s``), its
 amount stays in the hold, reserved, and turns unknown with the lease; it was sent. A
-reservation refused by a cap while this gateway holds money gives every hold back, first
-in the next transaction, and is checked again: this gateway's holds never refuse a call
+reservation refused by a cap while this gateway holds money (or gave a hold back while
+it was out) gives every hold back, first in the next transaction, and is checked again, at
+most three times in all: this gateway's holds never refuse a call
 that fits without them (another gateway's may, until it goes idle). The invariant holds
 throughout: a hold is counted as reserved from its commit until each amount leaves it
 into an attempt's reservation or is released. A process that dies keeps its hold charged:
