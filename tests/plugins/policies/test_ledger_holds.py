@@ -53,6 +53,11 @@ def gw(
     )
 
 
+def slow_fake(delay_s: float) -> list[FakeProvider]:
+    """``fake`` answering after ``delay_s`` (calls overlap), and ``alt``."""
+    return [GatedProvider(prices={"m1": PRICE}, delay=lambda: delay_s), fake("alt")]
+
+
 class FullBill(FakeProvider):
     """Answers with every token it was allowed: billed close to the worst case."""
 
@@ -227,7 +232,7 @@ async def test_calls_in_flight_ask_for_one_hold_at_a_time(tmp_path: Path) -> Non
     g = gw(
         tmp_path,
         "  hold_ahead: 8\n  caps: {total_monthly_usd: 5}",
-        providers=[GatedProvider(prices={"m1": PRICE}, delay=lambda: 0.002), fake("alt")],
+        providers=slow_fake(0.002),
     )
     async with anyio.create_task_group() as tg:
         for _ in range(40):
@@ -489,7 +494,7 @@ async def test_a_hold_taken_while_the_gateway_shuts_down_is_released(tmp_path: P
     g = gw(
         tmp_path,
         "  hold_ahead: 8",
-        providers=[GatedProvider(prices={"m1": PRICE}, delay=lambda: 0.05), fake("alt")],
+        providers=slow_fake(0.05),
     )
     assert (await g.route(Request("quick", "hi"))).ok
     plugin(g)._give_back(datetime.now(UTC))  # none held: the panel below asks for holds
