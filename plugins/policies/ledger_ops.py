@@ -52,6 +52,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from .ledger_sql import (
+    HOLD_STRANDED,
     TOTAL,
     Breach,
     CapExceeded,
@@ -797,9 +798,11 @@ class GiveBack(Op):
         if give == entry.reserved:  # all of it: released, recording what it held
             batch.move(entry, "released", now=self.now)
             entry.cost = 0
-        elif give:
-            batch.hold(entry.month, entry.provider, -give, None)
-            entry.reserved -= give
+        else:
+            if give:
+                batch.hold(entry.month, entry.provider, -give, None)
+                entry.reserved -= give
+            entry.error_class = HOLD_STRANDED  # reported as charged, not as held ahead
             batch.touch(entry, self.now)
         return True
 

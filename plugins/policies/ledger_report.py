@@ -80,7 +80,7 @@ def build_report(
     total = scopes.get(TOTAL, ScopeUse(TOTAL))
     held: dict[str, int] = {}
     for r in rows:
-        if r["model"] == HOLD_MODEL and r["state"] == "reserved":
+        if r["model"] == HOLD_MODEL and r["state"] == "reserved" and not r["stranded"]:
             held[r["provider"]] = held.get(r["provider"], 0) + (r["micro"] or 0)
     providers: dict[str, Any] = {}
     names = {s.removeprefix("provider:") for s in scopes if s != TOTAL} | set(caps.providers)
@@ -96,9 +96,10 @@ def build_report(
     by_class: dict[str, dict[str, Any]] = {}
     unpriced = 0
     for r in rows:
-        if r["model"] == HOLD_MODEL and r["state"] != "unknown":
+        if r["model"] == HOLD_MODEL and r["state"] != "unknown" and not r["stranded"]:
             # Not attempts: what holds keep is in held_usd, what they gave back is nothing.
-            # A hold whose lease ran out (its process died) stays listed: it is charged.
+            # A hold whose lease ran out (its process died), or one given back with an
+            # attempt's amount left in it, stays listed: it is charged.
             continue
         unpriced += r["unpriced"] or 0
         for key, table in (
@@ -298,9 +299,9 @@ def format_spend(report: dict[str, Any]) -> str:
         )
     if any(key.endswith(f"/{HOLD_MODEL}") for key in report["by_model"]):
         lines.append(
-            f"{HOLD_MODEL} unknown = a hold a gateway never gave back (it stopped without "
-            "shutting down, or an attempt's entry could not be written): it may cover "
-            "attempts it sent, so it stays charged"
+            f"{HOLD_MODEL} unknown or reserved = a hold a gateway never gave back in full (it "
+            "stopped without shutting down, or an attempt's entry could not be written): it "
+            "may cover attempts it sent, so it stays charged"
         )
     damage = report.get("totals_damage")
     if damage and report.get("check") is None:

@@ -219,16 +219,23 @@ def scopes(db: sqlite3.Connection, month: str) -> dict[str, ScopeUse]:
     return {r[0]: ScopeUse(*r) for r in rows}
 
 
+#: The error class of a hold given back with something left in it: an attempt drawn from
+#: it whose own entry could not be written (it was sent, so that amount stays charged).
+HOLD_STRANDED = "draw_not_written"
+
+
 def breakdown(db: sqlite3.Connection, month: str) -> list[dict[str, Any]]:
-    """Sums per (provider, model, task class, state) for ``month``."""
+    """Sums per (provider, model, task class, state) for ``month``; ``stranded``: the rows
+    of holds given back with something left (:data:`HOLD_STRANDED`), apart."""
     rows = db.execute(
         "SELECT provider, model, task_class, state, COUNT(*), "
         "SUM(CASE state WHEN 'settled' THEN cost_micro WHEN 'released' THEN 0 "
-        "ELSE reserved_micro END), SUM(1 - priced) "
-        "FROM entries WHERE month = ? GROUP BY provider, model, task_class, state",
-        (month,),
+        "ELSE reserved_micro END), SUM(1 - priced), "
+        "COALESCE(error_class = ?2 AND attempt = 0, 0) AS stranded "
+        "FROM entries WHERE month = ?1 GROUP BY provider, model, task_class, state, stranded",
+        (month, HOLD_STRANDED),
     ).fetchall()
-    keys = ("provider", "model", "task_class", "state", "count", "micro", "unpriced")
+    keys = ("provider", "model", "task_class", "state", "count", "micro", "unpriced", "stranded")
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 

@@ -15,9 +15,10 @@ import pytest
 from _money_helpers import PRICE, GatedProvider, fake, flush, rows, run_child, store, worst_micro
 
 from llmgw.kernel import ConfigError, Outcome, ProviderRequest, Request, Usage
+from llmgw.kernel.config import load_settings
 from llmgw.kernel.testing import FakeClock, FakeProvider, gateway_from_yaml
 from llmgw.plugins.policies import ledger_ops as ops
-from llmgw.plugins.policies.ledger import format_spend
+from llmgw.plugins.policies.ledger import format_spend, spend_report
 from llmgw.plugins.policies.ledger_sql import HOLD_MODEL
 from llmgw.plugins.policies.ledger_store import Caps, Item, month_of
 
@@ -346,7 +347,9 @@ def test_a_process_killed_while_holding_keeps_what_is_left_charged(tmp_path: Pat
     audit_ok(tmp_path / "l.db", month_of(clock.now()))
     report = g.routing_info()["ledger"]
     assert report["by_model"][f"fake/{HOLD_MODEL}"]["unknown_usd"] > 0  # listed: charged
-    assert f"{HOLD_MODEL} unknown = a hold a gateway never gave back" in format_spend(report)
+    assert f"{HOLD_MODEL} unknown or reserved = a hold a gateway never gave back" in (
+        format_spend(report)
+    )
 
 
 def test_a_hold_expired_by_another_process_is_still_drawn_from(tmp_path: Path) -> None:
@@ -407,13 +410,21 @@ async def test_an_attempt_whose_draw_could_not_be_written_stays_charged(tmp_path
     await g.aclose()  # gives back what no attempt drew
     assert [r["request_id"] for r in rows(tmp_path / "l.db")] == ["r1"]
     holds = rows(tmp_path / "l.db", holds=True)
-    assert [(r["state"], r["reserved_micro"]) for r in holds] == [("reserved", W)]
+    assert [(r["state"], r["reserved_micro"], r["error_class"]) for r in holds] == [
+        ("reserved", W, "draw_not_written")
+    ]
     s = store(tmp_path / "l.db")
     try:
         assert s.scopes(month_of(datetime.now(UTC)))["total"].reserved_micro == W
         assert s.month_audit(month_of(datetime.now(UTC))).problems == []
     finally:
         s.close()
+    # Reported as charged, not as held ahead for later attempts.
+    env = {"LLM_GATEWAY_LEDGER_PATH": str(tmp_path / "l.db")}
+    report = spend_report(load_settings(text=YAML.format(ledger="  hold_ahead: 3"), env=env))
+    assert report["total"]["held_usd"] == 0 and report["total"]["reserved_usd"] == W / 1e6
+    assert report["by_model"][f"fake/{HOLD_MODEL}"]["reserved_usd"] == W / 1e6
+    assert f"{HOLD_MODEL} unknown or reserved = a hold" in format_spend(report)
 
 
 @pytest.mark.anyio

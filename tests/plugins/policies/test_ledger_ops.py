@@ -162,6 +162,7 @@ class Model:
                 e.update(state="released", cost=0)
             else:
                 e["reserved"] -= give
+                e["error"] = "draw_not_written"
             return True, True
         assert isinstance(op, ops.Settle | ops.MarkUnknown | ops.Release)
         e = self.entries.get(op.entry_id)
