@@ -145,8 +145,6 @@ class _Hold:
     id: str
     month: str
     provider: str
-    #: The worst case of the attempt that took it, which sized it.
-    unit: int
     free: int
     #: ``time.monotonic()`` of its taking or last draw: unused for ``hold_idle_s``, it is
     #: given back (well before its lease, which only its draws renew, runs out).
@@ -464,15 +462,12 @@ class LedgerPlugin:
                     self._later(Release(hold_id, now), hold_id)
                 return
             for hold_id, amount in taken:
-                a = asked[hold_id]
-                hold = _Hold(
-                    hold_id, month, a.item.provider, a.unit, amount, time.monotonic(), lease_end
+                provider = asked[hold_id].item.provider
+                if (month, provider) in self.holds:  # another call's, taken meanwhile
+                    self._drop((month, provider), now)
+                self.holds[(month, provider)] = _Hold(
+                    hold_id, month, provider, amount, time.monotonic(), lease_end
                 )
-                old = self.holds.pop((month, hold.provider), None)
-                if old is not None:
-                    self._given_back += 1
-                    self._return(old, now)
-                self.holds[(month, hold.provider)] = hold
             if taken and self._idle_timer is None:
                 self._arm(self.config.hold_idle_s)
 
@@ -489,14 +484,15 @@ class LedgerPlugin:
                     continue
                 if idle_before is not None and hold.used > idle_before and hold.lease_end >= soon:
                     continue
-                del self.holds[key]
-                self._given_back += 1
-                self._return(hold, now)
+                self._drop(key, now)
 
-    def _return(self, hold: _Hold, now: datetime) -> None:
-        """Queue the release of what no attempt has drawn from ``hold`` (after every draw
-        from it, in the writer's order). Only that: if a draw's write failed, its amount
-        stays in the hold, reserved, and turns unknown with the lease (it was sent)."""
+    def _drop(self, key: tuple[str, str], now: datetime) -> None:
+        """Forget a hold and queue the release of what no attempt has drawn from it (after
+        every draw from it, in the writer's order; the lock held). Only that: if a draw's
+        write failed, its amount stays in the hold, reserved, and turns unknown with the
+        lease (it was sent)."""
+        hold = self.holds.pop(key)
+        self._given_back += 1
         self._later(GiveBack(hold.id, hold.free, now), hold.id)
 
     def _arm(self, delay: float) -> None:
