@@ -624,14 +624,9 @@ class Reserve(Op):
         ]
         if breaches:
             raise CapExceeded(breaches)
-        for name, delta in deltas.items():
-            s = scopes[name]
-            s.d_reserved += delta
-            s.cap = self.caps.for_scope(name)
-            s.cap_set = True
-            s.dirty = True
         lease_until = self.now.timestamp() + self.lease_s
         for i in self.items:
+            batch.hold(month, i.provider, i.amount_micro, self.caps)
             batch.add(_new_entry(i, month, i.amount_micro, self.now, lease_until))
         taken = []
         for ahead in self.ahead:
