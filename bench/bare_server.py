@@ -3,14 +3,26 @@
 The baseline for the MCP columns and for cold start: ``MCPServer`` from the same ``mcp``
 package, one tool, one long-lived ``httpx2.AsyncClient``, no gateway. Run as a file
 (``python bench/bare_server.py``); the upstream's base URL comes from ``OPENAI_BASE_URL``.
+
+``--collector-paused`` starts it as ``llmgw serve`` starts: the cyclic garbage collector
+paused (here from the first line, before any import), the objects frozen and collecting
+resumed just before serving. Cold start over this variant (no goal) is what the gateway's
+own code adds, with the collector's share taken out of both sides.
 """
 
 from __future__ import annotations
 
-import os
+import gc
+import sys
 
-import httpx2
-from mcp.server.mcpserver import MCPServer
+PAUSED = "--collector-paused" in sys.argv[1:]
+if PAUSED:
+    gc.disable()
+
+import os  # noqa: E402
+
+import httpx2  # noqa: E402
+from mcp.server.mcpserver import MCPServer  # noqa: E402
 
 server = MCPServer("bare-hello")
 _client: list[httpx2.AsyncClient] = []
@@ -42,4 +54,7 @@ async def ask(prompt: str, max_tokens: int = 512) -> str:
 
 
 if __name__ == "__main__":
+    if PAUSED:
+        gc.freeze()
+        gc.enable()
     server.run()

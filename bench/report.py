@@ -274,11 +274,18 @@ def render(doc: dict[str, Any]) -> str:
     cold = doc["cold_start"]
     if cold:
         lines += ["", "Cold start to the first tools/list answer, RSS after it"]
-        for name in ("llmgw", "bare"):
+        for name in ("llmgw", "bare", "bare_paused"):
+            if name not in cold:
+                continue
             c = cold[name]
             lines.append(
-                f"  {name:<8} {_spread(c['seconds'], 3)} s   VmRSS {_spread(c['rss_mb'], 1)} MB"
+                f"  {name:<12} {_spread(c['seconds'], 3)} s   VmRSS {_spread(c['rss_mb'], 1)} MB"
                 f"   VmHWM {_f(c['hwm_mb']['median'], 1)} MB"
+            )
+        if "time_ratio_same_collector" in cold:
+            lines.append(
+                f"  (no goal) llmgw / bare_paused, the bare server with the collector paused "
+                f"as llmgw serve pauses it: {_f(cold['time_ratio_same_collector'], 3)} x"
             )
     led = doc["ledger"]
     lines += ["", "Ledger (SQLite WAL, synchronous=FULL, caps set): reserve + settle cycles"]

@@ -44,6 +44,8 @@ def test_smoke_run_measures_every_column_correctly(tmp_path: Path) -> None:
     cold = doc["cold_start"]
     assert {"llm_route", "llm_routing_info"} <= set(cold["llmgw"]["tools"])
     assert cold["bare"]["tools"] == ["ask"]
+    assert cold["bare_paused"]["tools"] == ["ask"]
+    assert cold["time_ratio_same_collector"] > 0
     assert cold["llmgw"]["rss_mb"]["median"] > 10
 
     ledger = doc["ledger"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -160,6 +161,65 @@ async def test_stdio_serve_subprocess(config_dir: Path) -> None:
         assert r.is_error
         r = await client.call_tool("llm_route", {"task_class": "dual_opinion", "prompt": "x"})
         assert r.structured_content["status"] == "success"
+
+
+GC_HOOK = """
+import gc
+from llmgw.kernel import Outcome, Usage
+from llmgw.kernel.testing import FakeProvider, FakeProviderPlugin
+
+def plugin(ctx):
+    paused = not gc.isenabled()
+    def report(request):
+        text = f"{paused} {gc.isenabled()} {gc.get_freeze_count()}"
+        return Outcome.success(text, Usage(input_tokens=1, output_tokens=1), finish_reason="stop")
+    return FakeProviderPlugin(FakeProvider().then(report), FakeProvider(name="fake2"))
+"""
+
+
+@pytest.mark.anyio
+async def test_serve_starts_with_the_collector_paused_and_serves_with_it_on(
+    config_dir: Path,
+) -> None:
+    """``llmgw serve`` builds the gateway with the cyclic collector paused, then freezes
+    what the start built and collects again while it serves."""
+    (config_dir / "fakes.py").write_text(GC_HOOK)
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "llmgw.kernel.cli", "serve", "--config", str(config_dir / "routing.yaml")],
+        env=_env(),
+    )
+    async with Client(params) as client:
+        r = await client.call_tool("llm_route", {"task_class": "quick_answer", "prompt": "hi"})
+        paused_at_build, collecting, frozen = r.structured_content["data"]["text"].split()
+    assert paused_at_build == "True"
+    assert collecting == "True"
+    assert int(frozen) > 10_000  # the modules, classes and validators of the start
+
+
+def test_startup_collector_resumes_without_freezing_when_the_start_fails() -> None:
+    from llmgw.kernel.cli import _startup_collector
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    with pytest.raises(RuntimeError), _startup_collector():
+        assert not gc.isenabled()
+        raise RuntimeError("the config was bad")
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen
+
+
+def test_startup_collector_leaves_a_collector_the_program_turned_off() -> None:
+    from llmgw.kernel.cli import _startup_collector
+
+    gc.disable()
+    try:
+        with _startup_collector() as started:
+            started()
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def _free_port() -> int:
