@@ -15,17 +15,18 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 
 from . import __version__
-from .build import build_gateway
-from .config import Settings, config_path, effective_env, load_settings
-from .envelope import Envelope
 from .errors import ConfigError, PluginError
-from .gateway import Gateway
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .envelope import Envelope
+    from .gateway import Gateway
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -200,10 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from .config import config_path, load_settings
+
     return load_settings(config_path(args.config, os.environ))
 
 
 def _gateway(args: argparse.Namespace) -> Gateway:
+    from .build import build_gateway
+
     settings = _settings(args)
     if not (args.log_level or env_log_level()):
         # The .env beside routing.yaml holds unset variables too (the level included).
@@ -419,6 +424,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from .build import build_gateway
     from .loader import available_entry_points, describe_entry_point, hook_names
 
     settings = _settings(args)
@@ -449,6 +455,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .build import build_gateway
+
     settings = _settings(args)
     gateway = build_gateway(settings, check_only=True)  # creates no ledger, no directory
     out = sys.stdout
@@ -514,6 +522,7 @@ def cmd_spend(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import config_path
     from .demo import run_demo
 
     path = config_path(args.config, os.environ)
@@ -561,6 +570,8 @@ def _checkout() -> Path | None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from llmgw.plugins.starter import InitError, write_starter
+
+    from .config import config_path, effective_env
 
     path = config_path(args.config, os.environ)
     try:

@@ -197,14 +197,49 @@ async def test_serve_starts_with_the_collector_paused_and_serves_with_it_on(
     assert int(frozen) > 10_000  # the modules, classes and validators of the start
 
 
+LIGHT_CLI = """
+import json, sys
+import llmgw.kernel.cli
+heavy = ("pydantic", "yaml", "mcp", "pluggy", "llmgw.kernel.config", "llmgw.kernel.gateway")
+print(json.dumps([m for m in heavy if m in sys.modules]))
+"""
+
+
+def test_the_command_line_loads_the_gateway_inside_the_paused_start() -> None:
+    """``import llmgw.kernel.cli`` (what the console script does first) loads none of the
+    gateway's heavy modules: they load in ``cmd_serve``, with the collector paused."""
+    result = subprocess.run(
+        [sys.executable, "-c", LIGHT_CLI], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(result.stdout) == []
+
+
+def test_the_kernel_exports_every_public_name_on_first_use() -> None:
+    import llmgw.kernel as kernel
+
+    for name in kernel.__all__:
+        assert getattr(kernel, name) is not None, name
+        assert name in dir(kernel)
+    assert kernel.Outcome.__module__ == "llmgw.kernel.types"
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        kernel.Nope  # noqa: B018
+
+
 def test_startup_collector_resumes_without_freezing_when_the_start_fails() -> None:
     from llmgw.kernel.cli import _startup_collector
 
     assert gc.isenabled()
     frozen = gc.get_freeze_count()
-    with pytest.raises(RuntimeError), _startup_collector():
-        assert not gc.isenabled()
-        raise RuntimeError("the config was bad")
+    paused: list[bool] = []
+
+    def fail() -> None:
+        with _startup_collector():
+            paused.append(not gc.isenabled())
+            raise RuntimeError("the config was bad")
+
+    with pytest.raises(RuntimeError):
+        fail()
+    assert paused == [True]
     assert gc.isenabled()
     assert gc.get_freeze_count() == frozen
 
