@@ -419,7 +419,12 @@ class Run:
                 cold_start(cmd, env, cwd=str(self.tmp), stderr=errlog)
             for r in range(p.cold_rounds):
                 self.say(f"  cold start round {r + 1}/{p.cold_rounds}")
-                for name, cmd in procs if r % 2 == 0 else procs[::-1]:
+                # Each process takes each place in a round in turn (rotated, and the
+                # rotation reversed every third round): none always starts first or next
+                # to the same one.
+                k = r % len(procs)
+                order = procs[k:] + procs[:k]
+                for name, cmd in order if (r // len(procs)) % 2 == 0 else order[::-1]:
                     runs[name].append(cold_start(cmd, env, cwd=str(self.tmp), stderr=errlog))
         out: dict[str, Any] = {}
         for name, rs in runs.items():

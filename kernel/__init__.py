@@ -133,15 +133,22 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name == "wire":
-        return importlib.import_module(".wire", __name__)
-    module = _EXPORTS.get(name)
-    if module is None:
+if not TYPE_CHECKING:  # type checkers see the imports above, and flag a misspelt name
+
+    def __getattr__(name: str) -> Any:
+        module = _EXPORTS.get(name)
+        if module is not None:
+            value = getattr(importlib.import_module(f".{module}", __name__), name)
+            globals()[name] = value  # the next lookup is an ordinary module attribute
+            return value
+        # A submodule (`llmgw.kernel.wire`, `.errors`...), as attribute access found it
+        # when this package imported them all at once.
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # the next lookup is an ordinary module attribute
-    return value
 
 
 def __dir__() -> list[str]:

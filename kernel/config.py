@@ -52,7 +52,7 @@ class Model(BaseModel):
     # Field docstrings document each key (docs/configuration.md is generated from them by
     # llmgw.kernel.configdoc). They are not loaded at run time: pydantic's
     # use_attribute_docstrings reads source files and costs ~3 ms per model at start-up.
-    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class TargetSpec(Model):

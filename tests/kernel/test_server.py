@@ -221,6 +221,7 @@ def test_the_kernel_exports_every_public_name_on_first_use() -> None:
         assert getattr(kernel, name) is not None, name
         assert name in dir(kernel)
     assert kernel.Outcome.__module__ == "llmgw.kernel.types"
+    assert kernel.errors.ConfigError is kernel.ConfigError  # a submodule, as an attribute
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         kernel.Nope  # noqa: B018
 
