@@ -35,11 +35,16 @@ def test_smoke_run_measures_every_column_correctly(tmp_path: Path) -> None:
     assert cols["gw_full"]["calls_per_s"]["median"] > 0
 
     assert doc["panel"]["errors"] == 0
-    assert doc["panel"]["ratio"]["median"] >= 1.0  # a panel cannot beat its slowest member
-    # The slowest member alone through the gateway (answers checked: errors stays 0) does
-    # more than its direct call; the panel is timed over it too.
-    assert doc["panel"]["slowest_alone_ratio"]["median"] >= 1.0
-    assert doc["panel"]["ratio_over_alone"]["median"] > 0
+    # A panel waits for its slowest member, whose upstream answers after 50 ms; so does
+    # that member alone through the gateway (answers checked: errors stays 0). Their
+    # ratios to the direct call, timed apart, sit near 1: a smoke run's few samples
+    # can put one a little under it (0.988 seen), so only the wall times are bounded.
+    slowest_ms = max(m["upstream_latency_ms"] for m in doc["panel"]["members"])
+    assert slowest_ms == 50.0
+    assert doc["panel"]["wall_p50_ms"]["median"] >= slowest_ms
+    assert doc["panel"]["slowest_alone_p50_ms"]["median"] >= slowest_ms
+    for key in ("ratio", "slowest_alone_ratio", "ratio_over_alone"):
+        assert 0.9 < doc["panel"][key]["median"] < 2.0, key
 
     cold = doc["cold_start"]
     assert {"llm_route", "llm_routing_info"} <= set(cold["llmgw"]["tools"])
