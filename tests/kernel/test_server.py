@@ -226,6 +226,20 @@ def test_the_kernel_exports_every_public_name_on_first_use() -> None:
         kernel.Nope  # noqa: B018
 
 
+@pytest.mark.anyio
+async def test_http_serve_also_collects_while_it_serves(config_dir: Path) -> None:
+    from mcp.client.streamable_http import streamable_http_client
+
+    (config_dir / "fakes.py").write_text(GC_HOOK)
+    with _running_http(config_dir, _env(LLM_GATEWAY_HTTP_TOKEN=TOKEN)) as (url, _proc):
+        hc = httpx2.AsyncClient(headers={"authorization": f"Bearer {TOKEN}"}, timeout=20)
+        async with Client(streamable_http_client(url, http_client=hc)) as client:
+            r = await client.call_tool("llm_route", {"task_class": "quick_answer", "prompt": "x"})
+    paused_at_build, collecting, frozen = r.structured_content["data"]["text"].split()
+    assert (paused_at_build, collecting) == ("True", "True")
+    assert int(frozen) > 10_000
+
+
 def test_startup_collector_resumes_without_freezing_when_the_start_fails() -> None:
     from llmgw.kernel.cli import _startup_collector
 
