@@ -143,11 +143,12 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and flag a misspel
             return value
         # A submodule (`llmgw.kernel.wire`, `.errors`...), as attribute access found it
         # when this package imported them all at once.
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
+        if name.isidentifier() and not name.startswith("__"):
+            try:
+                return importlib.import_module(f".{name}", __name__)
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{__name__}.{name}":
+                    raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -224,6 +224,8 @@ def test_the_kernel_exports_every_public_name_on_first_use() -> None:
     assert kernel.errors.ConfigError is kernel.ConfigError  # a submodule, as an attribute
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         kernel.Nope  # noqa: B018
+    assert not hasattr(kernel, "no.such.module")
+    assert not hasattr(kernel, "__wrapped__")
 
 
 @pytest.mark.anyio
