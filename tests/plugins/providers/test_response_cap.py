@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import json
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,6 +76,27 @@ async def test_an_answer_inflating_past_the_cap_is_not_read_on(bomb: str) -> Non
     assert outcome.error_class is ErrorClass.MALFORMED_RESPONSE
     assert outcome.details["reason"] == "response_too_large"
     assert outcome.usage is None  # charged at its worst case
+
+
+@pytest.mark.anyio
+async def test_an_inflating_answer_is_stopped_in_bounded_pieces(bomb: str) -> None:
+    """The body is decoded a piece at a time (httpx2 drains its decompressor in 1 MiB
+    pieces) and the cap is checked after each: ~64 KiB of gzip never becomes 64 MiB in
+    memory at once, whatever the cap."""
+    urls = {name: bomb for name in PROVIDERS}
+    gw = gateway_from_yaml(
+        gateway_yaml(None, base_urls=urls, extra="gateway: {max_response_bytes: 2000000}\n"),
+        env=KEYS,
+    )
+    async with gw:
+        tracemalloc.start()
+        try:
+            outcome = await gw.providers["local"].complete(request("local", model="llama3.2"))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert outcome.details["reason"] == "response_too_large"
+    assert peak < 8 * 1024 * 1024, peak  # the 2 MB cap and a piece or two, not 64 MiB
 
 
 @pytest.mark.anyio
