@@ -34,8 +34,7 @@ def _breach_text(b: Breach, caps: Caps, origin: dict[str, str]) -> str:
     return (
         f"{scope_label(u.scope, caps, origin)}: used {usd(u.used_micro)} (settled "
         f"{usd(u.settled_micro)}, reserved in flight or held ahead {usd(u.reserved_micro)}, "
-        "unknown "
-        f"{usd(u.unknown_micro)}), headroom {usd(b.headroom_micro)}, this needs up to "
+        f"unknown {usd(u.unknown_micro)}), headroom {usd(b.headroom_micro)}, this needs up to "
         f"{usd(b.needed_micro)}"
     )
 

@@ -455,9 +455,9 @@ class Batch:
 
     def hold(self, month: str, provider: str, amount: int, caps: Caps | None) -> None:
         """Count ``amount`` more (less, if negative) as reserved in both of ``provider``'s
-        scopes: the caller
-        checked ``caps`` (recorded with the rows, as a reservation does), or, None, must
-        count it whatever they say (the rows keep the caps they have)."""
+        scopes: the caller checked ``caps`` (recorded with the rows, as a reservation
+        does), or, None, must count it whatever they say (the rows keep the caps they
+        have)."""
         for name in (TOTAL, provider_scope(provider)):
             s = self.scope(month, name, read=True)  # with its cap, as stored
             s.d_reserved += amount
@@ -776,10 +776,9 @@ class _LeaveReserved(Op):
 class GiveBack(Op):
     """Release ``amount`` of a ``reserved`` hold: what no attempt drew from it (the rest
     of the entry stays reserved). Released in full, it is ``released`` (its amount kept,
-    as a release keeps it); with anything
-    left (an attempt drawn from it whose own entry could not be written), it stays
-    ``reserved`` and its lease turns it ``unknown``: that attempt was sent. False, and
-    nothing changed, for an entry not ``reserved``."""
+    as a release keeps it); with anything left (an attempt drawn from it whose own entry
+    could not be written), it stays ``reserved`` and its lease turns it ``unknown``: that
+    attempt was sent. False, and nothing changed, for an entry not ``reserved``."""
 
     entry_id: str
     amount: int

@@ -37,6 +37,12 @@ def _usd(micro: int | None) -> float | None:
     return None if micro is None else micro / MICRO
 
 
+def _holding(row: dict[str, Any]) -> bool:
+    """A hold's row, not given back with an attempt's amount left in it (those are
+    charged, as attempts are)."""
+    return row["model"] == HOLD_MODEL and not row["stranded"]
+
+
 def _scope_dict(
     use: ScopeUse, cap: int | None, source: str | None, held: int = 0
 ) -> dict[str, Any]:
@@ -80,7 +86,7 @@ def build_report(
     total = scopes.get(TOTAL, ScopeUse(TOTAL))
     held: dict[str, int] = {}
     for r in rows:
-        if r["model"] == HOLD_MODEL and r["state"] == "reserved" and not r["stranded"]:
+        if _holding(r) and r["state"] == "reserved":
             held[r["provider"]] = held.get(r["provider"], 0) + (r["micro"] or 0)
     providers: dict[str, Any] = {}
     names = {s.removeprefix("provider:") for s in scopes if s != TOTAL} | set(caps.providers)
@@ -96,7 +102,7 @@ def build_report(
     by_class: dict[str, dict[str, Any]] = {}
     unpriced = 0
     for r in rows:
-        if r["model"] == HOLD_MODEL and r["state"] != "unknown" and not r["stranded"]:
+        if _holding(r) and r["state"] != "unknown":
             # Not attempts: what holds keep is in held_usd, what they gave back is nothing.
             # A hold whose lease ran out (its process died), or one given back with an
             # attempt's amount left in it, stays listed: it is charged.
